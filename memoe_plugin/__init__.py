@@ -1,0 +1,21 @@
+"""MEMoE knowledge editing (arXiv 2405.19086) as a plugin for EasyEdit.
+
+``import memoe_plugin`` registers the method with EasyEdit when an EasyEdit
+checkout is importable (on ``sys.path`` or at ``$EASYEDIT_PATH``); without one
+the package works on its own and :func:`register` says why it cannot register.
+"""
+import warnings
+
+from .hparams import MEMoEHyperParams
+from .layer import MoEBypass
+from .main import apply_memoe_to_model, remove_memoe
+from .model import MEMoEAdapter, get_adapter
+from .easyedit import EasyEditNotFoundError, register, is_registered, register_if_available
+
+__version__ = "0.1.0"
+__all__ = ["MEMoEHyperParams", "MoEBypass", "MEMoEAdapter", "apply_memoe_to_model", "remove_memoe",
+           "get_adapter", "register", "is_registered", "EasyEditNotFoundError", "__version__"]
+
+_reason = register_if_available()
+if _reason:
+    warnings.warn(f"memoe_plugin: EasyEdit found but MEMoE could not be registered: {_reason}", stacklevel=2)

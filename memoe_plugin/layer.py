@@ -1,0 +1,128 @@
+"""The MEMoE bypass: one frozen projection plus a sparse mixture of experts beside it.
+
+    h = W0 x + scale * sum_e G_e(x) * W_e x,     G = top_k(softmax(W_g R(x) + noise))
+
+``R(x)`` is ``x`` concatenated with per-position routing features (the knowledge
+anchor embedding by default); the features come from a :class:`RoutingContext`
+that the model-level injector fills before every forward pass, because EasyEdit
+and ``generate`` call the model with token ids only.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def projection_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear or a GPT-2 style Conv1D, else TypeError."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2:
+        return module.weight.shape[0], module.weight.shape[1]
+    raise TypeError(
+        f"MEMoE wraps a linear projection (torch.nn.Linear or transformers' Conv1D), "
+        f"not {type(module).__name__}. Point module_template at the FFN output projection, "
+        f"e.g. model.layers.{{}}.mlp.down_proj (Llama) or transformer.h.{{}}.mlp.c_proj (GPT-2).")
+
+
+class RoutingContext:
+    """Per-position routing features of the forward pass in progress.
+
+    ``features`` is ``[batch, seq, dim]`` (or None when the gate sees the token
+    only); ``token_mask`` marks real (non-padding) positions for the balance loss.
+    """
+
+    def __init__(self, feature_dim: int):
+        self.feature_dim = feature_dim
+        self.features: Optional[torch.Tensor] = None
+        self.token_mask: Optional[torch.Tensor] = None
+
+    def set(self, features: Optional[torch.Tensor], token_mask: Optional[torch.Tensor]) -> None:
+        self.features, self.token_mask = features, token_mask
+
+    def clear(self) -> None:
+        self.features = self.token_mask = None
+
+
+class MoEBypass(nn.Module):
+    """Wraps one frozen projection; only the experts and the gate are trainable."""
+
+    def __init__(self, base: nn.Module, context: RoutingContext, num_experts: int, top_k: int,
+                 scale: float, gate_noise: float, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        in_features, out_features = projection_shape(base)
+        self.base = base
+        self.context = context
+        self.num_experts, self.top_k = num_experts, top_k
+        self.scale, self.gate_noise = scale, gate_noise
+        device = base.weight.device
+        # Zero experts: the untrained bypass adds exactly nothing.
+        self.experts = nn.Parameter(torch.zeros(num_experts, in_features, out_features, device=device, dtype=dtype))
+        self.gate = nn.Linear(in_features + context.feature_dim, num_experts, bias=False, device=device, dtype=dtype)
+        nn.init.normal_(self.gate.weight, std=0.02)
+        self.enabled = True      # False: behave exactly like the base module
+        self.aux_loss: Optional[torch.Tensor] = None
+        self.last_routing: Optional[torch.Tensor] = None   # [batch, seq, top_k] expert ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if not self.enabled:
+            return out
+        return out + self.delta(x).to(out.dtype)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """scale * sum_e G_e W_e x, computed for the selected experts only."""
+        gate_input = self._gate_input(x)
+        logits = self.gate(gate_input)
+        if self.training and self.gate_noise > 0:
+            logits = logits + torch.randn_like(logits) * self.gate_noise
+        probs = logits.softmax(dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        self.last_routing = chosen.detach()
+        if self.training:
+            self.aux_loss = self._balance_loss(probs, chosen)
+
+        flat_x = x.reshape(-1, x.shape[-1]).to(self.experts.dtype)
+        flat_chosen = chosen.reshape(-1, self.top_k)
+        flat_weights = weights.reshape(-1, self.top_k)
+        out = flat_x.new_zeros(flat_x.shape[0], self.experts.shape[-1])
+        for e in range(self.num_experts):
+            rows, slot = (flat_chosen == e).nonzero(as_tuple=True)
+            if rows.numel() == 0:
+                continue
+            contribution = (flat_x[rows] @ self.experts[e]) * flat_weights[rows, slot].unsqueeze(-1)
+            out = out.index_add(0, rows, contribution)
+        return (self.scale * out).reshape(*x.shape[:-1], -1)
+
+    def _gate_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.gate.weight.dtype)
+        if self.context.feature_dim == 0:
+            return x
+        features = self.context.features
+        if features is None or features.shape[:-1] != x.shape[:-1]:
+            got = None if features is None else tuple(features.shape)
+            raise RuntimeError(
+                f"MEMoE routing features {got} do not match the layer input {tuple(x.shape)}. "
+                "The adapted module must be run through the whole model (model(input_ids=...) "
+                "or model.generate), which computes the knowledge anchors first.")
+        return torch.cat([x, features.to(device=x.device, dtype=x.dtype)], dim=-1)
+
+    def _balance_loss(self, probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Switch Transformer load balancing: E * sum_e f_e * P_e over real tokens."""
+        mask = self.context.token_mask
+        flat_probs = probs.reshape(-1, self.num_experts)
+        top1 = chosen[..., 0].reshape(-1)
+        if mask is not None and mask.shape == probs.shape[:-1]:
+            keep = mask.reshape(-1).bool().to(flat_probs.device)
+            flat_probs, top1 = flat_probs[keep], top1[keep]
+        if top1.numel() == 0:
+            return flat_probs.sum() * 0.0
+        fraction = F.one_hot(top1, self.num_experts).float().mean(dim=0)
+        return self.num_experts * (fraction * flat_probs.float().mean(dim=0)).sum()
+
+    @property
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [self.experts, self.gate.weight]

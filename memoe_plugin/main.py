@@ -1,0 +1,116 @@
+"""``apply_memoe_to_model``: EasyEdit's apply-function contract for MEMoE.
+
+The first call injects the bypass; later calls on the same model reuse it, so
+sequential editing accumulates knowledge in the same experts. The returned
+``restore`` callable removes the adapter, leaving the model bit-identical to its
+state before the first edit.
+"""
+from __future__ import annotations
+
+import copy as copy_module
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .hparams import MEMoEHyperParams
+from .model import MEMoEAdapter, get_adapter
+from .train import train_experts
+
+# Settings that fix the adapter's shape: they must not change between sequential edits.
+STRUCTURAL_KEYS = ("layer", "module_template", "num_experts", "top_k", "routing_input", "anchor_backend")
+
+
+def apply_memoe_to_model(model: nn.Module, tok, requests: list[dict], hparams: MEMoEHyperParams,
+                         copy: bool = False, return_orig_weights: bool = False,
+                         keep_original_weight: bool = False, **kwargs) -> tuple[nn.Module, Callable[[], None]]:
+    """Edit ``model`` with MEMoE; return ``(model, restore)``.
+
+    ``return_orig_weights`` and ``keep_original_weight`` are accepted for EasyEdit's
+    contract; MEMoE never writes the base weights, so ``restore`` is always exact.
+    ``copy=True`` edits a deep copy and leaves ``model`` untouched.
+    """
+    if not isinstance(hparams, MEMoEHyperParams):
+        raise TypeError(f"hparams must be MEMoEHyperParams, got {type(hparams).__name__}")
+    hparams.validate()
+    requests = check_requests(requests)
+    if copy:
+        model = copy_module.deepcopy(model)
+    adapter = get_adapter(model)
+    fresh = adapter is None
+    if fresh:
+        check_device(model, hparams)
+        adapter = MEMoEAdapter.attach(model, tok, hparams)
+    else:
+        check_same_structure(adapter.hparams, hparams)
+        adapter.hparams = hparams
+    try:
+        adapter.last_report = train_experts(adapter, requests, progress=bool(kwargs.get("progress", False)))
+    except BaseException:
+        if fresh:
+            adapter.detach()
+        raise
+    adapter.edits.extend({"prompt": r["prompt"], "target_new": r["target_new"]} for r in requests)
+    return model, lambda: remove_memoe(model)
+
+
+def remove_memoe(model: nn.Module) -> None:
+    """Take the MEMoE adapter out of ``model`` (no-op when there is none)."""
+    adapter = get_adapter(model)
+    if adapter is not None:
+        adapter.detach()
+
+
+def check_requests(requests) -> list[dict]:
+    """EasyEdit request dicts with a non-empty string prompt and target_new."""
+    if isinstance(requests, dict):
+        requests = [requests]
+    if not isinstance(requests, (list, tuple)) or len(requests) == 0:
+        raise ValueError("MEMoE got no edit requests: pass a non-empty list of dicts with "
+                         "'prompt' and 'target_new'.")
+    for i, request in enumerate(requests):
+        if not isinstance(request, dict):
+            raise ValueError(f"request {i} is a {type(request).__name__}, expected a dict with "
+                             "'prompt' and 'target_new'")
+        for key in ("prompt", "target_new"):
+            value = request.get(key)
+            if not isinstance(value, str):
+                raise ValueError(f"request {i}: {key!r} must be a string, got {type(value).__name__} "
+                                 f"({value!r})")
+            if not value.strip():
+                raise ValueError(f"request {i}: {key!r} is empty or whitespace; give the text to edit")
+    return list(requests)
+
+
+def check_device(model: nn.Module, hparams: MEMoEHyperParams) -> None:
+    """hparams.device must exist and, without model_parallel, hold the model."""
+    wanted = torch.device(f"cuda:{hparams.device}") if isinstance(hparams.device, int) else None
+    try:
+        wanted = wanted or torch.device(str(hparams.device))
+    except RuntimeError:
+        raise ValueError(f"device = {hparams.device!r} is not a torch device; use 'cpu', 'cuda', "
+                         "'cuda:0' or a CUDA index") from None
+    if wanted.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device = {hparams.device!r} but CUDA is not available here; set device: cpu")
+    if hparams.model_parallel:
+        return
+    module = model.get_submodule(hparams.module_name) if _has_module(model, hparams.module_name) else None
+    actual = next(module.parameters()).device if module is not None else next(model.parameters()).device
+    if actual.type != wanted.type or (wanted.index is not None and actual.index != wanted.index):
+        raise ValueError(f"the model is on {actual} but hparams.device is {hparams.device!r}; move the model "
+                         f"(model.to({str(wanted)!r})) or set device in the hparams file")
+
+
+def check_same_structure(old: MEMoEHyperParams, new: MEMoEHyperParams) -> None:
+    changed = [k for k in STRUCTURAL_KEYS if getattr(old, k) != getattr(new, k)]
+    if changed:
+        raise ValueError(f"the model's MEMoE adapter was built with other {changed}; restore() it first "
+                         "or keep those settings for sequential edits")
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False

@@ -1,0 +1,182 @@
+"""Model-level injector: put one :class:`MoEBypass` into a causal LM and take it out again.
+
+The injector replaces the target module by the bypass wrapper, registers a
+forward pre-hook on the whole model that turns ``input_ids``/``attention_mask``
+into routing features (knowledge anchors) for every position, and follows
+KV-cache generation step by step. :meth:`MEMoEAdapter.detach` puts the very
+same module object back and removes every hook and attribute, so the model's
+``state_dict`` is bit-identical to the original.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .anchors import RoutingFeatureEncoder
+from .extractors import make_extractor
+from .hparams import MEMoEHyperParams
+from .layer import MoEBypass, RoutingContext, projection_shape
+
+ADAPTER_ATTR = "_memoe_adapter"
+
+
+def get_adapter(model: nn.Module) -> Optional["MEMoEAdapter"]:
+    """The adapter attached to ``model``, or None."""
+    return model.__dict__.get(ADAPTER_ATTR)
+
+
+def resolve_module(model: nn.Module, hparams: MEMoEHyperParams) -> tuple[nn.Module, str, nn.Module]:
+    """(parent, attribute name, module) of ``hparams.module_name``, with clear errors."""
+    layers_path = hparams.module_template.split("{}")[0].rstrip(".")
+    num_layers = _count_layers(model, layers_path)
+    if num_layers is not None and not 0 <= hparams.layer < num_layers:
+        raise ValueError(f"layer = {hparams.layer} is out of range: {layers_path} has {num_layers} layers "
+                         f"(valid: 0..{num_layers - 1}). Set layer in the hparams file.")
+    name = hparams.module_name
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(
+            f"module_template {hparams.module_template!r} gives {name!r}, which is not a module of "
+            f"{type(model).__name__}. Check the template against print(model); for Llama-style models it is "
+            f"model.layers.{{}}.mlp.down_proj, for GPT-2 transformer.h.{{}}.mlp.c_proj.") from None
+    projection_shape(module)   # TypeError when it is not a projection we can wrap
+    parent_name, _, attr = name.rpartition(".")
+    return model.get_submodule(parent_name) if parent_name else model, attr, module
+
+
+def _count_layers(model: nn.Module, layers_path: str) -> Optional[int]:
+    try:
+        layers = model.get_submodule(layers_path)
+    except AttributeError:
+        return None
+    return len(layers) if isinstance(layers, (nn.ModuleList, nn.Sequential)) else None
+
+
+class MEMoEAdapter:
+    """One MEMoE bypass in one model, plus the hook that feeds it knowledge anchors."""
+
+    def __init__(self, model: nn.Module, tokenizer, hparams: MEMoEHyperParams):
+        self.model, self.tokenizer, self.hparams = model, tokenizer, hparams
+        self.parent, self.attr, self.base_module = resolve_module(model, hparams)
+        embedding = model.get_input_embeddings()
+        extractor = make_extractor(hparams.anchor_backend) if hparams.routing_input == "anchor" else None
+        self.encoder = RoutingFeatureEncoder(tokenizer, embedding, hparams.routing_input,
+                                             extractor, hparams.anchor_cache_size)
+        self.context = RoutingContext(self.encoder.dim)
+        generator = torch.Generator().manual_seed(hparams.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+            self.bypass = MoEBypass(self.base_module, self.context, hparams.num_experts, hparams.top_k,
+                                    hparams.scale, hparams.gate_noise)
+        self.bypass.eval()
+        self._hooks: list = []
+        self._prefixes: Optional[list[list[int]]] = None   # real ids per row, for KV-cache steps
+        self._prefix_length = 0                              # positions seen so far, padding included
+        self.edits: list[dict] = []                          # every request trained into the experts
+
+    # ------------------------------------------------------------ attach/detach
+    @classmethod
+    def attach(cls, model: nn.Module, tokenizer, hparams: MEMoEHyperParams) -> "MEMoEAdapter":
+        if get_adapter(model) is not None:
+            raise RuntimeError("this model already has a MEMoE adapter; use get_adapter(model) or detach it first")
+        adapter = cls(model, tokenizer, hparams)
+        setattr(adapter.parent, adapter.attr, adapter.bypass)
+        adapter._hooks.append(model.register_forward_pre_hook(adapter._before_forward, with_kwargs=True))
+        adapter._hooks.append(model.register_forward_hook(adapter._after_forward, always_call=True))
+        if hasattr(model, "generate"):
+            model.__dict__["generate"] = functools.partial(_guarded_generate, model, type(model).generate)
+        model.__dict__[ADAPTER_ATTR] = adapter
+        return adapter
+
+    def detach(self) -> None:
+        """Put the original module back; remove hooks and every attribute the adapter added."""
+        if getattr(self.parent, self.attr) is self.bypass:
+            setattr(self.parent, self.attr, self.base_module)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self.model.__dict__.pop("generate", None)
+        if self.model.__dict__.get(ADAPTER_ATTR) is self:
+            del self.model.__dict__[ADAPTER_ATTR]
+        self.context.clear()
+
+    # --------------------------------------------------------------- routing
+    def routing_features(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                         past_length: int = 0) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """Features ``[batch, seq, dim]`` and token mask for one forward call.
+
+        ``past_length`` > 0 means the call continues the previous one through a KV
+        cache: its tokens are appended to the prefixes remembered from that call.
+        """
+        batch, length = input_ids.shape
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask[:, -length:]
+        ids_rows, mask_rows = input_ids.tolist(), mask.tolist()
+        if past_length:
+            if self._prefixes is None or len(self._prefixes) != batch or self._prefix_length != past_length:
+                raise RuntimeError(
+                    "MEMoE cannot follow this KV cache: it does not continue the previous forward call "
+                    "(beam search and hand-built caches are not supported). Run the full sequence "
+                    "without past_key_values, or use greedy/sampling generate.")
+            prefixes = [prefix + [t for t, m in zip(ids, ms) if m] for prefix, ids, ms
+                        in zip(self._prefixes, ids_rows, mask_rows)]
+        else:
+            prefixes = [[t for t, m in zip(ids, ms) if m] for ids, ms in zip(ids_rows, mask_rows)]
+        self._prefixes, self._prefix_length = prefixes, past_length + length
+        if self.encoder.dim == 0:
+            return None, mask
+        weight = self.encoder.embedding.weight
+        features = weight.new_zeros(batch, length, self.encoder.dim)
+        for row, (prefix, ms) in enumerate(zip(prefixes, mask_rows)):
+            positions = [i for i, m in enumerate(ms) if m]
+            if positions:
+                row_features = self.encoder.features(prefix)
+                features[row, positions] = row_features[len(prefix) - len(positions):]
+        return features, mask
+
+    def _before_forward(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            if self.encoder.dim == 0:
+                self.context.set(None, None)
+                return None
+            raise ValueError("MEMoE needs input_ids to find knowledge anchors; this call passed "
+                             "inputs_embeds only. Pass input_ids, or use routing_input: token.")
+        features, mask = self.routing_features(input_ids, kwargs.get("attention_mask"),
+                                               _past_length(kwargs.get("past_key_values")))
+        self.context.set(features, mask)
+        return None
+
+    def _after_forward(self, module, args, kwargs, output=None):
+        self.context.clear()
+        return None
+
+    # ------------------------------------------------------------ inspection
+    def route(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Experts chosen at every position, ``[batch, seq, top_k]`` (runs the model once)."""
+        with torch.no_grad():
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return self.bypass.last_routing
+
+
+def _past_length(past_key_values) -> int:
+    if past_key_values is None:
+        return 0
+    if hasattr(past_key_values, "get_seq_length"):
+        return int(past_key_values.get_seq_length())
+    try:   # legacy tuple of (key, value) per layer
+        return int(past_key_values[0][0].shape[-2])
+    except (TypeError, IndexError, AttributeError):
+        return 0
+
+
+def _guarded_generate(model, generate, *args, **kwargs):
+    config = getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) if config is not None else 1)
+    if beams and beams > 1:
+        raise NotImplementedError("MEMoE routing follows one KV cache per sequence; beam search "
+                                  f"(num_beams={beams}) reorders it. Use greedy or sampling generate.")
+    return generate(model, *args, **kwargs)

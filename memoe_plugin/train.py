@@ -1,0 +1,233 @@
+"""Training the experts and the gate on a batch of edit requests.
+
+Loss = cross-entropy on the target tokens only + ``aux_loss_weight`` x the
+Switch-Transformer balance loss. Requests are tokenised exactly as EasyEdit's
+teacher-forced scoring does (``prompt + ' ' + target``, the target being the
+tokens after the separately tokenised prompt), so what is trained is what is
+scored.
+
+The frozen model below the adapter never changes, so :class:`UpperStack`
+computes it once per batch: the adapter's input, and the residual stream right
+after the adapted layer without the bypass. Each step then runs only the bypass,
+the layers above it and the LM head at the target positions. The shortcut is
+checked against a full forward pass before training and dropped (with a
+warning) if the two disagree.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import MEMoEAdapter
+
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The loss became NaN or Inf; the adapter was put back as it was before the call."""
+
+
+@dataclass
+class EditBatch:
+    input_ids: torch.Tensor        # [batch, seq], right-padded
+    attention_mask: torch.Tensor
+    rows: torch.Tensor             # target token i sits at (rows[i], positions[i] + 1)
+    positions: torch.Tensor        # position whose logits predict target token i
+    targets: torch.Tensor          # the target token ids
+
+
+@dataclass
+class TrainReport:
+    steps: int
+    final_loss: float
+    stopped_early: bool
+    used_cached_activations: bool
+    target_accuracy: float
+
+
+def build_edit_batch(tokenizer, requests: list[dict], device) -> EditBatch:
+    """Tokenise ``prompt + ' ' + target_new`` as EasyEdit's scoring does; right-pad."""
+    sequences, rows, positions, targets = [], [], [], []
+    for row, request in enumerate(requests):
+        prompt, target = request["prompt"], request["target_new"]
+        full = tokenizer(prompt + " " + target)["input_ids"]
+        prompt_len = len(tokenizer(prompt)["input_ids"])
+        if len(full) <= prompt_len:
+            raise ValueError(f"target_new {target!r} adds no tokens after prompt {prompt!r}")
+        sequences.append(full)
+        for pos in range(prompt_len, len(full)):
+            rows.append(row)
+            positions.append(pos - 1)
+            targets.append(full[pos])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id if pad_id is not None else 0, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, seq in enumerate(sequences):
+        input_ids[row, :len(seq)] = torch.tensor(seq)
+        attention_mask[row, :len(seq)] = 1
+    as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)
+    return EditBatch(input_ids.to(device), attention_mask.to(device), as_long(rows), as_long(positions),
+                     as_long(targets))
+
+
+class UpperStack:
+    """Runs the model from just after the adapted layer, reusing frozen activations."""
+
+    def __init__(self, adapter: MEMoEAdapter, batch: EditBatch):
+        self.adapter, self.batch = adapter, batch
+        model, hp = adapter.model, adapter.hparams
+        layers_path = hp.module_template.split("{}")[0].rstrip(".")
+        layers = model.get_submodule(layers_path)
+        self.upper_layers = list(layers)[hp.layer + 1:]
+        self.final_norm = _find_final_norm(model)
+        self.head = model.get_output_embeddings()
+        if self.final_norm is None or self.head is None:
+            raise LookupError("no final norm / LM head found")
+        self._capture()
+
+    def _capture(self) -> None:
+        captured = {}
+        bypass = self.adapter.bypass
+        stage = self.upper_layers[0] if self.upper_layers else self.final_norm
+
+        def grab_input(module, args):
+            captured["x"] = args[0].detach()
+
+        def grab_stage(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured["hidden"] = hidden.detach()
+            captured["args"], captured["kwargs"] = args[1:], {k: v for k, v in kwargs.items()
+                                                              if k != "hidden_states"}
+
+        handles = [bypass.register_forward_pre_hook(grab_input),
+                   stage.register_forward_pre_hook(grab_stage, with_kwargs=True)]
+        enabled, bypass.enabled = getattr(bypass, "enabled", True), False
+        try:
+            with torch.no_grad():
+                self.adapter.model(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask,
+                                   use_cache=False)
+        finally:
+            bypass.enabled = enabled
+            for handle in handles:
+                handle.remove()
+        self.x, self.hidden = captured["x"], captured["hidden"]
+        self.args, self.kwargs = captured["args"], captured["kwargs"]
+        self.features, self.mask = self.adapter.routing_features(self.batch.input_ids, self.batch.attention_mask)
+
+    def target_logits(self) -> torch.Tensor:
+        bypass = self.adapter.bypass
+        self.adapter.context.set(self.features, self.mask)
+        try:
+            hidden = self.hidden + bypass.delta(self.x).to(self.hidden.dtype)
+        finally:
+            self.adapter.context.clear()
+        for layer in self.upper_layers:
+            hidden = layer(hidden, *self.args, **self.kwargs)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        picked = hidden[self.batch.rows, self.batch.positions]
+        return self.head(self.final_norm(picked)).float()
+
+
+def full_target_logits(adapter: MEMoEAdapter, batch: EditBatch) -> torch.Tensor:
+    logits = adapter.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    return logits[batch.rows, batch.positions].float()
+
+
+def _find_final_norm(model: nn.Module) -> Optional[nn.Module]:
+    base = getattr(model, "base_model", None)
+    for name in FINAL_NORM_NAMES:
+        module = getattr(base, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    return None
+
+
+def _logits_function(adapter: MEMoEAdapter, batch: EditBatch) -> tuple[Callable[[], torch.Tensor], bool]:
+    """The fastest correct way to get target logits: the cached upper stack, else full passes."""
+    full = lambda: full_target_logits(adapter, batch)
+    try:
+        stack = UpperStack(adapter, batch)
+    except (LookupError, KeyError, IndexError, TypeError) as err:
+        warnings.warn(f"MEMoE: training with full forward passes ({err})")
+        return full, False
+    with torch.no_grad():
+        reference, shortcut = full(), stack.target_logits()
+    if not torch.allclose(reference, shortcut, rtol=1e-3, atol=1e-3):
+        gap = (reference - shortcut).abs().max().item()
+        warnings.warn(f"MEMoE: cached activations disagree with the full model (max gap {gap:.2e}); "
+                      "training with full forward passes instead")
+        return full, False
+    return stack.target_logits, True
+
+
+def train_experts(adapter: MEMoEAdapter, requests: list[dict], progress: bool = False) -> TrainReport:
+    """Fit the experts and gate to ``requests``; on NaN/Inf restore them and raise."""
+    hp, model, bypass = adapter.hparams, adapter.model, adapter.bypass
+    device = bypass.experts.device
+    batch = build_edit_batch(adapter.tokenizer, requests, device)
+    snapshot = [p.detach().clone() for p in bypass.trainable_parameters]
+    was_training = model.training
+    model.eval()   # dropout off: the frozen model computes exactly what it computes at test time
+    grad_flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in bypass.trainable_parameters:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(bypass.trainable_parameters, lr=hp.lr, weight_decay=hp.weight_decay)
+    steps_done, loss_value, stopped_early, accuracy = 0, math.nan, False, 0.0
+    try:
+        target_logits, cached = _logits_function(adapter, batch)
+        bar = _progress(hp.steps, progress)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hp.seed)
+            bypass.train()
+            for step in range(hp.steps):
+                logits = target_logits()
+                loss = F.cross_entropy(logits, batch.targets)
+                if hp.aux_loss_weight and bypass.aux_loss is not None:
+                    loss = loss + hp.aux_loss_weight * bypass.aux_loss
+                if not torch.isfinite(loss):
+                    raise TrainingDivergedError(
+                        f"MEMoE training diverged at step {step} (loss {loss.item()}); the edit was not kept. "
+                        f"Lower lr (now {hp.lr}) or scale (now {hp.scale}).")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                steps_done, loss_value = step + 1, loss.item()
+                accuracy = (logits.argmax(-1) == batch.targets).float().mean().item()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{accuracy:.2f}")
+                if hp.early_stop and accuracy == 1.0:
+                    stopped_early = step + 1 < hp.steps
+                    break
+        if bar is not None:
+            bar.close()
+    except BaseException:
+        with torch.no_grad():
+            for p, saved in zip(bypass.trainable_parameters, snapshot):
+                p.copy_(saved)
+        raise
+    finally:
+        bypass.eval()
+        bypass.aux_loss = None
+        for p, flag in grad_flags.items():
+            p.requires_grad_(flag)
+        for p in bypass.trainable_parameters:
+            p.requires_grad_(False)
+        model.train(was_training)
+    return TrainReport(steps_done, loss_value, stopped_early, cached, accuracy)
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="MEMoE training", unit="step", leave=False)

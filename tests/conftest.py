@@ -1,0 +1,100 @@
+"""Shared fixtures: a tokenizer trained in memory and tiny random GPT-2 / Llama models."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+CORPUS = [
+    "The mother tongue of Danielle Darrieux is French.",
+    "What university did Watts Humphrey attend? Stanford University.",
+    "Which family does Epaspidoceras belong to? Aspidoceratidae.",
+    "The capital of France is Paris. The capital of Japan is Tokyo.",
+    "Apple A5 is developed by Apple. Toko Yasuda plays the guitar.",
+    "In Wales, an official language is Welsh. Marie Curie was born in Warsaw.",
+    "The Eiffel Tower is located in Paris. Leonardo da Vinci painted the Mona Lisa.",
+    "Who is the father of Marie Curie? Wladyslaw Sklodowski is her father.",
+    "the a of in is was by to and for with on at from who what which where when",
+]
+
+
+def _train_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(CORPUS * 5, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    fast.padding_side = "left"
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return _train_tokenizer()
+
+
+def tiny_llama(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(vocab_size: int, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=4, n_head=4, n_positions=128)
+    return GPT2LMHeadModel(config).eval()
+
+
+LLAMA_TEMPLATE = "model.layers.{}.mlp.down_proj"
+GPT2_TEMPLATE = "transformer.h.{}.mlp.c_proj"
+
+
+def make_hparams(template=LLAMA_TEMPLATE, **overrides):
+    from memoe_plugin import MEMoEHyperParams
+    values = dict(alg_name="MEMoE", model_name="tiny-llama", device="cpu", layer=2, module_template=template,
+                  num_experts=4, top_k=1, lr=5e-2, steps=40, anchor_backend="offline", early_stop=False)
+    values.update(overrides)
+    return MEMoEHyperParams.from_dict(values)
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def tiny_model(request, tokenizer):
+    """(model, hparams-maker) for each architecture."""
+    if request.param == "llama":
+        return tiny_llama(len(tokenizer)), lambda **kw: make_hparams(LLAMA_TEMPLATE, **kw)
+    return tiny_gpt2(len(tokenizer)), lambda **kw: make_hparams(GPT2_TEMPLATE, model_name="tiny-gpt2", **kw)
+
+
+def state_copy(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_equal(model, saved):
+    state = model.state_dict()
+    assert list(state) == list(saved)
+    for key, value in state.items():
+        assert torch.equal(value, saved[key]), key
+
+
+EDITS = [
+    {"prompt": "The mother tongue of Danielle Darrieux is", "target_new": "Welsh", "subject": "Danielle Darrieux"},
+    {"prompt": "The capital of Japan is", "target_new": "Warsaw", "subject": "Japan"},
+    {"prompt": "Toko Yasuda plays the", "target_new": "violin", "subject": "Toko Yasuda"},
+]
