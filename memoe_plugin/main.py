@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .hparams import MEMoEHyperParams
-from .model import MEMoEAdapter, get_adapter
+from .model import MEMoEAdapter, get_adapter, resolve_module
 from .train import train_experts
 
 # Settings that fix the adapter's shape: they must not change between sequential edits.
@@ -39,7 +39,8 @@ def apply_memoe_to_model(model: nn.Module, tok, requests: list[dict], hparams: M
     adapter = get_adapter(model)
     fresh = adapter is None
     if fresh:
-        check_device(model, hparams)
+        _, _, module = resolve_module(model, hparams)
+        check_device(module, hparams)
         adapter = MEMoEAdapter.attach(model, tok, hparams)
     else:
         check_same_structure(adapter.hparams, hparams)
@@ -82,8 +83,8 @@ def check_requests(requests) -> list[dict]:
     return list(requests)
 
 
-def check_device(model: nn.Module, hparams: MEMoEHyperParams) -> None:
-    """hparams.device must exist and, without model_parallel, hold the model."""
+def check_device(module: nn.Module, hparams: MEMoEHyperParams) -> None:
+    """hparams.device must exist and, without model_parallel, hold the wrapped module."""
     wanted = torch.device(f"cuda:{hparams.device}") if isinstance(hparams.device, int) else None
     try:
         wanted = wanted or torch.device(str(hparams.device))
@@ -94,10 +95,9 @@ def check_device(model: nn.Module, hparams: MEMoEHyperParams) -> None:
         raise ValueError(f"device = {hparams.device!r} but CUDA is not available here; set device: cpu")
     if hparams.model_parallel:
         return
-    module = model.get_submodule(hparams.module_name) if _has_module(model, hparams.module_name) else None
-    actual = next(module.parameters()).device if module is not None else next(model.parameters()).device
+    actual = module.weight.device
     if actual.type != wanted.type or (wanted.index is not None and actual.index != wanted.index):
-        raise ValueError(f"the model is on {actual} but hparams.device is {hparams.device!r}; move the model "
+        raise ValueError(f"the edited module is on {actual} but hparams.device is {hparams.device!r}; move the model "
                          f"(model.to({str(wanted)!r})) or set device in the hparams file")
 
 
@@ -107,10 +107,3 @@ def check_same_structure(old: MEMoEHyperParams, new: MEMoEHyperParams) -> None:
         raise ValueError(f"the model's MEMoE adapter was built with other {changed}; restore() it first "
                          "or keep those settings for sequential edits")
 
-
-def _has_module(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-        return True
-    except AttributeError:
-        return False

@@ -154,9 +154,10 @@ def export_smollm2(out_dir: Optional[PathLike] = None, overwrite: bool = False) 
     if is_complete_export(out_dir) and not overwrite:
         return out_dir
 
+    src = gguf_path()  # fail early, before creating anything
+
     import transformers
 
-    src = gguf_path()  # fail early, before creating anything
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:

@@ -210,6 +210,9 @@ def train_experts(adapter: MEMoEAdapter, requests: list[dict], progress: bool = 
                     break
         if bar is not None:
             bar.close()
+        if not all(torch.isfinite(p).all() for p in bypass.trainable_parameters):
+            raise TrainingDivergedError(f"MEMoE training left non-finite expert weights; the edit was not kept. "
+                                        f"Lower lr (now {hp.lr}) or scale (now {hp.scale}).")
     except BaseException:
         with torch.no_grad():
             for p, saved in zip(bypass.trainable_parameters, snapshot):

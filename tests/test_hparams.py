@@ -1,0 +1,82 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from memoe_plugin import MEMoEHyperParams
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "hparams" / "MEMoE").glob("*.yaml"))
+
+
+def write(tmp_path, text, name="h.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+BASE = {"alg_name": "MEMoE", "model_name": "m", "layer": 3, "module_template": "model.layers.{}.mlp.down_proj"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_files_load(path):
+    hp = MEMoEHyperParams.from_hparams(path)
+    assert hp.alg_name == "MEMoE" and "{}" in hp.module_template
+    # also without the suffix, as EasyEdit users write it
+    assert MEMoEHyperParams.from_hparams(str(path)[:-5]) == hp
+
+
+def test_paper_settings():
+    gpt2xl = MEMoEHyperParams.from_hparams(REPO / "hparams/MEMoE/gpt2-xl.yaml")
+    llama = MEMoEHyperParams.from_hparams(REPO / "hparams/MEMoE/llama-7b.yaml")
+    assert (gpt2xl.layer, llama.layer) == (18, 16)
+    for hp in (gpt2xl, llama):
+        assert (hp.num_experts, hp.top_k, hp.lr) == (4, 1, 2e-4)
+    assert gpt2xl.module_name == "transformer.h.18.mlp.c_proj"
+    assert llama.module_name == "model.layers.16.mlp.down_proj"
+
+
+def test_scientific_notation_strings_become_floats(tmp_path):
+    path = write(tmp_path, yaml.safe_dump({**BASE, "lr": "1e-3", "aux_loss_weight": "2e-2"}))
+    hp = MEMoEHyperParams.from_hparams(path)
+    assert hp.lr == 1e-3 and isinstance(hp.lr, float) and hp.aux_loss_weight == 2e-2
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"alg_name": "ROME"}, ["alg_name", "ROME"]),
+    ({"bogus": 1}, ["unknown", "bogus"]),
+    ({"num_experts": "four"}, ["num_experts", "int"]),
+    ({"num_experts": 0}, ["num_experts", ">= 1"]),
+    ({"top_k": 5}, ["top_k", "num_experts"]),
+    ({"lr": -1.0}, ["lr", "> 0"]),
+    ({"routing_input": "tokens"}, ["routing_input", "anchor"]),
+    ({"anchor_backend": "spacy"}, ["anchor_backend", "offline"]),
+    ({"module_template": "model.layers.mlp"}, ["module_template", "{}"]),
+    ({"early_stop": "yes"}, ["early_stop", "bool"]),
+    ({"layer": 2.5}, ["layer", "int"]),
+])
+def test_bad_values_name_the_key(tmp_path, change, words):
+    path = write(tmp_path, yaml.safe_dump({**BASE, **change}))
+    with pytest.raises(ValueError) as err:
+        MEMoEHyperParams.from_hparams(path)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_missing_keys(tmp_path):
+    config = dict(BASE)
+    del config["layer"]
+    with pytest.raises(ValueError, match="missing required key.*layer"):
+        MEMoEHyperParams.from_hparams(write(tmp_path, yaml.safe_dump(config)))
+    del config["alg_name"]
+    with pytest.raises(ValueError, match="alg_name"):
+        MEMoEHyperParams.from_hparams(write(tmp_path, yaml.safe_dump(config)))
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="not valid YAML"):
+        MEMoEHyperParams.from_hparams(write(tmp_path, "alg_name: MEMoE\n  layer: [1,\n"))
+    with pytest.raises(ValueError, match="mapping"):
+        MEMoEHyperParams.from_hparams(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(FileNotFoundError, match="nothere"):
+        MEMoEHyperParams.from_hparams(tmp_path / "nothere")
