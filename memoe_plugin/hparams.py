@@ -99,6 +99,8 @@ class MEMoEHyperParams:
             raise ValueError(f"missing required key(s) {missing}")
         hints = typing.get_type_hints(cls)
         values = {name: _coerce(name, value, hints[name]) for name, value in config.items()}
+        if isinstance(values.get("model_name"), str) and values["model_name"].startswith("~"):
+            values["model_name"] = os.path.expanduser(values["model_name"])
         hparams = cls(**values)
         hparams.validate()
         return hparams
