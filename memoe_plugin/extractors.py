@@ -126,9 +126,11 @@ NLTK_INSTALL_COMMAND = "python -m nltk.downloader " + " ".join(NLTK_DATA_PACKAGE
 class NLTKDataMissingError(RuntimeError):
     """NLTK (or the NLTK data it needs for NER) is not installed."""
 
-    def __init__(self, missing, nltk_missing: bool = False, detail: str = ""):
+    def __init__(self, missing, nltk_missing: bool = False, detail: str = "", reason: str = ""):
         self.missing = list(missing)
-        if nltk_missing:
+        if reason:
+            msg = f"{reason}; then install the data with: {_install_command(self.missing)}"
+        elif nltk_missing:
             msg = (
                 "The NLTK entity extractor needs the 'nltk' package, which is not "
                 "importable; install it with `pip install nltk`, then its data with "
@@ -401,6 +403,14 @@ def _align_tokens(tokens, text: str) -> list[tuple[int, int] | None]:
     return spans
 
 
+def _version_tuple(version: str) -> tuple:
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
 class NLTKExtractor:
     """NLTK ``ne_chunk(binary=True)`` entity extractor.
 
@@ -414,6 +424,12 @@ class NLTKExtractor:
         nltk = _import_nltk()
         if nltk is None:
             raise NLTKDataMissingError(NLTK_DATA_PACKAGES, nltk_missing=True)
+        if _version_tuple(getattr(nltk, "__version__", "0")) < (3, 9):
+            raise NLTKDataMissingError(
+                NLTK_DATA_PACKAGES,
+                reason=f"nltk {nltk.__version__} is too old for the NLTK anchor backend: it needs nltk >= 3.9, "
+                       "whose tab-format NER data replaced the pickled models. EasyEdit's requirements pin "
+                       "nltk 3.6.5; `pip install 'nltk>=3.9'` works alongside EasyEdit")
         missing = missing_nltk_data()
         if missing:
             raise NLTKDataMissingError(missing)

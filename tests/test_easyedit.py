@@ -122,3 +122,29 @@ def test_zsre_records_through_easyedit_loader(easyeditor, editor):
         sequential_edit=False, verbose=False)
     assert len(metrics) == 4 and all("rewrite_acc" in m["post"] for m in metrics)
     assert_state_equal(editor.model, saved)
+
+
+def _nltk_unusable():
+    from memoe_plugin.extractors import NLTKDataMissingError, NLTKExtractor
+    try:
+        NLTKExtractor()
+    except NLTKDataMissingError as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.parametrize("routing_input, anchor_backend", [
+    ("anchor", "offline"), ("anchor", "auto"), ("anchor", "nltk"), ("sentence", "offline"), ("token", "offline")])
+def test_batch_edit_with_every_routing_mode_and_backend(editor, routing_input, anchor_backend):
+    import warnings
+    if anchor_backend == "nltk" and _nltk_unusable():
+        pytest.skip(f"NLTK backend unusable here: {_nltk_unusable()}")
+    editor, saved = editor
+    editor.hparams.routing_input, editor.hparams.anchor_backend = routing_input, anchor_backend
+    editor.hparams.batch_size = 3
+    editor.hparams.steps = 80
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # auto may warn that it falls back to offline
+        metrics, _, _ = editor.batch_edit(**request_lists(EDITS), sequential_edit=False, verbose=False)
+    assert all(m["post"]["rewrite_acc"] == [1.0] for m in metrics)
+    assert_state_equal(editor.model, saved)

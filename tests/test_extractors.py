@@ -390,3 +390,45 @@ def test_nltk_subject_hit_rate(name, key):
     hits = sum(_hit(r["subject"], texts(x(r[key]))) for r in records)
     # not measured here (no NLTK data on the dev machine): a loose floor
     assert hits / len(records) >= 0.5
+
+
+def test_old_nltk_is_refused_with_the_upgrade_command(monkeypatch):
+    import nltk
+    from memoe_plugin.extractors import NLTKDataMissingError, NLTKExtractor
+    monkeypatch.setattr(nltk, "__version__", "3.6.5")
+    with pytest.raises(NLTKDataMissingError, match=r"nltk 3\.6\.5 is too old.*nltk>=3\.9.*nltk\.downloader"):
+        NLTKExtractor()
+
+
+_NLTK_EDIT = _FAKE_NLTK + textwrap.dedent(
+    r'''
+    sys.path.insert(0, os.environ["MEMOE_TESTS"])
+    import torch
+    from conftest import EDITS, _train_tokenizer, make_hparams, tiny_llama
+    from memoe_plugin import apply_memoe_to_model, get_adapter
+    tok = _train_tokenizer()
+    model = tiny_llama(len(tok))
+    _, restore = apply_memoe_to_model(model, tok, EDITS, make_hparams(anchor_backend="nltk", steps=40))
+    adapter = get_adapter(model)
+    ids = tok("Marie Curie was born in Warsaw")["input_ids"]
+    print(json.dumps({"extractor": type(adapter.encoder.extractor).__name__,
+                      "entities": list(adapter.encoder.prompt_entities(ids)),
+                      "accuracy": adapter.last_report.target_accuracy}))
+    '''
+)
+
+
+def test_nltk_backend_drives_a_memoe_edit(tmp_path):
+    pytest.importorskip("nltk")
+    tests_dir = Path(__file__).resolve().parent
+    env = dict(os.environ, MEMOE_TESTS=str(tests_dir))
+    env["PYTHONPATH"] = os.pathsep.join([str(tests_dir.parent)] + [p for p in [env.get("PYTHONPATH")] if p])
+    proc = subprocess.run([sys.executable, "-c", _NLTK_EDIT, str(tmp_path / "nltk_data")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "skip" in out:
+        pytest.skip("cannot build fake NLTK data with this nltk: " + out["skip"])
+    assert out["extractor"] == "NLTKExtractor"
+    assert {"Marie Curie", "Warsaw"} <= set(out["entities"])
+    assert out["accuracy"] == 1.0
