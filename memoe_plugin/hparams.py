@@ -59,6 +59,10 @@ class MEMoEHyperParams:
     anchor_backend: str = "auto"    # auto | offline | nltk
     anchor_cache_size: int = 4096
 
+    # --- extensions beyond the paper (off = paper-faithful) ------------------
+    locality_guard: bool = False     # bypass silent unless an edited fact's anchor is in the prefix
+    replay: int = 0                  # earlier edits mixed into each later sequential edit
+
     # ------------------------------------------------------------------------
     @classmethod
     def from_hparams(cls, hparams_name_or_path: Union[str, os.PathLike]) -> "MEMoEHyperParams":
@@ -131,6 +135,7 @@ class MEMoEHyperParams:
         need(self.routing_input in ROUTING_INPUTS, "routing_input", f"one of {ROUTING_INPUTS}")
         need(self.anchor_backend in ANCHOR_BACKENDS, "anchor_backend", f"one of {ANCHOR_BACKENDS}")
         need(self.anchor_cache_size >= 0, "anchor_cache_size", "an integer >= 0")
+        need(self.replay >= 0, "replay", "an integer >= 0")
         need(0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)")
         if isinstance(self.device, int):
             need(self.device >= 0, "device", "a CUDA index >= 0 or a device string such as 'cpu'")

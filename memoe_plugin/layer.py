@@ -39,12 +39,14 @@ class RoutingContext:
         self.feature_dim = feature_dim
         self.features: Optional[torch.Tensor] = None
         self.token_mask: Optional[torch.Tensor] = None
+        self.active: Optional[torch.Tensor] = None     # [batch, seq] bool; None = everywhere
 
-    def set(self, features: Optional[torch.Tensor], token_mask: Optional[torch.Tensor]) -> None:
-        self.features, self.token_mask = features, token_mask
+    def set(self, features: Optional[torch.Tensor], token_mask: Optional[torch.Tensor],
+            active: Optional[torch.Tensor] = None) -> None:
+        self.features, self.token_mask, self.active = features, token_mask, active
 
     def clear(self) -> None:
-        self.features = self.token_mask = None
+        self.features = self.token_mask = self.active = None
 
 
 class MoEBypass(nn.Module):
@@ -81,6 +83,9 @@ class MoEBypass(nn.Module):
             logits = logits + torch.randn_like(logits) * self.gate_noise
         probs = logits.softmax(dim=-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)
+        active = self._active_mask(x)
+        if active is not None:
+            chosen = chosen.masked_fill(~active.unsqueeze(-1), -1)   # -1: no expert (guarded)
         self.last_routing = chosen.detach()
         if self.training:
             self.aux_loss = self._balance_loss(probs, chosen)
@@ -110,14 +115,24 @@ class MoEBypass(nn.Module):
                 "or model.generate), which computes the knowledge anchors first.")
         return torch.cat([x, features.to(device=x.device, dtype=x.dtype)], dim=-1)
 
+    def _active_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        active = self.context.active
+        if active is None:
+            return None
+        if active.shape != x.shape[:-1]:
+            raise RuntimeError(f"MEMoE locality-guard mask {tuple(active.shape)} does not match the layer "
+                               f"input {tuple(x.shape)}")
+        return active.to(x.device)
+
     def _balance_loss(self, probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        """Switch Transformer load balancing: E * sum_e f_e * P_e over real tokens."""
+        """Switch Transformer load balancing: E * sum_e f_e * P_e over real, unguarded tokens."""
         mask = self.context.token_mask
         flat_probs = probs.reshape(-1, self.num_experts)
         top1 = chosen[..., 0].reshape(-1)
+        keep = top1 >= 0
         if mask is not None and mask.shape == probs.shape[:-1]:
-            keep = mask.reshape(-1).bool().to(flat_probs.device)
-            flat_probs, top1 = flat_probs[keep], top1[keep]
+            keep = keep & mask.reshape(-1).bool().to(flat_probs.device)
+        flat_probs, top1 = flat_probs[keep], top1[keep]
         if top1.numel() == 0:
             return flat_probs.sum() * 0.0
         fraction = F.one_hot(top1, self.num_experts).float().mean(dim=0)

@@ -8,6 +8,7 @@ state before the first edit.
 from __future__ import annotations
 
 import copy as copy_module
+import random
 from typing import Callable
 
 import torch
@@ -18,7 +19,8 @@ from .model import MEMoEAdapter, get_adapter, resolve_module
 from .train import train_experts
 
 # Settings that fix the adapter's shape: they must not change between sequential edits.
-STRUCTURAL_KEYS = ("layer", "module_template", "num_experts", "top_k", "routing_input", "anchor_backend")
+STRUCTURAL_KEYS = ("layer", "module_template", "num_experts", "top_k", "routing_input", "anchor_backend",
+                   "locality_guard")
 
 
 def apply_memoe_to_model(model: nn.Module, tok, requests: list[dict], hparams: MEMoEHyperParams,
@@ -45,14 +47,29 @@ def apply_memoe_to_model(model: nn.Module, tok, requests: list[dict], hparams: M
     else:
         check_same_structure(adapter.hparams, hparams)
         adapter.hparams = hparams
+    guard_keys = set(adapter.guard.keys) if adapter.guard is not None else None
     try:
-        adapter.last_report = train_experts(adapter, requests, progress=bool(kwargs.get("progress", False)))
+        adapter.register_knowledge(requests)
+        batch = requests + replayed_edits(adapter.edits, hparams)
+        adapter.last_report = train_experts(adapter, batch, progress=bool(kwargs.get("progress", False)))
     except BaseException:
         if fresh:
             adapter.detach()
+        elif guard_keys is not None:
+            adapter.guard.keys = set()
+            adapter.guard.add(guard_keys)
         raise
-    adapter.edits.extend({"prompt": r["prompt"], "target_new": r["target_new"]} for r in requests)
+    adapter.edits.extend({key: r[key] for key in ("prompt", "target_new", "subject") if key in r}
+                         for r in requests)
     return model, lambda: remove_memoe(model)
+
+
+def replayed_edits(previous: list[dict], hparams: MEMoEHyperParams) -> list[dict]:
+    """Up to ``hparams.replay`` earlier edits, drawn reproducibly, trained again with the new ones."""
+    if not hparams.replay or not previous:
+        return []
+    rng = random.Random(hparams.seed + len(previous))
+    return rng.sample(previous, min(hparams.replay, len(previous)))
 
 
 def remove_memoe(model: nn.Module) -> None:

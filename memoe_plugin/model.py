@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .anchors import RoutingFeatureEncoder
+from .anchors import LocalityGuard, RoutingFeatureEncoder
 from .extractors import make_extractor
 from .hparams import MEMoEHyperParams
 from .layer import MoEBypass, RoutingContext, projection_shape
@@ -63,9 +63,11 @@ class MEMoEAdapter:
         self.model, self.tokenizer, self.hparams = model, tokenizer, hparams
         self.parent, self.attr, self.base_module = resolve_module(model, hparams)
         embedding = model.get_input_embeddings()
-        extractor = make_extractor(hparams.anchor_backend) if hparams.routing_input == "anchor" else None
+        needs_entities = hparams.routing_input == "anchor" or hparams.locality_guard
+        self.extractor = make_extractor(hparams.anchor_backend) if needs_entities else None
         self.encoder = RoutingFeatureEncoder(tokenizer, embedding, hparams.routing_input,
-                                             extractor, hparams.anchor_cache_size)
+                                             self.extractor, hparams.anchor_cache_size)
+        self.guard = LocalityGuard(tokenizer, hparams.anchor_cache_size) if hparams.locality_guard else None
         self.context = RoutingContext(self.encoder.dim)
         generator = torch.Generator().manual_seed(hparams.seed)
         with torch.random.fork_rng(devices=[]):
@@ -106,8 +108,8 @@ class MEMoEAdapter:
 
     # --------------------------------------------------------------- routing
     def routing_features(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                         past_length: int = 0) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-        """Features ``[batch, seq, dim]`` and token mask for one forward call.
+                         past_length: int = 0):
+        """Features ``[batch, seq, dim]``, token mask and guard mask (or None) for one forward call.
 
         ``past_length`` > 0 means the call continues the previous one through a KV
         cache: its tokens are appended to the prefixes remembered from that call.
@@ -126,28 +128,50 @@ class MEMoEAdapter:
         else:
             prefixes = [[t for t, m in zip(ids, ms) if m] for ids, ms in zip(ids_rows, mask_rows)]
         self._prefixes, self._prefix_length = prefixes, past_length + length
-        if self.encoder.dim == 0:
-            return None, mask
         weight = self.encoder.embedding.weight
-        features = weight.new_zeros(batch, length, self.encoder.dim)
+        features = weight.new_zeros(batch, length, self.encoder.dim) if self.encoder.dim else None
+        active = torch.zeros(batch, length, dtype=torch.bool, device=input_ids.device) if self.guard else None
         for row, (prefix, ms) in enumerate(zip(prefixes, mask_rows)):
             positions = [i for i, m in enumerate(ms) if m]
-            if positions:
-                row_features = self.encoder.features(prefix)
-                features[row, positions] = row_features[len(prefix) - len(positions):]
-        return features, mask
+            if not positions:
+                continue
+            new = slice(len(prefix) - len(positions), None)
+            if features is not None:
+                features[row, positions] = self.encoder.features(prefix)[new]
+            if active is not None:
+                active[row, positions] = torch.tensor(self.guard.active(prefix)[new], device=input_ids.device)
+        return features, mask, active
+
+    def register_knowledge(self, requests: list[dict]) -> None:
+        """Add the requests' knowledge anchors to the locality guard (no-op without one)."""
+        if self.guard is None:
+            return
+        keys = []
+        for i, request in enumerate(requests):
+            found = [e.text for e in self.extractor(request["prompt"])]
+            subject = request.get("subject")
+            if isinstance(subject, str) and subject.strip():
+                found.append(subject)
+            if not found:
+                raise ValueError(
+                    f"request {i}: locality_guard needs a knowledge anchor, but the {self.extractor.name} "
+                    f"extractor finds no entity in {request['prompt']!r} and the request has no 'subject'. "
+                    "Add 'subject' to the request or set locality_guard: false.")
+            keys.extend(found)
+        self.guard.add(keys)
 
     def _before_forward(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
-            if self.encoder.dim == 0:
+            if self.encoder.dim == 0 and self.guard is None:
                 self.context.set(None, None)
                 return None
             raise ValueError("MEMoE needs input_ids to find knowledge anchors; this call passed "
-                             "inputs_embeds only. Pass input_ids, or use routing_input: token.")
-        features, mask = self.routing_features(input_ids, kwargs.get("attention_mask"),
-                                               _past_length(kwargs.get("past_key_values")))
-        self.context.set(features, mask)
+                             "inputs_embeds only. Pass input_ids, or use routing_input: token "
+                             "without locality_guard.")
+        features, mask, active = self.routing_features(input_ids, kwargs.get("attention_mask"),
+                                                       _past_length(kwargs.get("past_key_values")))
+        self.context.set(features, mask, active)
         return None
 
     def _after_forward(self, module, args, kwargs, output=None):

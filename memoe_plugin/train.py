@@ -119,11 +119,12 @@ class UpperStack:
                 handle.remove()
         self.x, self.hidden = captured["x"], captured["hidden"]
         self.args, self.kwargs = captured["args"], captured["kwargs"]
-        self.features, self.mask = self.adapter.routing_features(self.batch.input_ids, self.batch.attention_mask)
+        self.features, self.mask, self.active = self.adapter.routing_features(self.batch.input_ids,
+                                                                              self.batch.attention_mask)
 
     def target_logits(self) -> torch.Tensor:
         bypass = self.adapter.bypass
-        self.adapter.context.set(self.features, self.mask)
+        self.adapter.context.set(self.features, self.mask, self.active)
         try:
             hidden = self.hidden + bypass.delta(self.x).to(self.hidden.dtype)
         finally:

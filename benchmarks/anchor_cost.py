@@ -1,0 +1,78 @@
+"""Per-prompt cost of knowledge anchors next to one forward pass of SmolLM2-135M.
+
+    python benchmarks/anchor_cost.py [--prompts 200] [--backend offline]
+
+For ZsRE prompts (../shared/data, else the built-in examples) it times:
+  * cold anchors: entity extraction for every prefix of the prompt plus the
+    embedding lookups (what the first sight of a prompt costs);
+  * warm anchors: the same prompt again (cache hit);
+  * one generation step: one more token on a cached prompt;
+  * one forward pass of the model over the prompt (batch 1, no grad).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "zsre_mend_eval_portability_gpt4.json"
+
+
+def prompts(n: int) -> list[str]:
+    if DATA.exists():
+        return [r["src"] for r in json.loads(DATA.read_text())[:n]]
+    return [r["prompt"] for r in json.loads((REPO / "memoe_plugin/data/example_edits.json").read_text())]
+
+
+def per_item(fn, items) -> float:
+    start = time.perf_counter()
+    for item in items:
+        fn(item)
+    return (time.perf_counter() - start) / len(items)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=200)
+    parser.add_argument("--backend", default="offline")
+    args = parser.parse_args(argv)
+
+    from memoe_plugin import MEMoEHyperParams
+    from memoe_plugin.model import MEMoEAdapter
+    from memoe_plugin.smollm2 import load_smollm2
+
+    model, tok = load_smollm2()
+    hp = MEMoEHyperParams.from_hparams(REPO / "hparams/MEMoE/smollm2-135m.yaml")
+    hp.anchor_backend = args.backend
+    texts = prompts(args.prompts)
+    ids = [tok(t)["input_ids"] for t in texts]
+    adapter = MEMoEAdapter.attach(model, tok, hp)
+    encoder = adapter.encoder
+    try:
+        cold = per_item(encoder.features, ids)
+        warm = per_item(encoder.features, ids)
+        step = per_item(encoder.features, [i + [tok.eos_token_id] for i in ids])
+        adapter.detach()
+        with torch.no_grad():
+            tensors = [torch.tensor([i]) for i in ids]
+            model(tensors[0])   # warm-up
+            forward = per_item(lambda t: model(t, use_cache=False), tensors)
+    finally:
+        adapter.detach()
+    mean_len = statistics.mean(len(i) for i in ids)
+    print(f"threads={torch.get_num_threads()} prompts={len(ids)} mean tokens={mean_len:.1f} backend={args.backend}")
+    print(f"{'cold anchors (all prefixes)':32s} {cold * 1e3:8.3f} ms/prompt   {cold / forward * 100:6.2f} % of a forward pass")
+    print(f"{'warm anchors (cache hit)':32s} {warm * 1e3:8.3f} ms/prompt   {warm / forward * 100:6.2f} %")
+    print(f"{'one generation step':32s} {step * 1e3:8.3f} ms/token    {step / forward * 100:6.2f} %")
+    print(f"{'SmolLM2-135M forward (batch 1)':32s} {forward * 1e3:8.3f} ms/prompt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
