@@ -51,6 +51,17 @@ class TrainReport:
     target_accuracy: float
 
 
+def build_edit_batches(tokenizer, requests: list[dict], device, max_buckets: int = 3,
+                       min_bucket: int = 8) -> list[EditBatch]:
+    """Requests sorted by length into up to ``max_buckets`` batches, to pad (and compute) less."""
+    lengths = [len(tokenizer(r["prompt"] + " " + r["target_new"])["input_ids"]) for r in requests]
+    order = sorted(range(len(requests)), key=lengths.__getitem__)
+    buckets = max(1, min(max_buckets, len(requests) // min_bucket))
+    size = -(-len(requests) // buckets)
+    groups = [order[i:i + size] for i in range(0, len(order), size)]
+    return [build_edit_batch(tokenizer, [requests[i] for i in group], device) for group in groups]
+
+
 def build_edit_batch(tokenizer, requests: list[dict], device) -> EditBatch:
     """Tokenise ``prompt + ' ' + target_new`` as EasyEdit's scoring does; right-pad."""
     sequences, rows, positions, targets = [], [], [], []
@@ -168,11 +179,28 @@ def _logits_function(adapter: MEMoEAdapter, batch: EditBatch) -> tuple[Callable[
     return stack.target_logits, True
 
 
+def _bucketed_logits_function(adapter: MEMoEAdapter, batches: list[EditBatch]):
+    """One function returning (target logits of all buckets, mean balance loss)."""
+    functions = [_logits_function(adapter, batch) for batch in batches]
+    bypass = adapter.bypass
+
+    def logits_and_aux():
+        pieces, aux = [], []
+        for function, _ in functions:
+            pieces.append(function())
+            if bypass.aux_loss is not None:
+                aux.append(bypass.aux_loss)
+        return torch.cat(pieces), (torch.stack(aux).mean() if aux else None)
+
+    return logits_and_aux, all(cached for _, cached in functions)
+
+
 def train_experts(adapter: MEMoEAdapter, requests: list[dict], progress: bool = False) -> TrainReport:
     """Fit the experts and gate to ``requests``; on NaN/Inf restore them and raise."""
     hp, model, bypass = adapter.hparams, adapter.model, adapter.bypass
     device = bypass.experts.device
-    batch = build_edit_batch(adapter.tokenizer, requests, device)
+    batches = build_edit_batches(adapter.tokenizer, requests, device)
+    targets = torch.cat([b.targets for b in batches])
     snapshot = [p.detach().clone() for p in bypass.trainable_parameters]
     was_training = model.training
     model.eval()   # dropout off: the frozen model computes exactly what it computes at test time
@@ -184,16 +212,16 @@ def train_experts(adapter: MEMoEAdapter, requests: list[dict], progress: bool = 
     optimizer = torch.optim.Adam(bypass.trainable_parameters, lr=hp.lr, weight_decay=hp.weight_decay)
     steps_done, loss_value, stopped_early, accuracy = 0, math.nan, False, 0.0
     try:
-        target_logits, cached = _logits_function(adapter, batch)
+        target_logits, cached = _bucketed_logits_function(adapter, batches)
         bar = _progress(hp.steps, progress)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hp.seed)
             bypass.train()
             for step in range(hp.steps):
-                logits = target_logits()
-                loss = F.cross_entropy(logits, batch.targets)
-                if hp.aux_loss_weight and bypass.aux_loss is not None:
-                    loss = loss + hp.aux_loss_weight * bypass.aux_loss
+                logits, aux = target_logits()
+                loss = F.cross_entropy(logits, targets)
+                if hp.aux_loss_weight and aux is not None:
+                    loss = loss + hp.aux_loss_weight * aux
                 if not torch.isfinite(loss):
                     raise TrainingDivergedError(
                         f"MEMoE training diverged at step {step} (loss {loss.item()}); the edit was not kept. "
@@ -202,7 +230,7 @@ def train_experts(adapter: MEMoEAdapter, requests: list[dict], progress: bool = 
                 loss.backward()
                 optimizer.step()
                 steps_done, loss_value = step + 1, loss.item()
-                accuracy = (logits.argmax(-1) == batch.targets).float().mean().item()
+                accuracy = (logits.argmax(-1) == targets).float().mean().item()
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{accuracy:.2f}")

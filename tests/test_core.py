@@ -6,7 +6,7 @@ from conftest import EDITS, assert_state_equal, state_copy
 from memoe_plugin import MoEBypass, apply_memoe_to_model, get_adapter, remove_memoe
 from memoe_plugin.model import MEMoEAdapter
 from memoe_plugin.layer import RoutingContext
-from memoe_plugin.train import build_edit_batch
+from memoe_plugin.train import build_edit_batch, build_edit_batches
 
 
 def logits(model, tokenizer, texts):
@@ -251,3 +251,14 @@ def test_cached_activation_training_matches_full_passes(tiny_model, tokenizer):
     assert not slow.last_report.used_cached_activations
     assert torch.allclose(slow.bypass.experts, fast_experts, atol=1e-4)
     remove_memoe(model)
+
+
+def test_length_buckets_cover_every_target_once(tokenizer):
+    from conftest import EDITS
+    requests = [dict(EDITS[i % 3], prompt=EDITS[i % 3]["prompt"] + " x" * (i % 7)) for i in range(20)]
+    batches = build_edit_batches(tokenizer, requests, "cpu", max_buckets=3, min_bucket=5)
+    assert len(batches) == 3
+    single = build_edit_batch(tokenizer, requests, "cpu")
+    assert sorted(torch.cat([b.targets for b in batches]).tolist()) == sorted(single.targets.tolist())
+    assert sum(b.input_ids.numel() for b in batches) < single.input_ids.numel()
+    assert build_edit_batches(tokenizer, requests[:7], "cpu", min_bucket=8)[0].input_ids.shape[0] == 7
