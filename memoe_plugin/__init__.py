@@ -11,10 +11,11 @@ from .layer import MoEBypass
 from .main import apply_memoe_to_model, remove_memoe
 from .model import MEMoEAdapter, get_adapter
 from .easyedit import EasyEditNotFoundError, register, is_registered, register_if_available
+from .persist import load_adapter, save_adapter
 
 __version__ = "0.1.0"
 __all__ = ["MEMoEHyperParams", "MoEBypass", "MEMoEAdapter", "apply_memoe_to_model", "remove_memoe",
-           "get_adapter", "register", "is_registered", "EasyEditNotFoundError", "__version__"]
+           "get_adapter", "save_adapter", "load_adapter", "register", "is_registered", "EasyEditNotFoundError", "__version__"]
 
 _reason = register_if_available()
 if _reason:

@@ -115,6 +115,10 @@ class MEMoEHyperParams:
             if not ok:
                 raise ValueError(f"{key} = {getattr(self, key)!r}: expected {expected}")
 
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):   # fields set after construction are checked too
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+
         need(self.alg_name == ALG_NAME, "alg_name", repr(ALG_NAME))
         need(bool(self.model_name.strip()), "model_name", "a model directory or name")
         need(self.layer >= 0, "layer", "a layer index >= 0")

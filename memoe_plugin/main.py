@@ -35,7 +35,10 @@ def apply_memoe_to_model(model: nn.Module, tok, requests: list[dict], hparams: M
     if not isinstance(hparams, MEMoEHyperParams):
         raise TypeError(f"hparams must be MEMoEHyperParams, got {type(hparams).__name__}")
     hparams.validate()
+    if not callable(tok) or not hasattr(tok, "decode"):
+        raise TypeError(f"tok must be the model's tokenizer (a transformers tokenizer), got {type(tok).__name__}")
     requests = check_requests(requests)
+    check_lengths(tok, requests, model)
     if copy:
         model = copy_module.deepcopy(model)
     adapter = get_adapter(model)
@@ -83,7 +86,10 @@ def check_requests(requests) -> list[dict]:
     """EasyEdit request dicts with a non-empty string prompt and target_new."""
     if isinstance(requests, dict):
         requests = [requests]
-    if not isinstance(requests, (list, tuple)) or len(requests) == 0:
+    if not isinstance(requests, (list, tuple)):
+        raise ValueError(f"requests must be a list of dicts with 'prompt' and 'target_new' (or one such dict), "
+                         f"got {type(requests).__name__}; pass list(...) for other iterables")
+    if len(requests) == 0:
         raise ValueError("MEMoE got no edit requests: pass a non-empty list of dicts with "
                          "'prompt' and 'target_new'.")
     for i, request in enumerate(requests):
@@ -100,6 +106,18 @@ def check_requests(requests) -> list[dict]:
     return list(requests)
 
 
+def check_lengths(tok, requests: list[dict], model: nn.Module) -> None:
+    """prompt + ' ' + target_new must fit in the model's positions (config.max_position_embeddings)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return
+    for i, request in enumerate(requests):
+        length = len(tok(request["prompt"] + " " + request["target_new"])["input_ids"])
+        if length > limit:
+            raise ValueError(f"request {i}: prompt + target_new is {length} tokens, more than the model's {limit} "
+                             "positions (max_position_embeddings); shorten the prompt")
+
+
 def check_device(module: nn.Module, hparams: MEMoEHyperParams) -> None:
     """hparams.device must exist and, without model_parallel, hold the wrapped module."""
     wanted = torch.device(f"cuda:{hparams.device}") if isinstance(hparams.device, int) else None
@@ -110,9 +128,13 @@ def check_device(module: nn.Module, hparams: MEMoEHyperParams) -> None:
                          "'cuda:0' or a CUDA index") from None
     if wanted.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device = {hparams.device!r} but CUDA is not available here; set device: cpu")
+    actual = module.weight.device
+    if actual.type == "meta" and wanted.type != "meta":
+        raise ValueError(f"{hparams.module_name} has its weights on the meta device (offloaded by device_map to "
+                         "disk or CPU, or not loaded); MEMoE needs the wrapped layer in memory. Load the model with "
+                         "a device_map that keeps this layer on a GPU or on 'cpu'.")
     if hparams.model_parallel:
         return
-    actual = module.weight.device
     if actual.type != wanted.type or (wanted.index is not None and actual.index != wanted.index):
         raise ValueError(f"the edited module is on {actual} but hparams.device is {hparams.device!r}; move the model "
                          f"(model.to({str(wanted)!r})) or set device in the hparams file")

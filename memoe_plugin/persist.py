@@ -14,7 +14,8 @@ and its safetensors header metadata (a str -> str map) holds
   fingerprint), the tokenizer's fingerprint, the wrapped module (layer, dotted name,
   class, weight dtype and sha256), the tensors' shapes, dtypes and sha256, the full
   hparams dict, the anchor settings (including the extractor that ``auto``
-  resolved to), ``memoe_plugin.__version__`` and the list of edits.
+  resolved to, and the locality guard's keys when ``locality_guard`` is on),
+  ``memoe_plugin.__version__`` and the list of edits (as ``adapter.edits`` holds them).
 
 No pickle is involved anywhere: tensors go through safetensors, the rest is JSON.
 Everything is in one file so that a save is one atomic ``os.replace`` of a temp
@@ -121,11 +122,16 @@ def _model_identity(model: nn.Module) -> dict:
 
 
 def _resolved_extractor(adapter: MEMoEAdapter) -> Optional[str]:
-    extractor = adapter.encoder.extractor
+    """The entity extractor in use ('offline', 'nltk'), or None when nothing needs entities."""
+    extractor = getattr(adapter, "extractor", None) or adapter.encoder.extractor
     if extractor is None:
         return None
-    return {"OfflineExtractor": "offline", "NLTKExtractor": "nltk"}.get(type(extractor).__name__,
-                                                                      type(extractor).__name__)
+    return getattr(extractor, "name", None) or type(extractor).__name__
+
+
+def _guard_keys(adapter: MEMoEAdapter) -> Optional[list]:
+    guard = getattr(adapter, "guard", None)
+    return None if guard is None else sorted(guard.keys)
 
 
 # ------------------------------------------------------------------------ save
@@ -165,7 +171,8 @@ def save_adapter(model: nn.Module, path: PathLike) -> Path:
         "hparams": hp.to_dict(),
         "anchors": {"routing_input": hp.routing_input, "anchor_backend": hp.anchor_backend,
                     "extractor": _resolved_extractor(adapter), "feature_dim": adapter.encoder.dim,
-                    "anchor_cache_size": hp.anchor_cache_size},
+                    "anchor_cache_size": hp.anchor_cache_size,
+                    "locality_guard_keys": _guard_keys(adapter)},
         "edits": [dict(edit) for edit in adapter.edits],
     }
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
@@ -375,6 +382,12 @@ def load_adapter(model: nn.Module, tokenizer, path: PathLike, device=None) -> ME
         for parameter in bypass.trainable_parameters:   # as train_experts leaves them
             parameter.requires_grad_(False)
         adapter.edits = [dict(edit) for edit in document["edits"]]
+        guard_keys = document["anchors"].get("locality_guard_keys")
+        if getattr(adapter, "guard", None) is not None:
+            if not isinstance(guard_keys, list):
+                raise ValueError(f"{path}: locality_guard is on but the file has no locality-guard keys; the file "
+                                 "is corrupt. Save the adapter again.")
+            adapter.guard.add(guard_keys)
     except BaseException:
         adapter.detach()
         raise

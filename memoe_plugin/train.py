@@ -204,7 +204,8 @@ def train_experts(adapter: MEMoEAdapter, requests: list[dict], progress: bool = 
     snapshot = [p.detach().clone() for p in bypass.trainable_parameters]
     was_training = model.training
     model.eval()   # dropout off: the frozen model computes exactly what it computes at test time
-    grad_flags = {p: p.requires_grad for p in model.parameters()}
+    # by name, not by object: accelerate replaces offloaded parameters on every forward
+    grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     for p in bypass.trainable_parameters:
@@ -250,8 +251,8 @@ def train_experts(adapter: MEMoEAdapter, requests: list[dict], progress: bool = 
     finally:
         bypass.eval()
         bypass.aux_loss = None
-        for p, flag in grad_flags.items():
-            p.requires_grad_(flag)
+        for name, p in model.named_parameters():
+            p.requires_grad_(grad_flags.get(name, p.requires_grad))
         for p in bypass.trainable_parameters:
             p.requires_grad_(False)
         model.train(was_training)
