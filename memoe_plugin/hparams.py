@@ -51,7 +51,8 @@ class MEMoEHyperParams:
     steps: int = 50
     aux_loss_weight: float = 1e-2   # Switch-Transformer load-balancing loss
     weight_decay: float = 0.0
-    early_stop: bool = True          # stop once every target token is predicted
+    early_stop: bool = True          # stop once every target token is predicted ...
+    early_stop_loss: float = 0.0     # ... and the target cross-entropy is at most this (0: accuracy only)
     seed: int = 42
 
     # --- knowledge anchors ------------------------------------------------
@@ -133,6 +134,7 @@ class MEMoEHyperParams:
         need(self.lr > 0, "lr", "a learning rate > 0")
         need(self.steps >= 1, "steps", "an integer >= 1")
         need(self.aux_loss_weight >= 0, "aux_loss_weight", "a number >= 0")
+        need(self.early_stop_loss >= 0, "early_stop_loss", "a number >= 0")
         need(self.weight_decay >= 0, "weight_decay", "a number >= 0")
         need(self.max_length >= 1, "max_length", "an integer >= 1")
         need(self.batch_size >= 1, "batch_size", "an integer >= 1")

@@ -45,7 +45,7 @@ class EditBatch:
 @dataclass
 class TrainReport:
     steps: int
-    final_loss: float
+    final_loss: float              # target cross-entropy at the last step (before its update)
     stopped_early: bool
     used_cached_activations: bool
     target_accuracy: float
@@ -220,7 +220,7 @@ def train_experts(adapter: MEMoEAdapter, requests: list[dict], progress: bool = 
             bypass.train()
             for step in range(hp.steps):
                 logits, aux = target_logits()
-                loss = F.cross_entropy(logits, targets)
+                loss = target_loss = F.cross_entropy(logits, targets)
                 if hp.aux_loss_weight and aux is not None:
                     loss = loss + hp.aux_loss_weight * aux
                 if not torch.isfinite(loss):
@@ -230,12 +230,13 @@ def train_experts(adapter: MEMoEAdapter, requests: list[dict], progress: bool = 
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                steps_done, loss_value = step + 1, loss.item()
+                steps_done, loss_value = step + 1, target_loss.item()
                 accuracy = (logits.argmax(-1) == targets).float().mean().item()
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{accuracy:.2f}")
-                if hp.early_stop and accuracy == 1.0:
+                margin_ok = hp.early_stop_loss == 0 or target_loss.item() <= hp.early_stop_loss
+                if hp.early_stop and accuracy == 1.0 and margin_ok:
                     stopped_early = step + 1 < hp.steps
                     break
         if bar is not None:

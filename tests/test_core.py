@@ -262,3 +262,16 @@ def test_length_buckets_cover_every_target_once(tokenizer):
     assert sorted(torch.cat([b.targets for b in batches]).tolist()) == sorted(single.targets.tolist())
     assert sum(b.input_ids.numel() for b in batches) < single.input_ids.numel()
     assert build_edit_batches(tokenizer, requests[:7], "cpu", min_bucket=8)[0].input_ids.shape[0] == 7
+
+
+def test_early_stop_waits_for_the_loss_margin(tokenizer):
+    from conftest import make_hparams, tiny_llama
+    model = tiny_llama(len(tokenizer))
+    apply_memoe_to_model(model, tokenizer, EDITS, make_hparams(steps=200, early_stop=True))
+    first = get_adapter(model).last_report
+    remove_memoe(model)
+    apply_memoe_to_model(model, tokenizer, EDITS, make_hparams(steps=200, early_stop=True, early_stop_loss=5.43))
+    margin = get_adapter(model).last_report
+    remove_memoe(model)
+    assert first.stopped_early and margin.stopped_early
+    assert margin.steps > first.steps and margin.final_loss <= 5.43 + 1e-2
