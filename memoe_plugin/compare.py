@@ -140,7 +140,11 @@ def parse_overrides(items: Iterable[str], methods: Iterable[str]) -> dict[str, d
         method, key = target.split(".", 1)
         if method.lower() not in lookup:
             raise CompareError(f"--set {item!r}: unknown method {method!r}; known: {', '.join(METHODS)}")
-        out.setdefault(lookup[method.lower()], {})[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):       # PyYAML reads 1e-3 as a string
+            with contextlib.suppress(ValueError):
+                parsed = float(parsed)
+        out.setdefault(lookup[method.lower()], {})[key.strip()] = parsed
     unused = set(out) - set(methods)
     if unused:
         raise CompareError(f"--set names {sorted(unused)}, which are not in --methods")
@@ -978,6 +982,10 @@ class _StatsMissing(Exception):
     pass
 
 
+def _no_progress(iterable, **kwargs):
+    return iterable
+
+
 def stats_file(model, hparams, layer_name: str) -> Path:
     """Where EasyEdit's layer_stats keeps (and looks for) one layer's second moment (mirrors its naming)."""
     model_name = model.config._name_or_path.rsplit("/")[-1]
@@ -1009,7 +1017,7 @@ def ensure_stats(editor, hparams, stats_text: Optional[Path]) -> list[Path]:
             try:
                 ls_module.layer_stats(editor.model, editor.tok, name, hparams.stats_dir, hparams.mom2_dataset,
                                       to_collect=["mom2"], sample_size=hparams.mom2_n_samples,
-                                      precision=hparams.mom2_dtype, hparams=hparams)
+                                      precision=hparams.mom2_dtype, hparams=hparams, progress=_no_progress)
                 continue
             except _StatsMissing:
                 pass

@@ -22,6 +22,9 @@ ALG_NAME = "MEMoE"
 ANCHOR_BACKENDS = ("auto", "offline", "nltk")
 ROUTING_INPUTS = ("anchor", "token", "sentence")
 EXPERT_INITS = ("zeros",)
+# Neutral text put before edit prompts in training (context_prefixes); none holds an entity.
+CONTEXT_PREFIXES = ("Here is a fact.", "I read that", "Let me tell you something.", "To be precise,",
+                    "As everyone knows,", "Answer the question.")
 
 
 @dataclass
@@ -63,6 +66,7 @@ class MEMoEHyperParams:
     # --- extensions beyond the paper (off = paper-faithful) ------------------
     locality_guard: bool = False     # bypass silent unless an edited fact's anchor is in the prefix
     replay: int = 0                  # earlier edits mixed into each later sequential edit
+    context_prefixes: int = 0        # also train each edit behind this many neutral prefixes (ROME-style)
 
     # ------------------------------------------------------------------------
     @classmethod
@@ -142,6 +146,8 @@ class MEMoEHyperParams:
         need(self.anchor_backend in ANCHOR_BACKENDS, "anchor_backend", f"one of {ANCHOR_BACKENDS}")
         need(self.anchor_cache_size >= 0, "anchor_cache_size", "an integer >= 0")
         need(self.replay >= 0, "replay", "an integer >= 0")
+        need(0 <= self.context_prefixes <= len(CONTEXT_PREFIXES), "context_prefixes",
+             f"an integer in 0..{len(CONTEXT_PREFIXES)}")
         need(0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)")
         if isinstance(self.device, int):
             need(self.device >= 0, "device", "a CUDA index >= 0 or a device string such as 'cpu'")

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .hparams import MEMoEHyperParams
+from .hparams import CONTEXT_PREFIXES, MEMoEHyperParams
 from .model import MEMoEAdapter, get_adapter, resolve_module
 from .train import train_experts
 
@@ -53,7 +53,7 @@ def apply_memoe_to_model(model: nn.Module, tok, requests: list[dict], hparams: M
     guard_keys = set(adapter.guard.keys) if adapter.guard is not None else None
     try:
         adapter.register_knowledge(requests)
-        batch = requests + replayed_edits(adapter.edits, hparams)
+        batch = with_context_prefixes(requests + replayed_edits(adapter.edits, hparams), hparams)
         adapter.last_report = train_experts(adapter, batch, progress=bool(kwargs.get("progress", False)))
     except BaseException:
         if fresh:
@@ -65,6 +65,12 @@ def apply_memoe_to_model(model: nn.Module, tok, requests: list[dict], hparams: M
     adapter.edits.extend({key: r[key] for key in ("prompt", "target_new", "subject") if key in r}
                          for r in requests)
     return model, lambda: remove_memoe(model)
+
+
+def with_context_prefixes(requests: list[dict], hparams: MEMoEHyperParams) -> list[dict]:
+    """The requests, plus each one behind the first ``context_prefixes`` neutral prefixes."""
+    prefixes = CONTEXT_PREFIXES[:hparams.context_prefixes]
+    return requests + [dict(r, prompt=f"{prefix} {r['prompt']}") for prefix in prefixes for r in requests]
 
 
 def replayed_edits(previous: list[dict], hparams: MEMoEHyperParams) -> list[dict]:

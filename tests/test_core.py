@@ -275,3 +275,17 @@ def test_early_stop_waits_for_the_loss_margin(tokenizer):
     remove_memoe(model)
     assert first.stopped_early and margin.stopped_early
     assert margin.steps > first.steps and margin.final_loss <= 5.43 + 1e-2
+
+
+def test_context_prefixes_add_entity_free_variants():
+    from conftest import make_hparams
+    from memoe_plugin.extractors import OfflineExtractor
+    from memoe_plugin.hparams import CONTEXT_PREFIXES
+    from memoe_plugin.main import with_context_prefixes
+    batch = with_context_prefixes(EDITS, make_hparams(context_prefixes=2))
+    assert len(batch) == 3 * len(EDITS) and batch[:3] == EDITS
+    assert batch[3]["prompt"] == f"{CONTEXT_PREFIXES[0]} {EDITS[0]['prompt']}"
+    assert all(b["target_new"] == e["target_new"] for b, e in zip(batch[3:6], EDITS))
+    for prefix in CONTEXT_PREFIXES:   # the prefixes bring no knowledge anchor of their own
+        assert OfflineExtractor()(prefix + " x") == []
+    assert with_context_prefixes(EDITS, make_hparams()) == EDITS
