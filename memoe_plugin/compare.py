@@ -105,13 +105,13 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("GRACE", "GRACE", "GraceHyperParams", "n_iter"),
     MethodSpec("WISE", "WISE", "WISEHyperParams", "n_iter"),
     MethodSpec("MEND", "MEND", "MENDHyperParams", None, unavailable=(
-        "needs a MEND hypernetwork trained for this model with EasyEdit's EditTrainer on the ZsRE/CounterFact "
-        "train splits (archive: in the hparams); none exists for SmolLM2 and the train splits are not here")),
+        "needs a MEND hypernetwork checkpoint (hparams 'archive') trained for this model with EasyEdit's "
+        "EditTrainer on the ZsRE/CounterFact train splits; none exists for SmolLM2 here")),
     MethodSpec("SERAC", "SERAC", "SERACHparams", None, unavailable=(
-        "needs a SERAC scope classifier and counterfactual model trained with EasyEdit's EditTrainer "
-        "(archive: in the hparams); none exists for SmolLM2 and the train splits are not here")),
+        "needs a SERAC scope classifier and counterfactual model (hparams 'archive') trained with EasyEdit's "
+        "EditTrainer on the ZsRE/CounterFact train splits; none exists for SmolLM2 here")),
 )}
-DEFAULT_METHODS = ("MEMoE", "FT-L", "FT-M", "LoRA", "ROME", "MEMIT", "GRACE", "WISE")
+DEFAULT_METHODS = ("MEMoE", "FT-L", "FT-M", "LoRA", "MEMIT", "GRACE", "WISE")
 
 
 def parse_methods(text: str) -> list[str]:
@@ -1146,7 +1146,7 @@ def _main(args, argv, backend_factory) -> int:
     log_dir.mkdir(exist_ok=True)
     cwd = os.getcwd()
     interrupted = False
-    with open(log_dir / "easyedit-stdout.log", "a") as log:
+    with open(log_dir / "easyedit-stdout.log", "a", buffering=1) as log:
         os.chdir(out_dir)    # EasyEdit writes logs/run.log into the working directory
         try:
             backend = factory(easyedit_path=args.easyedit, data_files=data_files, hparams_paths=hparams_paths,
