@@ -22,6 +22,7 @@ ALG_NAME = "MEMoE"
 ANCHOR_BACKENDS = ("auto", "offline", "nltk")
 ROUTING_INPUTS = ("anchor", "token", "sentence")
 EXPERT_INITS = ("zeros",)
+GATE_NORMS = ("none", "center")
 # Neutral text put before edit prompts in training (context_prefixes); none holds an entity.
 CONTEXT_PREFIXES = ("Here is a fact.", "I read that", "Let me tell you something.", "To be precise,",
                     "As everyone knows,", "Answer the question.")
@@ -48,9 +49,12 @@ class MEMoEHyperParams:
     scale: float = 1.0          # lambda in h = W0 x + lambda * sum_e G_e W_e x
     gate_noise: float = 0.0     # std of the Gaussian noise on gate logits, training only
     expert_init: str = "zeros"  # zeros: the untrained adapter changes nothing
+    gate_norm: str = "none"     # none: W_g R(x) as in the paper | center: W_g((R(x) - mean) / rms), per part
+    gate_token_weight: float = 1.0  # weight of the token part x of R(x) = [x, anchor] in the gate
 
     # --- training ------------------------------------------------------------
     lr: float = 2e-4
+    gate_lr_scale: float = 1.0      # the gate learns at lr * gate_lr_scale (0: the gate stays as initialised)
     steps: int = 50
     aux_loss_weight: float = 1e-2   # Switch-Transformer load-balancing loss
     weight_decay: float = 0.0
@@ -135,7 +139,10 @@ class MEMoEHyperParams:
         need(self.scale > 0, "scale", "a number > 0")
         need(self.gate_noise >= 0, "gate_noise", "a number >= 0")
         need(self.expert_init in EXPERT_INITS, "expert_init", f"one of {EXPERT_INITS}")
+        need(self.gate_token_weight >= 0, "gate_token_weight", "a number >= 0")
+        need(self.gate_norm in GATE_NORMS, "gate_norm", f"one of {GATE_NORMS}")
         need(self.lr > 0, "lr", "a learning rate > 0")
+        need(self.gate_lr_scale >= 0, "gate_lr_scale", "a number >= 0")
         need(self.steps >= 1, "steps", "an integer >= 1")
         need(self.aux_loss_weight >= 0, "aux_loss_weight", "a number >= 0")
         need(self.early_stop_loss >= 0, "early_stop_loss", "a number >= 0")

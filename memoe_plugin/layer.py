@@ -65,6 +65,12 @@ class MoEBypass(nn.Module):
         self.experts = nn.Parameter(torch.zeros(num_experts, in_features, out_features, device=device, dtype=dtype))
         self.gate = nn.Linear(in_features + context.feature_dim, num_experts, bias=False, device=device, dtype=dtype)
         nn.init.normal_(self.gate.weight, std=0.02)
+        # The gate sees (R(x) - gate_shift) * gate_scale. Identity unless gate_norm: center
+        # calibrates it (set_gate_normalisation), which keeps one common direction shared by
+        # every token from dominating the gate and collapsing all routing onto one expert.
+        gate_dim = in_features + context.feature_dim
+        self.register_buffer("gate_shift", torch.zeros(gate_dim, device=device, dtype=dtype))
+        self.register_buffer("gate_scale", torch.ones(gate_dim, device=device, dtype=dtype))
         self.enabled = True      # False: behave exactly like the base module
         self.aux_loss: Optional[torch.Tensor] = None
         self.last_routing: Optional[torch.Tensor] = None   # [batch, seq, top_k] expert ids
@@ -105,7 +111,7 @@ class MoEBypass(nn.Module):
     def _gate_input(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.gate.weight.dtype)
         if self.context.feature_dim == 0:
-            return x
+            return (x - self.gate_shift) * self.gate_scale
         features = self.context.features
         if features is None or features.shape[:-1] != x.shape[:-1]:
             got = None if features is None else tuple(features.shape)
@@ -113,7 +119,19 @@ class MoEBypass(nn.Module):
                 f"MEMoE routing features {got} do not match the layer input {tuple(x.shape)}. "
                 "The adapted module must be run through the whole model (model(input_ids=...) "
                 "or model.generate), which computes the knowledge anchors first.")
-        return torch.cat([x, features.to(device=x.device, dtype=x.dtype)], dim=-1)
+        joint = torch.cat([x, features.to(device=x.device, dtype=x.dtype)], dim=-1)
+        return (joint - self.gate_shift) * self.gate_scale
+
+    @torch.no_grad()
+    def set_gate_normalisation(self, x_mean: torch.Tensor, x_rms: float,
+                               feature_mean: Optional[torch.Tensor] = None, feature_rms: float = 1.0) -> None:
+        """Centre each part of R(x) and give each part unit root-mean-square norm per feature."""
+        in_features = x_mean.shape[0]
+        self.gate_shift[:in_features] = x_mean
+        self.gate_scale[:in_features] = 1.0 / max(x_rms, 1e-8)   # x_rms = inf: token part off
+        if feature_mean is not None:
+            self.gate_shift[in_features:] = feature_mean
+            self.gate_scale[in_features:] = 1.0 / max(feature_rms, 1e-8)
 
     def _active_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         active = self.context.active

@@ -74,11 +74,14 @@ class MEMoEAdapter:
             torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
             self.bypass = MoEBypass(self.base_module, self.context, hparams.num_experts, hparams.top_k,
                                     hparams.scale, hparams.gate_noise)
+        with torch.no_grad():
+            self.bypass.gate_scale[:projection_shape(self.base_module)[0]] = hparams.gate_token_weight
         self.bypass.eval()
         self._hooks: list = []
         self._prefixes: Optional[list[list[int]]] = None   # real ids per row, for KV-cache steps
         self._prefix_length = 0                              # positions seen so far, padding included
         self.edits: list[dict] = []                          # every request trained into the experts
+        self.gate_calibrated = False                         # gate_norm: center statistics are set
 
     # ------------------------------------------------------------ attach/detach
     @classmethod

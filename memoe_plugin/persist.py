@@ -1,9 +1,12 @@
 """Save a trained MEMoE adapter to disk and load it into a fresh copy of the same model.
 
-File format (``FORMAT_VERSION`` 1): **one ``.safetensors`` file**. Its tensors are
+File format (``FORMAT_VERSION`` 2): **one ``.safetensors`` file**. Its tensors are
 
 * ``experts``      ``[num_experts, in_features, out_features]`` float32
 * ``gate.weight``  ``[num_experts, in_features + routing_dim]`` float32
+* ``gate_shift``, ``gate_scale``  ``[in_features + routing_dim]`` float32: the gate
+  sees ``(R(x) - gate_shift) * gate_scale`` (``gate_norm``, ``gate_token_weight``).
+  Version 1 files have no such tensors; they load with the identity.
 
 and its safetensors header metadata (a str -> str map) holds
 
@@ -59,8 +62,9 @@ from .model import MEMoEAdapter, get_adapter, resolve_module
 from .layer import projection_shape
 
 FORMAT_NAME = "memoe_plugin.adapter"
-FORMAT_VERSION = 1
-TENSOR_NAMES = ("experts", "gate.weight")
+FORMAT_VERSION = 2
+TENSOR_NAMES = ("experts", "gate.weight", "gate_shift", "gate_scale")
+TENSOR_NAMES_V1 = ("experts", "gate.weight")
 # config.to_dict() keys that do not describe the network (see the module docstring)
 VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "architectures", "dtype", "torch_dtype", "use_cache",
                                   "output_attentions", "output_hidden_states", "return_dict"})
@@ -152,7 +156,8 @@ def save_adapter(model: nn.Module, path: PathLike) -> Path:
     if path.is_dir():
         raise ValueError(f"{path} is a directory; save_adapter writes one file, e.g. {path / 'adapter.safetensors'}")
     bypass, hp = adapter.bypass, adapter.hparams
-    tensors = {"experts": bypass.experts, "gate.weight": bypass.gate.weight}
+    tensors = {"experts": bypass.experts, "gate.weight": bypass.gate.weight,
+               "gate_shift": bypass.gate_shift, "gate_scale": bypass.gate_scale}
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
     base_weight = adapter.base_module.weight
     document = {
@@ -253,10 +258,11 @@ def _read(path: Path, tensors: bool) -> tuple[dict, dict]:
         raise ValueError(f"{path}: the adapter's JSON metadata is missing or damaged ({type(err).__name__}: "
                          f"{err}); the file is corrupt. Save the adapter again.") from None
     if tensors:
-        missing = [name for name in TENSOR_NAMES if name not in loaded]
+        required = TENSOR_NAMES if version >= 2 else TENSOR_NAMES_V1
+        missing = [name for name in required if name not in loaded]
         if missing:
             raise ValueError(f"{path}: tensor(s) {missing} are missing; the file is corrupt. Save the adapter again.")
-        for name in TENSOR_NAMES:
+        for name in required:
             saved = document["tensors"].get(name, {})
             tensor = loaded[name]
             if list(tensor.shape) != saved.get("shape") or _tensor_sha256(tensor) != saved.get("sha256"):
@@ -336,8 +342,11 @@ def load_adapter(model: nn.Module, tokenizer, path: PathLike, device=None) -> ME
     embedding = model.get_input_embeddings()
     feature_dim = 0 if hparams.routing_input == "token" else embedding.weight.shape[1]
     expected = {"experts": [hparams.num_experts, in_features, out_features],
-                "gate.weight": [hparams.num_experts, in_features + feature_dim]}
+                "gate.weight": [hparams.num_experts, in_features + feature_dim],
+                "gate_shift": [in_features + feature_dim], "gate_scale": [in_features + feature_dim]}
     for name, shape in expected.items():
+        if name not in tensors:   # a version-1 file
+            continue
         if list(tensors[name].shape) != shape:
             raise ValueError(f"{path}: tensor {name!r} has shape {list(tensors[name].shape)}, but "
                              f"{hparams.module_name} of this model needs {shape} (num_experts "
@@ -379,6 +388,10 @@ def load_adapter(model: nn.Module, tokenizer, path: PathLike, device=None) -> ME
         with torch.no_grad():
             bypass.experts.copy_(tensors["experts"].to(bypass.experts.device))
             bypass.gate.weight.copy_(tensors["gate.weight"].to(bypass.gate.weight.device))
+            for name in ("gate_shift", "gate_scale"):
+                if name in tensors:
+                    getattr(bypass, name).copy_(tensors[name].to(bypass.gate.weight.device))
+        adapter.gate_calibrated = "gate_shift" in tensors
         for parameter in bypass.trainable_parameters:   # as train_experts leaves them
             parameter.requires_grad_(False)
         adapter.edits = [dict(edit) for edit in document["edits"]]

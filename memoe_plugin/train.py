@@ -91,7 +91,7 @@ def build_edit_batch(tokenizer, requests: list[dict], device) -> EditBatch:
 class UpperStack:
     """Runs the model from just after the adapted layer, reusing frozen activations."""
 
-    def __init__(self, adapter: MEMoEAdapter, batch: EditBatch):
+    def __init__(self, adapter: MEMoEAdapter, batch: EditBatch, skip_silent_prefix: bool = True):
         self.adapter, self.batch = adapter, batch
         model, hp = adapter.model, adapter.hparams
         layers_path = hp.module_template.split("{}")[0].rstrip(".")
@@ -101,7 +101,61 @@ class UpperStack:
         self.head = model.get_output_embeddings()
         if self.final_norm is None or self.head is None:
             raise LookupError("no final norm / LM head found")
-        self._capture()
+        self.features, self.mask, self.active = adapter.routing_features(batch.input_ids, batch.attention_mask)
+        self.start, self.cache = 0, None
+        start = self._silent_prefix_length() if skip_silent_prefix else 0
+        if start > 0 and self.upper_layers:
+            self._capture_after_prefix(start)
+        else:
+            self._capture()
+
+    def _silent_prefix_length(self) -> int:
+        """Positions where the locality guard keeps the bypass silent in every row, and no loss is taken.
+
+        Their states never change in training, so the layers above the adapter can keep their keys and
+        values in a KV cache and recompute only the positions after them.
+        """
+        if self.active is None:
+            return 0
+        real_and_active = self.active & self.mask.bool()
+        any_active = real_and_active.any(dim=0)
+        first_active = int(any_active.nonzero()[0]) if any_active.any() else self.active.shape[1]
+        return min(first_active, int(self.batch.positions.min()))
+
+    def _capture_after_prefix(self, start: int) -> None:
+        """Fill a KV cache with the silent prefix, then capture the rest as it enters the upper layers."""
+        batch, model, bypass = self.batch, self.adapter.model, self.adapter.bypass
+        captured = {}
+        handles = [bypass.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0].detach())),
+                   self.upper_layers[0].register_forward_pre_hook(self._grab_stage(captured), with_kwargs=True)]
+        enabled, bypass.enabled = getattr(bypass, "enabled", True), False
+        try:
+            with torch.no_grad():
+                prefix = model(input_ids=batch.input_ids[:, :start], attention_mask=batch.attention_mask[:, :start],
+                               use_cache=True)
+                cache = prefix.past_key_values
+                model(input_ids=batch.input_ids[:, start:], attention_mask=batch.attention_mask,
+                      past_key_values=cache, use_cache=True)
+        finally:
+            bypass.enabled = enabled
+            for handle in handles:
+                handle.remove()
+        _truncate_cache(cache, start)
+        self.start, self.cache = start, cache
+        self.x, self.hidden = captured["x"], captured["hidden"]
+        self.args, self.kwargs = captured["args"], captured["kwargs"]
+        self.features = None if self.features is None else self.features[:, start:]
+        self.mask = self.mask[:, start:]
+        self.active = None if self.active is None else self.active[:, start:]
+
+    @staticmethod
+    def _grab_stage(captured: dict):
+        def grab_stage(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured["hidden"] = hidden.detach()
+            captured["args"], captured["kwargs"] = args[1:], {k: v for k, v in kwargs.items()
+                                                              if k != "hidden_states"}
+        return grab_stage
 
     def _capture(self) -> None:
         captured = {}
@@ -130,8 +184,6 @@ class UpperStack:
                 handle.remove()
         self.x, self.hidden = captured["x"], captured["hidden"]
         self.args, self.kwargs = captured["args"], captured["kwargs"]
-        self.features, self.mask, self.active = self.adapter.routing_features(self.batch.input_ids,
-                                                                              self.batch.attention_mask)
 
     def target_logits(self) -> torch.Tensor:
         bypass = self.adapter.bypass
@@ -140,11 +192,33 @@ class UpperStack:
             hidden = self.hidden + bypass.delta(self.x).to(self.hidden.dtype)
         finally:
             self.adapter.context.clear()
-        for layer in self.upper_layers:
-            hidden = layer(hidden, *self.args, **self.kwargs)
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        picked = hidden[self.batch.rows, self.batch.positions]
+        try:
+            for layer in self.upper_layers:
+                hidden = layer(hidden, *self.args, **self.kwargs)
+                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        finally:
+            if self.cache is not None:   # the layers appended this step's keys and values
+                _truncate_cache(self.cache, self.start)
+        picked = hidden[self.batch.rows, self.batch.positions - self.start]
         return self.head(self.final_norm(picked)).float()
+
+
+def _truncate_cache(cache, length: int) -> None:
+    """Keep the first ``length`` positions in every layer of a transformers ``Cache``.
+
+    A negative argument to a cache layer's ``crop`` drops that many positions in every
+    transformers 5 release (the meaning of a positive one changed)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise LookupError("this transformers cache has no per-layer crop")
+    for layer in layers:
+        excess = layer.get_seq_length() - length
+        if excess > 0:
+            layer.crop(-excess)
+            # what is left is a slice of this step's concatenation: cut it from this step's graph
+            layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+        if layer.get_seq_length() > length:
+            raise LookupError(f"could not truncate the KV cache to {length} positions")
 
 
 def full_target_logits(adapter: MEMoEAdapter, batch: EditBatch) -> torch.Tensor:
@@ -171,6 +245,10 @@ def _logits_function(adapter: MEMoEAdapter, batch: EditBatch) -> tuple[Callable[
         return full, False
     with torch.no_grad():
         reference, shortcut = full(), stack.target_logits()
+    if stack.cache is not None and not torch.allclose(reference, shortcut, rtol=1e-3, atol=1e-3):
+        stack = UpperStack(adapter, batch, skip_silent_prefix=False)   # the plain cached path, checked below
+        with torch.no_grad():
+            shortcut = stack.target_logits()
     if not torch.allclose(reference, shortcut, rtol=1e-3, atol=1e-3):
         gap = (reference - shortcut).abs().max().item()
         warnings.warn(f"MEMoE: cached activations disagree with the full model (max gap {gap:.2e}); "
@@ -210,7 +288,11 @@ def train_experts(adapter: MEMoEAdapter, requests: list[dict], progress: bool = 
         p.requires_grad_(False)
     for p in bypass.trainable_parameters:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(bypass.trainable_parameters, lr=hp.lr, weight_decay=hp.weight_decay)
+    if hp.gate_norm == "center" and not adapter.gate_calibrated:
+        calibrate_gate(adapter, batches)
+    optimizer = torch.optim.Adam([{"params": [bypass.experts]},
+                                  {"params": [bypass.gate.weight], "lr": hp.lr * hp.gate_lr_scale}],
+                                 lr=hp.lr, weight_decay=hp.weight_decay)
     steps_done, loss_value, stopped_early, accuracy = 0, math.nan, False, 0.0
     try:
         target_logits, cached = _bucketed_logits_function(adapter, batches)
@@ -258,6 +340,32 @@ def train_experts(adapter: MEMoEAdapter, requests: list[dict], progress: bool = 
             p.requires_grad_(False)
         model.train(was_training)
     return TrainReport(steps_done, loss_value, stopped_early, cached, accuracy)
+
+
+@torch.no_grad()
+def calibrate_gate(adapter: MEMoEAdapter, batches: list[EditBatch]) -> None:
+    """gate_norm: center. Mean and RMS of the layer input over the first edits' real tokens, and of
+    the input-embedding rows (the space anchors live in), fixed from then on."""
+    bypass, captured = adapter.bypass, []
+    handle = bypass.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+    enabled, bypass.enabled = bypass.enabled, False
+    try:
+        for batch in batches:
+            adapter.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    finally:
+        bypass.enabled = enabled
+        handle.remove()
+    x = torch.cat([h[b.attention_mask.bool()] for h, b in zip(captured, batches)]).float()
+    x_mean = x.mean(0)
+    x_rms = (x - x_mean).pow(2).mean().sqrt().item()
+    feature_mean, feature_rms = None, 1.0
+    if adapter.encoder.dim:
+        rows = adapter.encoder.embedding.weight.detach().float()
+        feature_mean = rows.mean(0)
+        feature_rms = (rows - feature_mean).pow(2).mean().sqrt().item()
+    bypass.set_gate_normalisation(x_mean, x_rms / adapter.hparams.gate_token_weight
+                                  if adapter.hparams.gate_token_weight else math.inf, feature_mean, feature_rms)
+    adapter.gate_calibrated = True
 
 
 def _progress(total: int, enabled: bool):

@@ -418,6 +418,22 @@ def test_easyedit_batch_protocol_on_a_tiny_llama(tiny_setup):
 
 
 @easyedit
+def test_easyedit_sequential_protocol_on_a_tiny_llama(tiny_setup):
+    tmp_path, hdir, data, text = tiny_setup
+    argv = ["--easyedit", EASYEDIT_PATH, "--data", "counterfact", "--data-file", str(data), "--methods",
+            "MEMoE,LoRA,GRACE", "--hparams-dir", str(hdir), "--num-edits", "4", "--batch-size", "2",
+            "--protocol", "sequential", "--eval-every-step", "--out", str(tmp_path / "out"), "--no-progress"]
+    assert compare.main(argv) == 0
+    rows = rows_by_method(tmp_path)
+    for method in ("MEMoE", "LoRA", "GRACE"):
+        row = rows[method]
+        assert row["status"] == "complete" and row["cases"] == 4, row["error"]
+        assert row["rollback"] == "exact" and list(row["steps"]) == ["0"]
+    chunks = [r for r in results(tmp_path) if r["type"] == "chunk" and r["run"].endswith("MEMoE")]
+    assert [c["range"] for c in chunks] == [[0, 2], [2, 4]]
+
+
+@easyedit
 def test_easyedit_records_and_rollback_checksums(tiny_setup):
     """Runner on a real EasyEdit session: parameter checksums before/after a non-batchable chunk."""
     tmp_path, hdir, data, text = tiny_setup

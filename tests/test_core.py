@@ -59,7 +59,7 @@ def test_base_weights_frozen_during_training(tiny_model, tokenizer):
     apply_memoe_to_model(model, tokenizer, EDITS, hparams())
     bypass = get_adapter(model).bypass
     for name, value in model.state_dict().items():
-        if ".experts" in name or ".gate." in name:
+        if any(part in name for part in (".experts", ".gate.", ".gate_shift", ".gate_scale")):
             continue
         original = name.replace(".base.", ".")
         assert torch.equal(value, saved[original]), name
@@ -251,6 +251,63 @@ def test_cached_activation_training_matches_full_passes(tiny_model, tokenizer):
     assert not slow.last_report.used_cached_activations
     assert torch.allclose(slow.bypass.experts, fast_experts, atol=1e-4)
     remove_memoe(model)
+
+
+GUARDED_EDITS = [
+    {"prompt": "As the records show, the mother tongue of Danielle Darrieux is", "target_new": "Welsh",
+     "subject": "Danielle Darrieux"},
+    {"prompt": "In the atlas of the world, the capital of Japan is", "target_new": "Warsaw", "subject": "Japan"},
+]
+
+
+def test_silent_prefix_is_skipped_in_training_and_trains_the_same(tiny_model, tokenizer):
+    """With the locality guard, positions before every row's anchor come from a KV cache; same result."""
+    import memoe_plugin.train as train
+    model, hparams = tiny_model
+    hp = hparams(steps=12, locality_guard=True)
+    starts = []
+    original = train.UpperStack
+
+    class Recording(original):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            starts.append(self.start)
+
+    train.UpperStack = Recording
+    try:
+        apply_memoe_to_model(model, tokenizer, GUARDED_EDITS, hp)
+    finally:
+        train.UpperStack = original
+    assert max(starts) > 0                      # the prefix really was skipped
+    fast = get_adapter(model)
+    assert fast.last_report.used_cached_activations
+    fast_experts = fast.bypass.experts.detach().clone()
+    remove_memoe(model)
+
+    class NoSkip(original):
+        def __init__(self, adapter, batch, skip_silent_prefix=True):
+            super().__init__(adapter, batch, skip_silent_prefix=False)
+
+    train.UpperStack = NoSkip
+    try:
+        apply_memoe_to_model(model, tokenizer, GUARDED_EDITS, hp)
+    finally:
+        train.UpperStack = original
+    gap = (get_adapter(model).bypass.experts - fast_experts).abs().max().item()
+    assert gap < 1e-3
+    remove_memoe(model)
+
+
+def test_truncate_cache_keeps_the_prefix_in_every_layer():
+    from transformers import DynamicCache
+    from memoe_plugin.train import _truncate_cache
+    cache = DynamicCache()
+    for layer in range(3):
+        cache.update(torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 4), layer)
+    keys = cache.layers[2].keys.clone()
+    _truncate_cache(cache, 3)
+    assert [cache.layers[i].get_seq_length() for i in range(3)] == [3, 3, 3]
+    assert torch.equal(cache.layers[2].keys, keys[..., :3, :])
 
 
 def test_length_buckets_cover_every_target_once(tokenizer):

@@ -54,6 +54,9 @@ def test_scientific_notation_strings_become_floats(tmp_path):
     ({"module_template": "model.layers.mlp"}, ["module_template", "{}"]),
     ({"early_stop": "yes"}, ["early_stop", "bool"]),
     ({"layer": 2.5}, ["layer", "int"]),
+    ({"gate_norm": "layer"}, ["gate_norm", "center"]),
+    ({"gate_token_weight": -0.1}, ["gate_token_weight", ">= 0"]),
+    ({"gate_lr_scale": -1}, ["gate_lr_scale", ">= 0"]),
 ])
 def test_bad_values_name_the_key(tmp_path, change, words):
     path = write(tmp_path, yaml.safe_dump({**BASE, **change}))

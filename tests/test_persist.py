@@ -113,7 +113,7 @@ def test_file_is_one_safetensors_file_with_json_metadata(saved, tmp_path):
     raw = path.read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + header_len])          # the safetensors header is plain JSON
-    assert set(header) == {"__metadata__", "experts", "gate.weight"}
+    assert set(header) == {"__metadata__", "experts", "gate.weight", "gate_shift", "gate_scale"}
     assert header["experts"]["dtype"] == "F32"
     document = read_adapter_metadata(path)
     assert document["format_version"] == FORMAT_VERSION
@@ -334,3 +334,40 @@ def test_wrong_device_is_refused(saved, tokenizer):
     adapter = load_adapter(model, tokenizer, saved[0], device="cpu")
     assert adapter.hparams.device == "cpu"
     remove_memoe(model)
+
+
+# ------------------------------------------------------------ gate normalisation
+def test_centred_gate_statistics_round_trip_and_stay_fixed(tokenizer, tmp_path):
+    """gate_norm: center calibrates once, on the first edits; the file carries the statistics."""
+    hp = make_hparams(steps=10, gate_norm="center", gate_token_weight=0.5)
+    edited = tiny_llama(len(tokenizer))
+    apply_memoe_to_model(edited, tokenizer, EDITS[:2], hp)
+    bypass = get_adapter(edited).bypass
+    shift, scale = bypass.gate_shift.clone(), bypass.gate_scale.clone()
+    assert shift.abs().sum() > 0 and not torch.equal(scale, torch.ones_like(scale))
+    apply_memoe_to_model(edited, tokenizer, EDITS[2:], hp)          # a later edit does not recalibrate
+    assert torch.equal(bypass.gate_shift, shift) and torch.equal(bypass.gate_scale, scale)
+    expected = logits(edited, tokenizer)
+    path = save_adapter(edited, tmp_path / "c.safetensors")
+    fresh = tiny_llama(len(tokenizer))
+    adapter = load_adapter(fresh, tokenizer, path)
+    assert torch.equal(adapter.bypass.gate_shift, shift) and torch.equal(adapter.bypass.gate_scale, scale)
+    assert torch.equal(logits(fresh, tokenizer), expected)
+    apply_memoe_to_model(fresh, tokenizer, EDITS[:1], hp)             # nor does one after a load
+    assert torch.equal(adapter.bypass.gate_shift, shift)
+    remove_memoe(fresh)
+
+
+def test_version_1_file_without_gate_statistics_still_loads(saved, tokenizer, tmp_path):
+    path, expected = saved
+    def as_version_1(tensors, document):
+        for name in ("gate_shift", "gate_scale"):
+            del tensors[name]
+            del document["tensors"][name]
+    old = rewrite(path, tmp_path / "v1.safetensors", change_tensors=as_version_1,
+                  change_metadata=lambda metadata: metadata.update(format_version="1"))
+    fresh = tiny_llama(len(tokenizer))
+    adapter = load_adapter(fresh, tokenizer, old)
+    assert torch.equal(adapter.bypass.gate_shift, torch.zeros_like(adapter.bypass.gate_shift))
+    assert torch.equal(logits(fresh, tokenizer), expected)
+    remove_memoe(fresh)
