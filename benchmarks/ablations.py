@@ -9,8 +9,9 @@ Groups:
   experts     num_experts 1..6
   layer       layer 6, 9, 12, 15, 18, 21
   topk        top-1, top-2, top-3, soft merging (top_k = num_experts)
-  routing     routing_input token / sentence / anchor
-  extensions  each extension off/on, and the paper-faithful file
+  routing     routing_input token / sentence / anchor, and the anchor-led gate file
+  extensions  the tuned file, locality guard off, context prefixes on, the paper-faithful file
+              (replay and the output memory act in sequential editing only: docs/results.md)
 Rows already in <out>/ablations.jsonl are not run again (resume).
 """
 from __future__ import annotations
@@ -24,21 +25,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TUNED = REPO / "hparams/MEMoE/smollm2-135m.yaml"
 PAPER = REPO / "hparams/MEMoE/smollm2-135m-paper.yaml"
+ROUTING = REPO / "hparams/MEMoE/smollm2-135m-routing.yaml"
+FILES = {"paper": PAPER, "routing": ROUTING}
 
 GROUPS = {
     "experts": [(f"num_experts={n}", {"num_experts": n}) for n in range(1, 7)],
     "layer": [(f"layer={n}", {"layer": n}) for n in (6, 9, 12, 15, 18, 21)],
     "topk": [("top-1", {"top_k": 1}), ("top-2", {"top_k": 2}), ("top-3", {"top_k": 3}),
              ("soft (top-4 of 4)", {"top_k": 4})],
-    "routing": [(f"routing={m}", {"routing_input": m}) for m in ("token", "sentence", "anchor")],
+    "routing": [(f"routing={m}", {"routing_input": m}) for m in ("token", "sentence", "anchor")]
+               + [("anchor-led gate (routing file)", "routing")],
     "extensions": [("tuned", {}), ("locality_guard off", {"locality_guard": False}),
-                   ("early_stop_loss off", {"early_stop_loss": 0.0}), ("paper-faithful file", "paper")],
+                   ("context_prefixes 2", {"context_prefixes": 2}), ("paper-faithful file", "paper")],
 }
 
 
 def run_one(args, label: str, change) -> dict:
-    hparams = PAPER if change == "paper" else TUNED
-    overrides = [] if change == "paper" else [f"{k}={v}" for k, v in change.items()]
+    hparams = FILES.get(change, TUNED) if isinstance(change, str) else TUNED
+    overrides = [] if isinstance(change, str) else [f"{k}={v}" for k, v in change.items()]
     out = Path(args.out) / f"{label.replace(' ', '_').replace('=', '-')}.json"
     command = [sys.executable, str(REPO / "benchmarks/easyedit_batch.py"), "--data", args.data,
                "--num-edits", str(args.num_edits), "--batch-size", str(args.num_edits),

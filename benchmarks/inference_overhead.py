@@ -1,15 +1,17 @@
 """Inference cost of a MEMoE-edited SmolLM2-135M next to the base model, measured in one run.
 
-    python benchmarks/inference_overhead.py [--edits 30] [--repeats 3] [--set locality_guard=true]
+    python benchmarks/inference_overhead.py [--edits 30] [--rounds 3] [--set locality_guard=false]
 
 The adapter is trained on ZsRE edits (../shared/data, else the built-in examples)
 with a single step: its experts are non-zero, so every routed token pays for
-its expert, and anchors are computed in every forward. Timings go base -> edited
--> base, and the overhead is taken against the mean of the two base runs.
+its expert, and anchors are computed in every forward. Every item (one prompt, one
+batch, one generate call) is timed on the base model and on the edited one back to
+back, in alternating order (the adapter is detached and re-attached between them,
+outside the timing), so that drifts in machine speed hit both alike. The overhead is
+total base tokens/s over total edited tokens/s, minus 1.
 Workloads: teacher-forced scoring of prompt + answer (batch 1 and batch 16,
 left-padded, as EasyEdit scores), and greedy ``generate`` (batch 1, 32 new tokens).
-Each figure is the best of ``--repeats`` passes over the same inputs; the
-anchor cache starts empty for each edited pass.
+The anchor caches start empty for each edited pass.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ def records(n: int) -> list[dict]:
     return json.loads((REPO / "memoe_plugin/data/example_edits.json").read_text())
 
 
-def workloads(model, tok, recs):
+def workloads(model, tok, recs) -> dict:
+    """name -> list of (callable running one item, returning its token count)."""
     scored = [r["prompt"] + " " + r["target_new"] for r in recs] + [r["locality_prompt"] for r in recs]
     tok.padding_side = "left"
     single = [tok(t, return_tensors="pt") for t in scored]
@@ -41,44 +44,36 @@ def workloads(model, tok, recs):
     prompts = [tok(r["prompt"], return_tensors="pt") for r in recs[:8]] + \
               [tok(r["locality_prompt"], return_tensors="pt") for r in recs[:8]]
 
-    def teacher(items):
+    def teacher(item):
         def run():
-            tokens = 0
             with torch.no_grad():
-                for item in items:
-                    model(**item, use_cache=False)
-                    tokens += int(item["attention_mask"].sum())
-            return tokens
+                model(**item, use_cache=False)
+            return int(item["attention_mask"].sum())
         return run
 
-    def generate():
-        tokens = 0
-        with torch.no_grad():
-            for item in prompts:
+    def generate(item):
+        def run():
+            with torch.no_grad():
                 out = model.generate(**item, max_new_tokens=32, min_new_tokens=32, do_sample=False,
                                      pad_token_id=tok.eos_token_id)
-                tokens += out.shape[1] - item["input_ids"].shape[1]
-        return tokens
+            return out.shape[1] - item["input_ids"].shape[1]
+        return run
 
-    return {"teacher-forced, batch 1": teacher(single), "teacher-forced, batch 16": teacher(batches),
-            "generate, batch 1, 32 new": generate}
+    return {"teacher-forced, batch 1": [teacher(i) for i in single],
+            "teacher-forced, batch 16": [teacher(b) for b in batches],
+            "generate, batch 1, 32 new": [generate(p) for p in prompts]}
 
 
-def tokens_per_second(run, repeats: int, before=None) -> float:
-    best = 0.0
-    for _ in range(repeats):
-        if before:
-            before()
-        start = time.perf_counter()
-        tokens = run()
-        best = max(best, tokens / (time.perf_counter() - start))
-    return best
+def timed(run) -> tuple[int, float]:
+    start = time.perf_counter()
+    tokens = run()
+    return tokens, time.perf_counter() - start
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--edits", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--set", nargs="*", help="hparam overrides key=value")
     args = parser.parse_args(argv)
 
@@ -92,27 +87,43 @@ def main(argv=None) -> int:
     hparams = MEMoEHyperParams.from_dict(config)
     recs = records(args.edits)
     runs = workloads(model, tok, recs)
-
-    base_1 = {name: tokens_per_second(run, args.repeats) for name, run in runs.items()}
+    for items in runs.values():   # warm-up: allocator, kernels
+        for run in items:
+            run()
     _, restore = apply_memoe_to_model(model, tok, recs, hparams)
     adapter = get_adapter(model)
+    adapter.detach()
 
-    def cold_cache():
-        adapter.encoder._entity_runs.clear()
+    def edited(run):
+        adapter.encoder._entity_runs.clear()   # every prompt is new to the anchor caches
         if adapter.guard is not None:
             adapter.guard._cache.clear()
+        adapter.reattach()
+        try:
+            return timed(run)
+        finally:
+            adapter.detach()
 
-    edited = {name: tokens_per_second(run, args.repeats, cold_cache) for name, run in runs.items()}
+    totals = {name: {"base": [0, 0.0], "edited": [0, 0.0]} for name in runs}
+    flip = False
+    for _ in range(args.rounds):
+        for name, items in runs.items():
+            for run in items:   # base and edited back to back, in alternating order: drift cancels
+                flip = not flip
+                for which in (("base", "edited") if flip else ("edited", "base")):
+                    tokens, seconds = timed(run) if which == "base" else edited(run)
+                    totals[name][which][0] += tokens
+                    totals[name][which][1] += seconds
+    adapter.reattach()
     restore()
-    base_2 = {name: tokens_per_second(run, args.repeats) for name, run in runs.items()}
 
     print(f"SmolLM2-135M, CPU threads={torch.get_num_threads()}, {len(recs)} edits, "
-          f"routing={hparams.routing_input}, guard={hparams.locality_guard}")
-    print(f"{'workload':28s} {'base tok/s':>11s} {'edited tok/s':>13s} {'overhead':>9s}   (base runs: first, last)")
-    for name in runs:
-        base = (base_1[name] + base_2[name]) / 2
-        overhead = (base / edited[name] - 1) * 100
-        print(f"{name:28s} {base:11.1f} {edited[name]:13.1f} {overhead:8.1f}%   ({base_1[name]:.1f}, {base_2[name]:.1f})")
+          f"routing={hparams.routing_input}, guard={hparams.locality_guard}, {args.rounds} rounds; base and "
+          "edited alternate item by item; anchor caches emptied before every edited item")
+    print(f"{'workload':28s} {'base tok/s':>11s} {'edited tok/s':>13s} {'overhead':>9s}")
+    for name, t in totals.items():
+        base, edit = t["base"][0] / t["base"][1], t["edited"][0] / t["edited"][1]
+        print(f"{name:28s} {base:11.1f} {edit:13.1f} {(base / edit - 1) * 100:8.1f}%")
     return 0
 
 

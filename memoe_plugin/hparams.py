@@ -71,6 +71,9 @@ class MEMoEHyperParams:
     locality_guard: bool = False     # bypass silent unless an edited fact's anchor is in the prefix
     replay: int = 0                  # earlier edits mixed into each later sequential edit
     context_prefixes: int = 0        # also train each edit behind this many neutral prefixes (ROME-style)
+    memory_rows: int = 0             # output memory against forgetting: rows kept (0: off); memory.py
+    memory_weight: float = 1.0       # weight of the output-memory penalty
+    memory_batch: int = 1024         # stored rows drawn per training step
 
     # ------------------------------------------------------------------------
     @classmethod
@@ -153,6 +156,9 @@ class MEMoEHyperParams:
         need(self.anchor_backend in ANCHOR_BACKENDS, "anchor_backend", f"one of {ANCHOR_BACKENDS}")
         need(self.anchor_cache_size >= 0, "anchor_cache_size", "an integer >= 0")
         need(self.replay >= 0, "replay", "an integer >= 0")
+        need(self.memory_rows >= 0, "memory_rows", "an integer >= 0 (0: no output memory)")
+        need(self.memory_weight >= 0, "memory_weight", "a number >= 0")
+        need(self.memory_batch >= 1, "memory_batch", "an integer >= 1")
         need(0 <= self.context_prefixes <= len(CONTEXT_PREFIXES), "context_prefixes",
              f"an integer in 0..{len(CONTEXT_PREFIXES)}")
         need(0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)")

@@ -83,13 +83,15 @@ class MoEBypass(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """scale * sum_e G_e W_e x, computed for the selected experts only."""
+        active = self._active_mask(x)
+        if active is not None and not bool(active.any()):
+            return self._silent(x)   # the locality guard keeps every position out: no gate, no expert
         gate_input = self._gate_input(x)
         logits = self.gate(gate_input)
         if self.training and self.gate_noise > 0:
             logits = logits + torch.randn_like(logits) * self.gate_noise
         probs = logits.softmax(dim=-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)
-        active = self._active_mask(x)
         if active is not None:
             chosen = chosen.masked_fill(~active.unsqueeze(-1), -1)   # -1: no expert (guarded)
         self.last_routing = chosen.detach()
@@ -99,6 +101,11 @@ class MoEBypass(nn.Module):
         flat_x = x.reshape(-1, x.shape[-1]).to(self.experts.dtype)
         flat_chosen = chosen.reshape(-1, self.top_k)
         flat_weights = weights.reshape(-1, self.top_k)
+        if self.top_k == 1:
+            first = flat_chosen[0, 0]
+            if bool((flat_chosen == first).all()) and int(first) >= 0:   # one expert for every position
+                out = (flat_x @ self.experts[first]) * flat_weights
+                return (self.scale * out).reshape(*x.shape[:-1], -1)
         out = flat_x.new_zeros(flat_x.shape[0], self.experts.shape[-1])
         for e in range(self.num_experts):
             rows, slot = (flat_chosen == e).nonzero(as_tuple=True)
@@ -107,6 +114,12 @@ class MoEBypass(nn.Module):
             contribution = (flat_x[rows] @ self.experts[e]) * flat_weights[rows, slot].unsqueeze(-1)
             out = out.index_add(0, rows, contribution)
         return (self.scale * out).reshape(*x.shape[:-1], -1)
+
+    def _silent(self, x: torch.Tensor) -> torch.Tensor:
+        self.last_routing = torch.full((*x.shape[:-1], self.top_k), -1, dtype=torch.long, device=x.device)
+        if self.training:   # keeps the graph connected so that backward still works
+            self.aux_loss = self.gate.weight.sum() * 0.0
+        return x.new_zeros(*x.shape[:-1], self.experts.shape[-1], dtype=self.experts.dtype)
 
     def _gate_input(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.gate.weight.dtype)

@@ -20,7 +20,7 @@ from .train import train_experts
 
 # Settings that fix the adapter's shape: they must not change between sequential edits.
 STRUCTURAL_KEYS = ("layer", "module_template", "num_experts", "top_k", "routing_input", "anchor_backend",
-                   "locality_guard", "gate_norm", "gate_token_weight")
+                   "locality_guard", "gate_norm", "gate_token_weight", "memory_rows")
 
 
 def apply_memoe_to_model(model: nn.Module, tok, requests: list[dict], hparams: MEMoEHyperParams,

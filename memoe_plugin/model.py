@@ -19,6 +19,7 @@ from .anchors import LocalityGuard, RoutingFeatureEncoder
 from .extractors import make_extractor
 from .hparams import MEMoEHyperParams
 from .layer import MoEBypass, RoutingContext, projection_shape
+from .memory import OutputMemory
 
 ADAPTER_ATTR = "_memoe_adapter"
 
@@ -82,6 +83,7 @@ class MEMoEAdapter:
         self._prefix_length = 0                              # positions seen so far, padding included
         self.edits: list[dict] = []                          # every request trained into the experts
         self.gate_calibrated = False                         # gate_norm: center statistics are set
+        self.memory = OutputMemory(hparams.memory_rows, hparams.seed) if hparams.memory_rows else None
 
     # ------------------------------------------------------------ attach/detach
     @classmethod
@@ -89,13 +91,22 @@ class MEMoEAdapter:
         if get_adapter(model) is not None:
             raise RuntimeError("this model already has a MEMoE adapter; use get_adapter(model) or detach it first")
         adapter = cls(model, tokenizer, hparams)
-        setattr(adapter.parent, adapter.attr, adapter.bypass)
-        adapter._hooks.append(model.register_forward_pre_hook(adapter._before_forward, with_kwargs=True))
-        adapter._hooks.append(model.register_forward_hook(adapter._after_forward, always_call=True))
+        adapter.reattach()
+        return adapter
+
+    def reattach(self) -> None:
+        """Put this adapter (back) into its model, e.g. after ``detach()``: edits on again, as they were."""
+        model = self.model
+        if get_adapter(model) is not None:
+            raise RuntimeError("this model already has a MEMoE adapter; detach it first")
+        if getattr(self.parent, self.attr) is not self.base_module:
+            raise RuntimeError(f"{self.hparams.module_name} is no longer the module this adapter wrapped")
+        setattr(self.parent, self.attr, self.bypass)
+        self._hooks.append(model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        self._hooks.append(model.register_forward_hook(self._after_forward, always_call=True))
         if hasattr(model, "generate"):
             model.__dict__["generate"] = functools.partial(_guarded_generate, model, type(model).generate)
-        model.__dict__[ADAPTER_ATTR] = adapter
-        return adapter
+        model.__dict__[ADAPTER_ATTR] = self
 
     def detach(self) -> None:
         """Put the original module back; remove hooks and every attribute the adapter added."""
@@ -139,10 +150,13 @@ class MEMoEAdapter:
             if not positions:
                 continue
             new = slice(len(prefix) - len(positions), None)
+            if active is not None:
+                flags = self.guard.active(prefix)[new]
+                if not any(flags):
+                    continue   # the guard silences this row: its anchors are never looked at
+                active[row, positions] = torch.tensor(flags, device=input_ids.device)
             if features is not None:
                 features[row, positions] = self.encoder.features(prefix)[new]
-            if active is not None:
-                active[row, positions] = torch.tensor(self.guard.active(prefix)[new], device=input_ids.device)
         return features, mask, active
 
     def register_knowledge(self, requests: list[dict]) -> None:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .memory import remember_edits
 from .model import MEMoEAdapter
 
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
@@ -297,6 +298,8 @@ def train_experts(adapter: MEMoEAdapter, requests: list[dict], progress: bool = 
     try:
         target_logits, cached = _bucketed_logits_function(adapter, batches)
         bar = _progress(hp.steps, progress)
+        memory = adapter.memory if hp.memory_weight > 0 and adapter.memory is not None and len(adapter.memory) \
+            else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hp.seed)
             bypass.train()
@@ -305,6 +308,8 @@ def train_experts(adapter: MEMoEAdapter, requests: list[dict], progress: bool = 
                 loss = target_loss = F.cross_entropy(logits, targets)
                 if hp.aux_loss_weight and aux is not None:
                     loss = loss + hp.aux_loss_weight * aux
+                if memory is not None:
+                    loss = loss + hp.memory_weight * memory.loss(bypass, adapter.context, hp.memory_batch)
                 if not torch.isfinite(loss):
                     raise TrainingDivergedError(
                         f"MEMoE training diverged at step {step} (loss {loss.item()}); the edit was not kept. "
@@ -326,6 +331,8 @@ def train_experts(adapter: MEMoEAdapter, requests: list[dict], progress: bool = 
         if not all(torch.isfinite(p).all() for p in bypass.trainable_parameters):
             raise TrainingDivergedError(f"MEMoE training left non-finite expert weights; the edit was not kept. "
                                         f"Lower lr (now {hp.lr}) or scale (now {hp.scale}).")
+        bypass.eval()
+        remember_edits(adapter, batches)
     except BaseException:
         with torch.no_grad():
             for p, saved in zip(bypass.trainable_parameters, snapshot):

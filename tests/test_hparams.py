@@ -57,6 +57,8 @@ def test_scientific_notation_strings_become_floats(tmp_path):
     ({"gate_norm": "layer"}, ["gate_norm", "center"]),
     ({"gate_token_weight": -0.1}, ["gate_token_weight", ">= 0"]),
     ({"gate_lr_scale": -1}, ["gate_lr_scale", ">= 0"]),
+    ({"memory_rows": -5}, ["memory_rows", ">= 0"]),
+    ({"memory_batch": 0}, ["memory_batch", ">= 1"]),
 ])
 def test_bad_values_name_the_key(tmp_path, change, words):
     path = write(tmp_path, yaml.safe_dump({**BASE, **change}))
