@@ -52,8 +52,8 @@ class TrainReport:
     target_accuracy: float
 
 
-def build_edit_batches(tokenizer, requests: list[dict], device, max_buckets: int = 6,
-                       min_bucket: int = 5) -> list[EditBatch]:
+def build_edit_batches(tokenizer, requests: list[dict], device, max_buckets: int = 3,
+                       min_bucket: int = 8) -> list[EditBatch]:
     """Requests sorted by length into up to ``max_buckets`` batches, to pad (and compute) less."""
     lengths = [len(tokenizer(r["prompt"] + " " + r["target_new"])["input_ids"]) for r in requests]
     order = sorted(range(len(requests)), key=lengths.__getitem__)
@@ -64,10 +64,7 @@ def build_edit_batches(tokenizer, requests: list[dict], device, max_buckets: int
 
 
 def build_edit_batch(tokenizer, requests: list[dict], device) -> EditBatch:
-    """Tokenise ``prompt + ' ' + target_new`` as EasyEdit's scoring does; right-pad.
-
-    The input stops one token short of the text: the last target token is predicted
-    but never attended to, so computing its position would be wasted."""
+    """Tokenise ``prompt + ' ' + target_new`` as EasyEdit's scoring does; right-pad."""
     sequences, rows, positions, targets = [], [], [], []
     for row, request in enumerate(requests):
         prompt, target = request["prompt"], request["target_new"]
@@ -75,7 +72,7 @@ def build_edit_batch(tokenizer, requests: list[dict], device) -> EditBatch:
         prompt_len = len(tokenizer(prompt)["input_ids"])
         if len(full) <= prompt_len:
             raise ValueError(f"target_new {target!r} adds no tokens after prompt {prompt!r}")
-        sequences.append(full[:-1])   # the last token is only a label: nothing reads its position
+        sequences.append(full)
         for pos in range(prompt_len, len(full)):
             rows.append(row)
             positions.append(pos - 1)

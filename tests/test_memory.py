@@ -26,7 +26,7 @@ def _first_edit_change(tokenizer, **memory_settings):
     adapter = get_adapter(model)
     memory = adapter.memory
     rows = len(memory)
-    assert rows == len(tokenizer(EDITS[0]["prompt"] + " " + EDITS[0]["target_new"])["input_ids"]) - 1   # the trained input
+    assert rows == len(tokenizer(EDITS[0]["prompt"] + " " + EDITS[0]["target_new"])["input_ids"])
     with torch.no_grad():
         assert memory.loss(adapter.bypass, adapter.context, 10_000).item() < 1e-5   # stored = current
     first = (memory.x[:rows].clone(), memory.features[:rows].clone(), memory.delta[:rows].clone())
