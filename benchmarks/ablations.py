@@ -10,8 +10,11 @@ Groups:
   layer       layer 6, 9, 12, 15, 18, 21
   topk        top-1, top-2, top-3, soft merging (top_k = num_experts)
   routing     routing_input token / sentence / anchor, and the anchor-led gate file
-  extensions  the tuned file, locality guard off, context prefixes on, the paper-faithful file
-              (replay and the output memory act in sequential editing only: docs/results.md)
+  extensions  the tuned file, locality guard off, the paper-faithful file (context prefixes
+              are in docs/results.md's tuning table; replay and the output memory act in
+              sequential editing only)
+A setting equal to the tuned file (layer=12, num_experts=4, top-1, routing=anchor, tuned)
+is run once and its row reused.
 Rows already in <out>/ablations.jsonl are not run again (resume).
 """
 from __future__ import annotations
@@ -36,8 +39,17 @@ GROUPS = {
     "routing": [(f"routing={m}", {"routing_input": m}) for m in ("token", "sentence", "anchor")]
                + [("anchor-led gate (routing file)", "routing")],
     "extensions": [("tuned", {}), ("locality_guard off", {"locality_guard": False}),
-                   ("context_prefixes 2", {"context_prefixes": 2}), ("paper-faithful file", "paper")],
+                   ("paper-faithful file", "paper")],
 }
+
+
+def setting_key(change) -> str:
+    """One key per distinct configuration: overrides equal to the tuned file's values drop out."""
+    if isinstance(change, str):
+        return change
+    import yaml
+    tuned = yaml.safe_load(TUNED.read_text())
+    return json.dumps({k: v for k, v in sorted(change.items()) if tuned.get(k) != v})
 
 
 def run_one(args, label: str, change) -> dict:
@@ -84,17 +96,25 @@ def main(argv=None) -> int:
     log = out / "ablations.jsonl"
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     done = {(r["group"], r["label"], r["data"]) for r in rows}
+    by_setting = {r["setting"]: r for r in rows if r.get("setting") and r["data"] == args.data}
     for group in args.groups.split(","):
         for label, change in GROUPS[group]:
             if (group, label, args.data) in done:
                 continue
-            print(f"[{group}] {label} ...", flush=True)
-            try:
-                result = run_one(args, label, change)
-            except subprocess.CalledProcessError as err:
-                print(f"  failed: {err}", flush=True)
-                continue
+            key = setting_key(change)
+            if key in by_setting:
+                result = {k: v for k, v in by_setting[key].items() if k not in ("group", "label")}
+                print(f"[{group}] {label}: same setting as an earlier row, reused", flush=True)
+            else:
+                print(f"[{group}] {label} ...", flush=True)
+                try:
+                    result = run_one(args, label, change)
+                except subprocess.CalledProcessError as err:
+                    print(f"  failed: {err}", flush=True)
+                    continue
+            result["setting"] = key
             row = {"group": group, "label": label, **result}
+            by_setting[key] = row
             rows.append(row)
             with log.open("a") as f:
                 f.write(json.dumps(row) + "\n")
