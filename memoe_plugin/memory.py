@@ -66,12 +66,11 @@ class OutputMemory:
             if features is not None:
                 self.features = torch.cat([self.features, features[index]])
 
-    def loss(self, bypass: MoEBypass, context: RoutingContext, batch: int,
-             generator: Optional[torch.Generator] = None) -> Optional[torch.Tensor]:
+    def loss(self, bypass: MoEBypass, context: RoutingContext, batch: int) -> Optional[torch.Tensor]:
         """Relative squared change of the bypass output on ``batch`` stored rows (None when empty)."""
         if not len(self):
             return None
-        index = torch.randperm(len(self), generator=generator)[:batch].to(self.x.device)
+        index = torch.randperm(len(self))[:batch].to(self.x.device)
         dtype = bypass.experts.dtype
         x = self.x[index].to(dtype).unsqueeze(0)
         features = None if self.features is None else self.features[index].to(dtype).unsqueeze(0)

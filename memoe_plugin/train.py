@@ -15,6 +15,7 @@ warning) if the two disagree.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -125,43 +126,31 @@ class UpperStack:
 
     def _capture_after_prefix(self, start: int) -> None:
         """Fill a KV cache with the silent prefix, then capture the rest as it enters the upper layers."""
-        batch, model, bypass = self.batch, self.adapter.model, self.adapter.bypass
-        captured = {}
-        handles = [bypass.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0].detach())),
-                   self.upper_layers[0].register_forward_pre_hook(self._grab_stage(captured), with_kwargs=True)]
-        enabled, bypass.enabled = getattr(bypass, "enabled", True), False
-        try:
-            with torch.no_grad():
-                prefix = model(input_ids=batch.input_ids[:, :start], attention_mask=batch.attention_mask[:, :start],
-                               use_cache=True)
-                cache = prefix.past_key_values
-                model(input_ids=batch.input_ids[:, start:], attention_mask=batch.attention_mask,
-                      past_key_values=cache, use_cache=True)
-        finally:
-            bypass.enabled = enabled
-            for handle in handles:
-                handle.remove()
+        batch, model = self.batch, self.adapter.model
+        with self._capturing(self.upper_layers[0]):
+            prefix = model(input_ids=batch.input_ids[:, :start], attention_mask=batch.attention_mask[:, :start],
+                           use_cache=True)
+            cache = prefix.past_key_values
+            model(input_ids=batch.input_ids[:, start:], attention_mask=batch.attention_mask,
+                  past_key_values=cache, use_cache=True)
         _truncate_cache(cache, start)
         self.start, self.cache = start, cache
-        self.x, self.hidden = captured["x"], captured["hidden"]
-        self.args, self.kwargs = captured["args"], captured["kwargs"]
         self.features = None if self.features is None else self.features[:, start:]
         self.mask = self.mask[:, start:]
         self.active = None if self.active is None else self.active[:, start:]
 
-    @staticmethod
-    def _grab_stage(captured: dict):
-        def grab_stage(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            captured["hidden"] = hidden.detach()
-            captured["args"], captured["kwargs"] = args[1:], {k: v for k, v in kwargs.items()
-                                                              if k != "hidden_states"}
-        return grab_stage
-
     def _capture(self) -> None:
+        stage = self.upper_layers[0] if self.upper_layers else self.final_norm
+        with self._capturing(stage):
+            self.adapter.model(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask,
+                               use_cache=False)
+
+    @contextlib.contextmanager
+    def _capturing(self, stage: nn.Module):
+        """Within: no grad, the bypass off, and the last adapter input and ``stage`` input are kept
+        (``self.x``, ``self.hidden`` and the stage's other arguments ``self.args``/``self.kwargs``)."""
         captured = {}
         bypass = self.adapter.bypass
-        stage = self.upper_layers[0] if self.upper_layers else self.final_norm
 
         def grab_input(module, args):
             captured["x"] = args[0].detach()
@@ -177,8 +166,7 @@ class UpperStack:
         enabled, bypass.enabled = getattr(bypass, "enabled", True), False
         try:
             with torch.no_grad():
-                self.adapter.model(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask,
-                                   use_cache=False)
+                yield
         finally:
             bypass.enabled = enabled
             for handle in handles:
