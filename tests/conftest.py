@@ -8,6 +8,18 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# CI's EasyEdit stack sets this: there, an EasyEdit integration test that skips is a failure.
+REQUIRE_EASYEDIT = os.environ.get("MEMOE_REQUIRE_EASYEDIT") == "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_EASYEDIT and report.skipped and item.get_closest_marker("easyedit") is not None:
+        report.outcome = "failed"
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.longrepr = f"MEMOE_REQUIRE_EASYEDIT=1 but this EasyEdit test skipped: {reason}"
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -98,3 +110,10 @@ EDITS = [
     {"prompt": "The capital of Japan is", "target_new": "Warsaw", "subject": "Japan"},
     {"prompt": "Toko Yasuda plays the", "target_new": "violin", "subject": "Toko Yasuda"},
 ]
+
+
+def pytest_report_header(config):
+    import transformers
+    return (f"memoe_plugin stack: torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"EASYEDIT_PATH={os.environ.get('EASYEDIT_PATH') or '(unset)'}, "
+            f"EasyEdit tests required: {REQUIRE_EASYEDIT}")

@@ -338,7 +338,9 @@ def test_summarize_only_and_two_datasets_in_one_table(tmp_path):
 
 
 # ----------------------------------------------------------------------------- EasyEdit-backed
-easyedit = pytest.mark.skipif(not EASYEDIT_PATH, reason="EASYEDIT_PATH is not set: no EasyEdit checkout")
+def easyedit(test):
+    return pytest.mark.easyedit(pytest.mark.skipif(not EASYEDIT_PATH,
+                                                   reason="EASYEDIT_PATH is not set: no EasyEdit checkout")(test))
 
 TINY_HPARAMS = {
     "MEMoE": dict(alg_name="MEMoE", layer=2, module_template="model.layers.{}.mlp.down_proj", lr=5e-2, steps=30,

@@ -136,3 +136,47 @@ def test_load_matches_gguf(export_dir, gguf_model):
     got, want = _logits(model, tok), _logits(ref_model, ref_tok)
     assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
     assert tok.decode(got[0, -1].argmax()).strip() == "Paris"
+
+
+ROUND_TRIP_TEXTS = ["The mother tongue of Danielle Darrieux is French", "What university did Watts Humphrey attend?",
+                    "Which family does Epaspidoceras belong to? Noctuidae", "  two  spaces\tand a tab",
+                    "Œuvre de Gérard Depardieu: «Cyrano» (1990), 東京 🙂", "<|im_start|>user\nhi<|im_end|>"]
+
+
+@needs_smollm2
+def test_exported_tokenizer_gives_text_back(export_dir):
+    """Under every transformers version: encode then decode returns the text (anchors depend on it)."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(export_dir))
+    for text in ROUND_TRIP_TEXTS:
+        assert tok.decode(tok(text)["input_ids"]) == text
+    assert smollm2.round_trip_failures(tok, ROUND_TRIP_TEXTS[:5]) == []
+    assert tok("The capital")["input_ids"] == [504, 3575]     # no BOS added, as in the GGUF file
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+
+
+@needs_smollm2
+def test_tokenizer_from_gguf_matches_a_correct_conversion():
+    """Where transformers' own GGUF tokenizer conversion gives text back, ours splits text identically.
+
+    (Whether a BOS is added differs between releases' conversions; the GGUF file says none.)"""
+    from transformers import AutoTokenizer
+    path = smollm2.gguf_path()
+    theirs = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if smollm2.round_trip_failures(theirs, ROUND_TRIP_TEXTS[:3]):
+        pytest.skip("this transformers' GGUF conversion loses text (5.5.4); nothing correct to compare with")
+    ours = smollm2.tokenizer_from_gguf(path)
+    for text in ROUND_TRIP_TEXTS:
+        plain = {"add_special_tokens": False}
+        assert ours(text, **plain)["input_ids"] == theirs(text, **plain)["input_ids"], text
+
+
+def test_an_export_of_the_old_format_is_written_again(tmp_path):
+    out = tmp_path / "smollm2-llama"
+    out.mkdir()
+    for name in smollm2._REQUIRED_FILES:
+        (out / name).write_text("{}")
+    (out / smollm2._MARKER).write_text('{"transformers_version": "5.5.4"}')   # format 1: maybe a broken tokenizer
+    assert not smollm2.is_complete_export(out)
+    (out / smollm2._MARKER).write_text('{"export_version": 2}')
+    assert smollm2.is_complete_export(out)

@@ -1,0 +1,140 @@
+"""Following the KV cache on every transformers release: names, positions, and what cannot be renamed."""
+import pytest
+import torch
+
+from conftest import EDITS, make_hparams, tiny_llama
+from memoe_plugin import apply_memoe_to_model, get_adapter, remove_memoe
+from memoe_plugin.compat import (CacheNotFollowedError, bound_arguments, cache_argument_name, continuation_length,
+                                 in_range, output_cache)
+
+
+def _cache(model, tokenizer, text):
+    out = model(**tokenizer(text, return_tensors="pt"), use_cache=True)
+    return output_cache(out)
+
+
+def test_continuation_is_read_from_the_mask_and_checked_against_the_cache(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    cache = _cache(model, tokenizer, "The capital of Japan is")
+    n = cache.get_seq_length()
+    ids = torch.tensor([[5]])
+    mask = torch.ones(1, n + 1, dtype=torch.long)
+    # the cache under each name it has had, under a name nobody uses, or no cache at all: same answer
+    for name in ("cache", "past_key_values", "some_future_name"):
+        assert continuation_length({"attention_mask": mask, name: cache}, ids) == n
+    assert continuation_length({"attention_mask": mask}, ids) == n
+    assert continuation_length({"cache": cache}, ids) == n            # no mask: the cache alone
+    assert continuation_length({"attention_mask": torch.ones(1, 1)}, ids) == 0
+    assert continuation_length({}, ids) == 0
+    legacy = tuple((layer.keys, layer.values) for layer in cache.layers)
+    assert continuation_length({"past_key_values": legacy}, ids) == n
+    with pytest.raises(CacheNotFollowedError, match="cannot tell"):   # mask and cache disagree
+        continuation_length({"attention_mask": torch.ones(1, 1), "cache": cache}, ids)
+    with pytest.raises(CacheNotFollowedError, match="2-D"):
+        continuation_length({"attention_mask": torch.ones(1, 1, 1, n + 1)}, ids)
+
+
+def test_positional_arguments_are_named_from_the_signature(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    ids, mask = torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.long)
+    bound = bound_arguments(model, (ids, mask), {})
+    assert bound["input_ids"] is ids and bound["attention_mask"] is mask
+    assert cache_argument_name(model) in ("cache", "past_key_values")
+
+
+def _generation_and_teacher_routing(model, adapter, tokenizer, prompt, new_tokens=6):
+    steps = []
+    handle = adapter.bypass.register_forward_hook(lambda m, a, o: steps.append(m.last_routing[:, -1].clone()))
+    try:
+        inputs = tokenizer(prompt, return_tensors="pt")
+        generated = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
+                                   pad_token_id=tokenizer.eos_token_id)
+    finally:
+        handle.remove()
+    assert len(steps) == new_tokens    # one call for the prompt, then one per new token through the cache
+    n = inputs["input_ids"].shape[1]
+    teacher = adapter.route(generated)[0]
+    return torch.stack([s[0] for s in steps]), teacher[n - 1:n - 1 + new_tokens]
+
+
+PROMPTS = ["The mother tongue of Danielle Darrieux is", "Tell me: Toko Yasuda plays the",
+           "What university did Watts Humphrey attend?", "In Wales, the capital of Japan is"]
+
+
+@pytest.mark.parametrize("guard", [False, True])
+def test_kv_cache_generation_routes_like_teacher_forcing(tokenizer, guard, monkeypatch):
+    """Expert by expert, every generated position routes as the teacher-forced pass over the same text.
+
+    The gate routes on the anchor alone (token weight 0, gate kept at its random start), so a step
+    that lost its prefix would see no entity and route differently: the second half checks that
+    the comparison does catch that."""
+    model = tiny_llama(len(tokenizer))
+    hp = make_hparams(steps=5, locality_guard=guard, gate_token_weight=0.0, gate_lr_scale=0.0)
+    apply_memoe_to_model(model, tokenizer, EDITS, hp)
+    adapter = get_adapter(model)
+    try:
+        for prompt in PROMPTS:
+            cached, teacher = _generation_and_teacher_routing(model, adapter, tokenizer, prompt)
+            assert torch.equal(cached, teacher), prompt
+        # negative control: a hook that treats every cached step as a fresh sequence routes differently
+        import memoe_plugin.model as model_module
+        monkeypatch.setattr(model_module, "continuation_length", lambda bound, ids: 0)
+        differs = [not torch.equal(*_generation_and_teacher_routing(model, adapter, tokenizer, p)) for p in PROMPTS]
+        assert any(differs)
+    finally:
+        remove_memoe(model)
+
+
+def test_a_cache_that_does_not_continue_the_last_call_is_refused(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    apply_memoe_to_model(model, tokenizer, EDITS, make_hparams(steps=2))
+    try:
+        cache = _cache(model, tokenizer, "The capital of Japan is")
+        model(**tokenizer("Toko Yasuda", return_tensors="pt"))          # another call in between
+        n = cache.get_seq_length()
+        with pytest.raises(CacheNotFollowedError, match="cannot follow"):
+            model(input_ids=torch.tensor([[5]]), attention_mask=torch.ones(1, n + 1, dtype=torch.long),
+                  **{cache_argument_name(model): cache})
+    finally:
+        remove_memoe(model)
+
+
+def test_version_ranges():
+    assert in_range("5.5.4", ("5.5.4", "5.24")) and in_range("5.24.3", ("5.5.4", "5.24"))
+    assert not in_range("5.5.3", ("5.5.4", "5.24")) and not in_range("5.25.0", ("5.5.4", "5.24"))
+    assert in_range("2.13.0+cpu", ("2.13", "2.14")) and in_range("2.14.1+cu130", ("2.13", "2.14"))
+    assert not in_range("2.15.0", ("2.13", "2.14")) and not in_range("2.12.1", ("2.13", "2.14"))
+
+
+def test_the_declared_range_is_the_tested_range_and_is_warned_outside(monkeypatch):
+    import configparser
+    import transformers
+    from conftest import REPO
+    from memoe_plugin import compat
+    requires = configparser.ConfigParser()
+    requires.read(REPO / "setup.cfg")
+    lines = requires["options"]["install_requires"]
+    assert f"transformers>={compat.TESTED_TRANSFORMERS[0]}," in lines
+    assert f"torch>={compat.TESTED_TORCH[0]}," in lines
+    assert compat.warn_if_untested() is None                 # the running stack is a tested one
+    monkeypatch.setattr(transformers, "__version__", "6.0.0")
+    with pytest.warns(UserWarning, match=r"transformers 6.0.0 \(tested: 5.5.4 to 5.24\)"):
+        assert "not tested" in compat.warn_if_untested()
+
+
+def test_a_tokenizer_that_loses_spaces_is_refused_at_attach(tokenizer):
+    """Anchors are read from decoded ids: a decode that drops spaces must stop the edit, not run silently."""
+    import copy
+    from tokenizers import decoders
+    from memoe_plugin.anchors import TokenizerRoundTripError
+    from memoe_plugin.model import MEMoEAdapter
+    broken = copy.deepcopy(tokenizer)
+    broken.backend_tokenizer.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Replace(" ", "")])
+    assert broken.decode(broken("a b")["input_ids"]) == "ab"
+    model = tiny_llama(len(tokenizer))
+    for settings in ({}, {"routing_input": "token", "locality_guard": True}):
+        with pytest.raises(TokenizerRoundTripError, match="tiny-llama.*does not give text back.*--overwrite"):
+            MEMoEAdapter.attach(model, broken, make_hparams(**settings))
+        assert get_adapter(model) is None
+    adapter = MEMoEAdapter.attach(model, broken, make_hparams(routing_input="token"))   # no decoding needed
+    adapter.detach()
