@@ -9,12 +9,12 @@ import warnings
 from .compat import warn_if_untested
 from .hparams import MEMoEHyperParams
 from .layer import MoEBypass
-from .main import apply_memoe_to_model, remove_memoe
-from .model import MEMoEAdapter, get_adapter
+from .apply import apply_memoe_to_model, remove_memoe
+from .adapter import MEMoEAdapter, get_adapter
 from .easyedit import EasyEditNotFoundError, register, is_registered, register_if_available
 from .persist import load_adapter, save_adapter
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["MEMoEHyperParams", "MoEBypass", "MEMoEAdapter", "apply_memoe_to_model", "remove_memoe",
            "get_adapter", "save_adapter", "load_adapter", "register", "is_registered", "EasyEditNotFoundError", "__version__"]
 

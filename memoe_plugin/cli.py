@@ -9,19 +9,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from .hparams import MEMoEHyperParams
-from .main import apply_memoe_to_model
-from .model import get_adapter
-from .requests import load_requests
+from .apply import apply_memoe_to_model
+from .adapter import get_adapter
+from .assets import example_edits, memoe_hparams
+from .assets.models import load_model
+from .eval.records import load_requests
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-EXAMPLES = PACKAGE_DIR / "data" / "example_edits.json"
-DEFAULT_HPARAMS = PACKAGE_DIR.parent / "hparams" / "MEMoE" / "smollm2-135m.yaml"
+EXAMPLES = example_edits()
+DEFAULT_HPARAMS = memoe_hparams("smollm2-135m")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,18 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, help="use only the first N requests")
     parser.add_argument("--max-new-tokens", type=int, default=6)
     return parser
-
-
-def load_model(model_dir: Optional[str]):
-    if model_dir is None:
-        from .smollm2 import load_smollm2
-        return load_smollm2()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return model, tokenizer
 
 
 def complete(model, tokenizer, prompt: str, max_new_tokens: int) -> str:

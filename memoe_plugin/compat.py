@@ -35,7 +35,7 @@ class CacheNotFollowedError(RuntimeError):
     """A forward call uses a KV cache in a way the adapter cannot follow."""
 
 
-def _version_tuple(text: str) -> tuple[int, ...]:
+def version_tuple(text: str) -> tuple[int, ...]:
     parts = []
     for piece in text.split("+")[0].split("."):
         digits = "".join(ch for ch in piece if ch.isdigit())
@@ -47,8 +47,8 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 def in_range(version: str, bounds: tuple[str, str]) -> bool:
     """``bounds[0] <= version`` and ``version`` no newer than ``bounds[1]`` (compared at its precision)."""
-    low, high = _version_tuple(bounds[0]), _version_tuple(bounds[1])
-    v = _version_tuple(version)
+    low, high = version_tuple(bounds[0]), version_tuple(bounds[1])
+    v = version_tuple(version)
     return v >= low and v[:len(high)] <= high
 
 

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import yaml
 
@@ -28,52 +28,85 @@ CONTEXT_PREFIXES = ("Here is a fact.", "I read that", "Let me tell you something
                     "As everyone knows,", "Answer the question.")
 
 
+def required(help: str):
+    """A field every file must set; ``help`` is its line in the YAML reference."""
+    return field(metadata={"help": help})
+
+
+def option(default, help: str):
+    """A field with a default; ``help`` is its line in the YAML reference."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class MEMoEHyperParams:
-    """Settings of one MEMoE run. See the README's YAML reference for each field."""
+    """Settings of one MEMoE run. Each field's help text is its line in the README's YAML reference
+    (:func:`reference_table` writes that table)."""
 
     # --- read by EasyEdit ---------------------------------------------------
-    model_name: str
-    layer: int
-    module_template: str
-    alg_name: str = ALG_NAME
-    device: Union[int, str] = "cpu"
-    model_parallel: bool = False
-    max_length: int = 40
-    batch_size: int = 1
-    fp16: bool = False
+    model_name: str = required("model directory (EasyEdit loads it; `~` is expanded)")
+    layer: int = required("index of the layer whose FFN projection gets the bypass")
+    module_template: str = required(
+        "dotted path with `{}` for the layer: `model.layers.{}.mlp.down_proj` (Llama, Mistral, Qwen), "
+        "`transformer.h.{}.mlp.c_proj` (GPT-2, Conv1D). The module must be a `Linear` or `Conv1D`.")
+    alg_name: str = field(default=ALG_NAME, metadata={"help": "must be `MEMoE`", "required": True})
+    device: Union[int, str] = option("cpu",
+        "EasyEdit's device: a CUDA index or a torch device string. Without `model_parallel` it must be where "
+        "the model is.")
+    model_parallel: bool = option(False,
+        "EasyEdit loads with `device_map=\"auto\"`; the adapter goes on its layer's device")
+    max_length: int = option(40, "EasyEdit's tokenisation length for metrics")
+    batch_size: int = option(1, "EasyEdit's chunk size for `batch_edit`; `edit()` needs 1")
+    fp16: bool = option(False, "EasyEdit loads the model in float16; the adapter itself stays float32")
 
     # --- the mixture-of-experts bypass ------------------------------------
-    num_experts: int = 4
-    top_k: int = 1
-    scale: float = 1.0          # lambda in h = W0 x + lambda * sum_e G_e W_e x
-    gate_noise: float = 0.0     # std of the Gaussian noise on gate logits, training only
-    expert_init: str = "zeros"  # zeros: the untrained adapter changes nothing
-    gate_norm: str = "none"     # none: W_g R(x) as in the paper | center: W_g((R(x) - mean) / rms), per part
-    gate_token_weight: float = 1.0  # weight of the token part x of R(x) = [x, anchor] in the gate
+    num_experts: int = option(4, "number of experts")
+    top_k: int = option(1, "experts per token; the paper uses 1")
+    scale: float = option(1.0, "λ, the bypass scale")
+    gate_noise: float = option(0.0, "std of the Gaussian noise ε on the gate logits, during training only")
+    expert_init: str = option("zeros",
+        "`zeros`: the untrained bypass adds exactly nothing (the tests check that logits are unchanged)")
+    gate_norm: str = option("none",
+        "`none`: the gate sees R(x) = [x, anchor] as in the paper. `center`: each part is centred and scaled "
+        "to unit RMS (x on the first edits' layer inputs, the anchor on the embedding table), fixed from the "
+        "first edit on and saved with the adapter")
+    gate_token_weight: float = option(1.0,
+        "weight of the token part x in the gate input; below 1 the anchor leads the routing "
+        "(`smollm2-135m-routing.yaml` uses 0.1)")
 
     # --- training ------------------------------------------------------------
-    lr: float = 2e-4
-    gate_lr_scale: float = 1.0      # the gate learns at lr * gate_lr_scale (0: the gate stays as initialised)
-    steps: int = 50
-    aux_loss_weight: float = 1e-2   # Switch-Transformer load-balancing loss
-    weight_decay: float = 0.0
-    early_stop: bool = True          # stop once every target token is predicted ...
-    early_stop_loss: float = 0.0     # ... and the target cross-entropy is at most this (0: accuracy only)
-    seed: int = 42
+    lr: float = option(2e-4, "Adam learning rate")
+    gate_lr_scale: float = option(1.0, "the gate learns at `lr × gate_lr_scale`; 0 keeps the gate as initialised")
+    steps: int = option(50, "maximum training steps per edit call (one step covers the whole batch)")
+    aux_loss_weight: float = option(1e-2, "weight of the Switch load-balancing loss")
+    weight_decay: float = option(0.0, "Adam weight decay")
+    early_stop: bool = option(True, "stop once every target token of the batch is predicted ...")
+    early_stop_loss: float = option(0.0, "... and the target cross-entropy is at most this; 0 means accuracy alone")
+    seed: int = option(42, "seeds gate initialisation and gate noise, without touching the global RNG")
 
     # --- knowledge anchors ------------------------------------------------
-    routing_input: str = "anchor"   # anchor | token | sentence (paper Table 5)
-    anchor_backend: str = "auto"    # auto | offline | nltk
-    anchor_cache_size: int = 4096
+    routing_input: str = option("anchor", "`anchor`, `sentence` or `token` (see above)")
+    anchor_backend: str = option("auto", "`auto`, `offline` or `nltk`")
+    anchor_cache_size: int = option(4096, "entries in each anchor LRU cache; 0 disables caching")
 
     # --- extensions beyond the paper (off = paper-faithful) ------------------
-    locality_guard: bool = False     # bypass silent unless an edited fact's anchor is in the prefix
-    replay: int = 0                  # earlier edits mixed into each later sequential edit
-    context_prefixes: int = 0        # also train each edit behind this many neutral prefixes (ROME-style)
-    memory_rows: int = 0             # output memory against forgetting: rows kept (0: off); memory.py
-    memory_weight: float = 1.0       # weight of the output-memory penalty
-    memory_batch: int = 1024         # stored rows drawn per training step
+    locality_guard: bool = option(False,
+        "**extension.** The bypass is silent at positions whose prefix contains no knowledge anchor of an "
+        "edited fact (see below)")
+    replay: int = option(0,
+        "**extension.** In sequential editing, this many earlier edits (drawn reproducibly) are trained again "
+        "with each new batch, against forgetting")
+    context_prefixes: int = option(0,
+        "**extension.** Each edit is also trained behind this many fixed, entity-free prefixes (\"Here is a "
+        "fact.\", \"I read that\", ...), as ROME does with context templates, so that the expert does not learn "
+        "one surface form")
+    memory_rows: int = option(0,
+        "**extension.** Output memory against forgetting in sequential editing: the layer inputs of this many "
+        "edited positions (reservoir-sampled, float16) are kept with the bypass output they were trained to, "
+        "and later edits are penalised for moving those outputs. 0 turns it off")
+    memory_weight: float = option(1.0,
+        "weight of the output-memory penalty (relative squared change of the stored outputs)")
+    memory_batch: int = option(1024, "stored rows drawn per training step for the penalty")
 
     # ------------------------------------------------------------------------
     @classmethod
@@ -194,3 +227,23 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return value
     names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise ValueError(f"{key} = {value!r} ({type(value).__name__}): expected {names}")
+
+
+def reference_table() -> str:
+    """The README's YAML reference, one row per field, from the fields' help texts."""
+    hints = typing.get_type_hints(MEMoEHyperParams)
+    lines = ["| key | type (default) | meaning |", "|---|---|---|"]
+    fields = sorted(dataclasses.fields(MEMoEHyperParams), key=lambda f: f.name != "alg_name")
+    for f in fields:
+        options = typing.get_args(hints[f.name]) or (hints[f.name],)
+        kind = " or ".join(option.__name__ for option in options)
+        if f.default is dataclasses.MISSING or f.metadata.get("required"):
+            kind += ", required"
+        elif isinstance(f.default, bool):
+            kind += f" ({str(f.default).lower()})"
+        elif isinstance(f.default, str):
+            kind += f" (`{f.default}`)"
+        else:
+            kind += f" ({f.default!r})"
+        lines.append(f"| `{f.name}` | {kind} | {f.metadata['help']} |")
+    return "\n".join(lines) + "\n"

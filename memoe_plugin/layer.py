@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .losses import switch_load_balancing_loss
 
 
 def projection_shape(module: nn.Module) -> tuple[int, int]:
@@ -66,7 +67,7 @@ class MoEBypass(nn.Module):
         self.gate = nn.Linear(in_features + context.feature_dim, num_experts, bias=False, device=device, dtype=dtype)
         nn.init.normal_(self.gate.weight, std=0.02)
         # The gate sees (R(x) - gate_shift) * gate_scale. Identity unless gate_norm: center
-        # calibrates it (set_gate_normalisation), which keeps one common direction shared by
+        # calibrates it (set_gate_normalisation), which keeps one direction common to
         # every token from dominating the gate and collapsing all routing onto one expert.
         gate_dim = in_features + context.feature_dim
         self.register_buffer("gate_shift", torch.zeros(gate_dim, device=device, dtype=dtype))
@@ -156,18 +157,11 @@ class MoEBypass(nn.Module):
         return active.to(x.device)
 
     def _balance_loss(self, probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        """Switch Transformer load balancing: E * sum_e f_e * P_e over real, unguarded tokens."""
+        """The Switch balance loss over real, unguarded tokens."""
         mask = self.context.token_mask
-        flat_probs = probs.reshape(-1, self.num_experts)
-        top1 = chosen[..., 0].reshape(-1)
-        keep = top1 >= 0
-        if mask is not None and mask.shape == probs.shape[:-1]:
-            keep = keep & mask.reshape(-1).bool().to(flat_probs.device)
-        flat_probs, top1 = flat_probs[keep], top1[keep]
-        if top1.numel() == 0:
-            return flat_probs.sum() * 0.0
-        fraction = F.one_hot(top1, self.num_experts).float().mean(dim=0)
-        return self.num_experts * (fraction * flat_probs.float().mean(dim=0)).sum()
+        keep = mask.reshape(-1) if mask is not None and mask.shape == probs.shape[:-1] else None
+        return switch_load_balancing_loss(probs.reshape(-1, self.num_experts), chosen[..., 0].reshape(-1),
+                                          self.num_experts, keep)
 
     @property
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from memoe_plugin.assets.tiny import tiny_gpt2, tiny_llama, train_tokenizer  # noqa: F401 (fixtures' helpers)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # CI's EasyEdit stack sets this: there, an EasyEdit integration test that skips is a failure.
 REQUIRE_EASYEDIT = os.environ.get("MEMOE_REQUIRE_EASYEDIT") == "1"
@@ -38,40 +40,12 @@ CORPUS = [
 
 
 def _train_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE(unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(CORPUS * 5, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
-    fast.padding_side = "left"
-    return fast
+    return train_tokenizer(CORPUS)
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
     return _train_tokenizer()
-
-
-def tiny_llama(vocab_size: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=False)
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_gpt2(vocab_size: int, seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=4, n_head=4, n_positions=128)
-    return GPT2LMHeadModel(config).eval()
 
 
 LLAMA_TEMPLATE = "model.layers.{}.mlp.down_proj"

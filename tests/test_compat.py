@@ -77,7 +77,7 @@ def test_kv_cache_generation_routes_like_teacher_forcing(tokenizer, guard, monke
             cached, teacher = _generation_and_teacher_routing(model, adapter, tokenizer, prompt)
             assert torch.equal(cached, teacher), prompt
         # negative control: a hook that treats every cached step as a fresh sequence routes differently
-        import memoe_plugin.model as model_module
+        import memoe_plugin.adapter as model_module
         monkeypatch.setattr(model_module, "continuation_length", lambda bound, ids: 0)
         differs = [not torch.equal(*_generation_and_teacher_routing(model, adapter, tokenizer, p)) for p in PROMPTS]
         assert any(differs)
@@ -126,8 +126,8 @@ def test_a_tokenizer_that_loses_spaces_is_refused_at_attach(tokenizer):
     """Anchors are read from decoded ids: a decode that drops spaces must stop the edit, not run silently."""
     import copy
     from tokenizers import decoders
-    from memoe_plugin.anchors import TokenizerRoundTripError
-    from memoe_plugin.model import MEMoEAdapter
+    from memoe_plugin.routing.anchors import TokenizerRoundTripError
+    from memoe_plugin.adapter import MEMoEAdapter
     broken = copy.deepcopy(tokenizer)
     broken.backend_tokenizer.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Replace(" ", "")])
     assert broken.decode(broken("a b")["input_ids"]) == "ab"

@@ -6,7 +6,6 @@ an environment with its requirements). Without one they are reported as skipped.
 import os
 
 import pytest
-import torch
 
 from conftest import EDITS, SHARED_DATA, assert_state_equal, make_hparams, state_copy, tiny_llama
 
@@ -125,7 +124,7 @@ def test_zsre_records_through_easyedit_loader(easyeditor, editor):
 
 
 def _nltk_unusable():
-    from memoe_plugin.extractors import NLTKDataMissingError, NLTKExtractor
+    from memoe_plugin.routing.extractors import NLTKDataMissingError, NLTKExtractor
     try:
         NLTKExtractor()
     except NLTKDataMissingError as err:
@@ -143,7 +142,7 @@ def test_batch_edit_with_every_routing_mode_and_backend(editor, routing_input, a
     editor.hparams.steps = 80
     if anchor_backend == "nltk" and _nltk_unusable():
         # without nltk >= 3.9 and its NER data the backend refuses, naming the fix, and nothing is changed
-        from memoe_plugin.extractors import NLTKDataMissingError
+        from memoe_plugin.routing.extractors import NLTKDataMissingError
         with pytest.raises(NLTKDataMissingError, match="nltk"):
             editor.batch_edit(**request_lists(EDITS), sequential_edit=False, verbose=False)
         assert_state_equal(editor.model, saved)

@@ -1,0 +1,218 @@
+"""Model-level injector: put one :class:`MoEBypass` into a causal LM and take it out again.
+
+The injector replaces the target module by the bypass wrapper, registers a
+forward pre-hook on the whole model that turns ``input_ids``/``attention_mask``
+into routing features (knowledge anchors) for every position, and follows
+KV-cache generation step by step. :meth:`MEMoEAdapter.detach` puts the very
+same module object back and removes every hook and attribute, so the model's
+``state_dict`` is bit-identical to the original.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .routing.anchors import RoutingFeatureEncoder, check_round_trip
+from .routing.extractors import make_extractor
+from .routing.guard import LocalityGuard
+from .compat import CacheNotFollowedError, bound_arguments, continuation_length
+from .hparams import MEMoEHyperParams
+from .layer import MoEBypass, RoutingContext, projection_shape
+from .training.memory import OutputMemory
+
+ADAPTER_ATTR = "_memoe_adapter"
+
+
+def get_adapter(model: nn.Module) -> Optional["MEMoEAdapter"]:
+    """The adapter attached to ``model``, or None."""
+    return model.__dict__.get(ADAPTER_ATTR)
+
+
+def resolve_module(model: nn.Module, hparams: MEMoEHyperParams) -> tuple[nn.Module, str, nn.Module]:
+    """(parent, attribute name, module) of ``hparams.module_name``, with clear errors."""
+    layers_path = hparams.module_template.split("{}")[0].rstrip(".")
+    num_layers = _count_layers(model, layers_path)
+    if num_layers is not None and not 0 <= hparams.layer < num_layers:
+        raise ValueError(f"layer = {hparams.layer} is out of range: {layers_path} has {num_layers} layers "
+                         f"(valid: 0..{num_layers - 1}). Set layer in the hparams file.")
+    name = hparams.module_name
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(
+            f"module_template {hparams.module_template!r} gives {name!r}, which is not a module of "
+            f"{type(model).__name__}. Check the template against print(model); for Llama-style models it is "
+            f"model.layers.{{}}.mlp.down_proj, for GPT-2 transformer.h.{{}}.mlp.c_proj.") from None
+    projection_shape(module)   # TypeError when it is not a projection we can wrap
+    parent_name, _, attr = name.rpartition(".")
+    return model.get_submodule(parent_name) if parent_name else model, attr, module
+
+
+def _count_layers(model: nn.Module, layers_path: str) -> Optional[int]:
+    try:
+        layers = model.get_submodule(layers_path)
+    except AttributeError:
+        return None
+    return len(layers) if isinstance(layers, (nn.ModuleList, nn.Sequential)) else None
+
+
+class MEMoEAdapter:
+    """One MEMoE bypass in one model, plus the hook that feeds it knowledge anchors."""
+
+    def __init__(self, model: nn.Module, tokenizer, hparams: MEMoEHyperParams):
+        self.model, self.tokenizer, self.hparams = model, tokenizer, hparams
+        self.parent, self.attr, self.base_module = resolve_module(model, hparams)
+        embedding = model.get_input_embeddings()
+        needs_entities = hparams.routing_input == "anchor" or hparams.locality_guard
+        if needs_entities:
+            check_round_trip(tokenizer, getattr(getattr(model, "config", None), "_name_or_path", "") or
+                             hparams.model_name)
+        self.extractor = make_extractor(hparams.anchor_backend) if needs_entities else None
+        self.encoder = RoutingFeatureEncoder(tokenizer, embedding, hparams.routing_input,
+                                             self.extractor, hparams.anchor_cache_size)
+        self.guard = LocalityGuard(tokenizer, hparams.anchor_cache_size) if hparams.locality_guard else None
+        self.context = RoutingContext(self.encoder.dim)
+        generator = torch.Generator().manual_seed(hparams.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+            self.bypass = MoEBypass(self.base_module, self.context, hparams.num_experts, hparams.top_k,
+                                    hparams.scale, hparams.gate_noise)
+        with torch.no_grad():
+            self.bypass.gate_scale[:projection_shape(self.base_module)[0]] = hparams.gate_token_weight
+        self.bypass.eval()
+        self._hooks: list = []
+        self._prefixes: Optional[list[list[int]]] = None   # real ids per row, for KV-cache steps
+        self._prefix_length = 0                              # positions seen so far, padding included
+        self.edits: list[dict] = []                          # every request trained into the experts
+        self.gate_calibrated = False                         # gate_norm: center statistics are set
+        self.memory = OutputMemory(hparams.memory_rows, hparams.seed) if hparams.memory_rows else None
+
+    # ------------------------------------------------------------ attach/detach
+    @classmethod
+    def attach(cls, model: nn.Module, tokenizer, hparams: MEMoEHyperParams) -> "MEMoEAdapter":
+        if get_adapter(model) is not None:
+            raise RuntimeError("this model already has a MEMoE adapter; use get_adapter(model) or detach it first")
+        adapter = cls(model, tokenizer, hparams)
+        adapter.reattach()
+        return adapter
+
+    def reattach(self) -> None:
+        """Put this adapter (back) into its model, e.g. after ``detach()``: edits on again, as they were."""
+        model = self.model
+        if get_adapter(model) is not None:
+            raise RuntimeError("this model already has a MEMoE adapter; detach it first")
+        if getattr(self.parent, self.attr) is not self.base_module:
+            raise RuntimeError(f"{self.hparams.module_name} is no longer the module this adapter wrapped")
+        setattr(self.parent, self.attr, self.bypass)
+        self._hooks.append(model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        self._hooks.append(model.register_forward_hook(self._after_forward, always_call=True))
+        if hasattr(model, "generate"):
+            model.__dict__["generate"] = functools.partial(_guarded_generate, model, type(model).generate)
+        model.__dict__[ADAPTER_ATTR] = self
+
+    def detach(self) -> None:
+        """Put the original module back; remove hooks and every attribute the adapter added."""
+        if getattr(self.parent, self.attr) is self.bypass:
+            setattr(self.parent, self.attr, self.base_module)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self.model.__dict__.pop("generate", None)
+        if self.model.__dict__.get(ADAPTER_ATTR) is self:
+            del self.model.__dict__[ADAPTER_ATTR]
+        self.context.clear()
+
+    # --------------------------------------------------------------- routing
+    def routing_features(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                         past_length: int = 0):
+        """Features ``[batch, seq, dim]``, token mask and guard mask (or None) for one forward call.
+
+        ``past_length`` > 0 means the call continues the previous one through a KV
+        cache: its tokens are appended to the prefixes remembered from that call.
+        """
+        batch, length = input_ids.shape
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask[:, -length:]
+        ids_rows, mask_rows = input_ids.tolist(), mask.tolist()
+        if past_length:
+            if self._prefixes is None or len(self._prefixes) != batch or self._prefix_length != past_length:
+                raise CacheNotFollowedError(
+                    "MEMoE cannot follow this KV cache: it does not continue the previous forward call "
+                    "(beam search and hand-built caches are not supported). Run the full sequence "
+                    "without a KV cache, or use greedy/sampling generate.")
+            prefixes = [prefix + [t for t, m in zip(ids, ms) if m] for prefix, ids, ms
+                        in zip(self._prefixes, ids_rows, mask_rows)]
+        else:
+            prefixes = [[t for t, m in zip(ids, ms) if m] for ids, ms in zip(ids_rows, mask_rows)]
+        self._prefixes, self._prefix_length = prefixes, past_length + length
+        weight = self.encoder.embedding.weight
+        features = weight.new_zeros(batch, length, self.encoder.dim) if self.encoder.dim else None
+        active = torch.zeros(batch, length, dtype=torch.bool, device=input_ids.device) if self.guard else None
+        for row, (prefix, ms) in enumerate(zip(prefixes, mask_rows)):
+            positions = [i for i, m in enumerate(ms) if m]
+            if not positions:
+                continue
+            new = slice(len(prefix) - len(positions), None)
+            if active is not None:
+                flags = self.guard.active(prefix)[new]
+                if not any(flags):
+                    continue   # the guard silences this row: its anchors are never looked at
+                active[row, positions] = torch.tensor(flags, device=input_ids.device)
+            if features is not None:
+                features[row, positions] = self.encoder.features(prefix)[new]
+        return features, mask, active
+
+    def register_knowledge(self, requests: list[dict]) -> None:
+        """Add the requests' knowledge anchors to the locality guard (no-op without one)."""
+        if self.guard is None:
+            return
+        keys = []
+        for i, request in enumerate(requests):
+            found = [e.text for e in self.extractor(request["prompt"])]
+            subject = request.get("subject")
+            if isinstance(subject, str) and subject.strip():
+                found.append(subject)
+            if not found:
+                raise ValueError(
+                    f"request {i}: locality_guard needs a knowledge anchor, but the {self.extractor.name} "
+                    f"extractor finds no entity in {request['prompt']!r} and the request has no 'subject'. "
+                    "Add 'subject' to the request or set locality_guard: false.")
+            keys.extend(found)
+        self.guard.add(keys)
+
+    def _before_forward(self, module, args, kwargs):
+        bound = bound_arguments(module, args, kwargs)
+        input_ids = bound.get("input_ids")
+        if input_ids is None:
+            if self.encoder.dim == 0 and self.guard is None:
+                self.context.set(None, None)
+                return None
+            raise ValueError("MEMoE needs input_ids to find knowledge anchors; this call passed "
+                             "inputs_embeds only. Pass input_ids, or use routing_input: token "
+                             "without locality_guard.")
+        features, mask, active = self.routing_features(input_ids, bound.get("attention_mask"),
+                                                       continuation_length(bound, input_ids))
+        self.context.set(features, mask, active)
+        return None
+
+    def _after_forward(self, module, args, kwargs, output=None):
+        self.context.clear()
+        return None
+
+    # ------------------------------------------------------------ inspection
+    def route(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Experts chosen at every position, ``[batch, seq, top_k]`` (runs the model once)."""
+        with torch.no_grad():
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return self.bypass.last_routing
+
+
+def _guarded_generate(model, generate, *args, **kwargs):
+    config = getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) if config is not None else 1)
+    if beams and beams > 1:
+        raise NotImplementedError("MEMoE routing follows one KV cache per sequence; beam search "
+                                  f"(num_beams={beams}) reorders it. Use greedy or sampling generate.")
+    return generate(model, *args, **kwargs)

@@ -1,0 +1,154 @@
+"""``apply_memoe_to_model``: EasyEdit's apply-function contract for MEMoE.
+
+The first call injects the bypass; later calls on the same model reuse it, so
+sequential editing accumulates knowledge in the same experts. The returned
+``restore`` callable removes the adapter, leaving the model bit-identical to its
+state before the first edit.
+"""
+from __future__ import annotations
+
+import copy as copy_module
+import random
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .hparams import CONTEXT_PREFIXES, MEMoEHyperParams
+from .adapter import MEMoEAdapter, get_adapter, resolve_module
+from .training.trainer import train_experts
+
+# Settings that fix the adapter's shape: they must not change between sequential edits.
+STRUCTURAL_KEYS = ("layer", "module_template", "num_experts", "top_k", "routing_input", "anchor_backend",
+                   "locality_guard", "gate_norm", "gate_token_weight", "memory_rows")
+
+
+def apply_memoe_to_model(model: nn.Module, tok, requests: list[dict], hparams: MEMoEHyperParams,
+                         copy: bool = False, return_orig_weights: bool = False,
+                         keep_original_weight: bool = False, **kwargs) -> tuple[nn.Module, Callable[[], None]]:
+    """Edit ``model`` with MEMoE; return ``(model, restore)``.
+
+    ``return_orig_weights`` and ``keep_original_weight`` are accepted for EasyEdit's
+    contract; MEMoE never writes the base weights, so ``restore`` is always exact.
+    ``copy=True`` edits a deep copy and leaves ``model`` untouched.
+    """
+    if not isinstance(hparams, MEMoEHyperParams):
+        raise TypeError(f"hparams must be MEMoEHyperParams, got {type(hparams).__name__}")
+    hparams.validate()
+    if not callable(tok) or not hasattr(tok, "decode"):
+        raise TypeError(f"tok must be the model's tokenizer (a transformers tokenizer), got {type(tok).__name__}")
+    requests = check_requests(requests)
+    check_lengths(tok, requests, model)
+    if copy:
+        model = copy_module.deepcopy(model)
+    adapter = get_adapter(model)
+    fresh = adapter is None
+    if fresh:
+        _, _, module = resolve_module(model, hparams)
+        check_device(module, hparams)
+        adapter = MEMoEAdapter.attach(model, tok, hparams)
+    else:
+        check_same_structure(adapter.hparams, hparams)
+        adapter.hparams = hparams
+    guard_keys = set(adapter.guard.keys) if adapter.guard is not None else None
+    try:
+        adapter.register_knowledge(requests)
+        batch = with_context_prefixes(requests + replayed_edits(adapter.edits, hparams), hparams)
+        adapter.last_report = train_experts(adapter, batch, progress=bool(kwargs.get("progress", False)))
+    except BaseException:
+        if fresh:
+            adapter.detach()
+        elif guard_keys is not None:
+            adapter.guard.keys = set()
+            adapter.guard.add(guard_keys)
+        raise
+    adapter.edits.extend({key: r[key] for key in ("prompt", "target_new", "subject") if key in r}
+                         for r in requests)
+    return model, lambda: remove_memoe(model)
+
+
+def with_context_prefixes(requests: list[dict], hparams: MEMoEHyperParams) -> list[dict]:
+    """The requests, plus each one behind the first ``context_prefixes`` neutral prefixes."""
+    prefixes = CONTEXT_PREFIXES[:hparams.context_prefixes]
+    return requests + [dict(r, prompt=f"{prefix} {r['prompt']}") for prefix in prefixes for r in requests]
+
+
+def replayed_edits(previous: list[dict], hparams: MEMoEHyperParams) -> list[dict]:
+    """Up to ``hparams.replay`` earlier edits, drawn reproducibly, trained again with the new ones."""
+    if not hparams.replay or not previous:
+        return []
+    rng = random.Random(hparams.seed + len(previous))
+    return rng.sample(previous, min(hparams.replay, len(previous)))
+
+
+def remove_memoe(model: nn.Module) -> None:
+    """Take the MEMoE adapter out of ``model`` (no-op when there is none)."""
+    adapter = get_adapter(model)
+    if adapter is not None:
+        adapter.detach()
+
+
+def check_requests(requests) -> list[dict]:
+    """EasyEdit request dicts with a non-empty string prompt and target_new."""
+    if isinstance(requests, dict):
+        requests = [requests]
+    if not isinstance(requests, (list, tuple)):
+        raise ValueError(f"requests must be a list of dicts with 'prompt' and 'target_new' (or one such dict), "
+                         f"got {type(requests).__name__}; pass list(...) for other iterables")
+    if len(requests) == 0:
+        raise ValueError("MEMoE got no edit requests: pass a non-empty list of dicts with "
+                         "'prompt' and 'target_new'.")
+    for i, request in enumerate(requests):
+        if not isinstance(request, dict):
+            raise ValueError(f"request {i} is a {type(request).__name__}, expected a dict with "
+                             "'prompt' and 'target_new'")
+        for key in ("prompt", "target_new"):
+            value = request.get(key)
+            if not isinstance(value, str):
+                raise ValueError(f"request {i}: {key!r} must be a string, got {type(value).__name__} "
+                                 f"({value!r})")
+            if not value.strip():
+                raise ValueError(f"request {i}: {key!r} is empty or whitespace; give the text to edit")
+    return list(requests)
+
+
+def check_lengths(tok, requests: list[dict], model: nn.Module) -> None:
+    """prompt + ' ' + target_new must fit in the model's positions (config.max_position_embeddings)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return
+    for i, request in enumerate(requests):
+        length = len(tok(request["prompt"] + " " + request["target_new"])["input_ids"])
+        if length > limit:
+            raise ValueError(f"request {i}: prompt + target_new is {length} tokens, more than the model's {limit} "
+                             "positions (max_position_embeddings); shorten the prompt")
+
+
+def check_device(module: nn.Module, hparams: MEMoEHyperParams) -> None:
+    """hparams.device must exist and, without model_parallel, hold the wrapped module."""
+    wanted = torch.device(f"cuda:{hparams.device}") if isinstance(hparams.device, int) else None
+    try:
+        wanted = wanted or torch.device(str(hparams.device))
+    except RuntimeError:
+        raise ValueError(f"device = {hparams.device!r} is not a torch device; use 'cpu', 'cuda', "
+                         "'cuda:0' or a CUDA index") from None
+    if wanted.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device = {hparams.device!r} but CUDA is not available here; set device: cpu")
+    actual = module.weight.device
+    if actual.type == "meta" and wanted.type != "meta":
+        raise ValueError(f"{hparams.module_name} has its weights on the meta device (offloaded by device_map to "
+                         "disk or CPU, or not loaded); MEMoE needs the wrapped layer in memory. Load the model with "
+                         "a device_map that keeps this layer on a GPU or on 'cpu'.")
+    if hparams.model_parallel:
+        return
+    if actual.type != wanted.type or (wanted.index is not None and actual.index != wanted.index):
+        raise ValueError(f"the edited module is on {actual} but hparams.device is {hparams.device!r}; move the model "
+                         f"(model.to({str(wanted)!r})) or set device in the hparams file")
+
+
+def check_same_structure(old: MEMoEHyperParams, new: MEMoEHyperParams) -> None:
+    changed = [k for k in STRUCTURAL_KEYS if getattr(old, k) != getattr(new, k)]
+    if changed:
+        raise ValueError(f"the model's MEMoE adapter was built with other {changed}; restore() it first "
+                         "or keep those settings for sequential edits")
+

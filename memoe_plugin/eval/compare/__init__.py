@@ -1,0 +1,21 @@
+"""memoe-compare: MEMoE next to EasyEdit's baselines under the paper's protocols, scored by EasyEdit.
+
+* :mod:`.methods`: the methods, their EasyEdit names and settings files;
+* :mod:`.protocol`: the batch and sequential protocols (:class:`Runner`);
+* :mod:`.store`: the append-only results file; :mod:`.report`: its tables and chart;
+* :mod:`.easyedit_backend`: records, edits, scores and rollback through EasyEdit;
+* :mod:`.stats`: covariance statistics from local text; :mod:`.cli`: the command.
+"""
+from .cli import build_parser, main
+from .easyedit_backend import EasyEditBackend, EasyEditSession, load_records
+from .errors import CompareError, MethodUnavailable, RollbackError
+from .methods import DEFAULT_METHODS, METHODS, MethodSpec, build_config, hparams_path_for, parse_methods, parse_overrides
+from .protocol import RunSpec, Runner, chunk_ranges, combine_restore, request_kwargs, split_records
+from .report import markdown_summary, summarise, write_summary
+from .store import ResultStore
+
+__all__ = ["main", "build_parser", "EasyEditBackend", "EasyEditSession", "load_records", "CompareError",
+           "MethodUnavailable", "RollbackError", "DEFAULT_METHODS", "METHODS", "MethodSpec", "build_config",
+           "hparams_path_for", "parse_methods", "parse_overrides", "RunSpec", "Runner", "chunk_ranges",
+           "combine_restore", "request_kwargs", "split_records", "markdown_summary", "summarise", "write_summary",
+           "ResultStore"]

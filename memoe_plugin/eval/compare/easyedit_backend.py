@@ -1,0 +1,204 @@
+"""The real backend: records, edits, scores and rollback all through an EasyEdit checkout.
+
+Records come from EasyEdit's ``ZsreDataset`` / ``CounterFactDataset``, requests from its
+``_prepare_requests``, edits from its ``ALG_DICT`` apply functions (through
+``BaseEditor``), scores from ``compute_edit_quality`` + ``finalize_locality_metrics``,
+rollback from ``restore_after_edit``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .errors import CompareError
+from .methods import METHODS, STATS_ALGS, build_config
+from .protocol import RunSpec, combine_restore, split_records
+from .stats import ensure_stats
+
+
+class EasyEditBackend:
+    """Loads records and opens one BaseEditor per method, all through an EasyEdit checkout."""
+
+    def __init__(self, easyedit_path: Optional[str], data_files: dict[str, Path], hparams_paths: dict[str, Path],
+                 overrides: dict[str, dict], model: Optional[str], out_dir: Path,
+                 stats_text: Optional[Path] = None, verbose: bool = False):
+        import memoe_plugin
+        try:
+            memoe_plugin.register(easyedit_path)
+        except memoe_plugin.EasyEditNotFoundError as err:
+            raise CompareError(str(err)) from None
+        import easyeditor
+        self.ee = easyeditor
+        self.data_files, self.hparams_paths, self.overrides = data_files, hparams_paths, overrides
+        self.model, self.out_dir, self.stats_text, self.verbose = model, Path(out_dir), stats_text, verbose
+        self._records: dict[tuple, tuple] = {}
+        if not verbose:
+            _quiet_easyedit_logging()
+
+    def records(self, dataset: str, num_edits: int) -> tuple[list[dict], list[str]]:
+        key = (dataset, num_edits)
+        if key not in self._records:
+            self._records[key] = split_records(load_records(self.ee, dataset, self.data_files[dataset]), num_edits)
+        return self._records[key]
+
+    def hparams(self, method: str):
+        spec = METHODS[method]
+        if method == "MEMoE":
+            from ...hparams import MEMoEHyperParams as cls
+            allowed = [f.name for f in dataclasses.fields(cls)]
+        else:
+            cls = getattr(self.ee, spec.hparams_class)
+            allowed = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+        config = build_config(method, self.hparams_paths[method], self.overrides.get(method, {}), self.model, allowed)
+        path = self.out_dir / "hparams" / f"{method}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"# {method}: effective hparams (from {self.hparams_paths[method]})\n"
+                        + yaml.safe_dump(config, sort_keys=False))
+        return cls.from_hparams(str(path)), path
+
+    def open_method(self, run: RunSpec) -> "EasyEditSession":
+        hparams, path = self.hparams(run.method)
+        _seed(42)
+        with _working_directory(self.out_dir):   # BaseEditor opens logs/run.log in the working directory
+            editor = self.ee.BaseEditor.from_hparams(hparams)
+        if not self.verbose:
+            _quiet_easyedit_logging()
+        session = EasyEditSession(self.ee, editor, run, path, self.records(run.dataset, run.num_edits))
+        if run.method == "WISE":
+            hparams.sequential_edit = True    # WISE.py: reuse the side memory across the requests of a chunk
+        if hparams.alg_name in STATS_ALGS and getattr(hparams, "mom2_adjustment", True):
+            ensure_stats(editor, hparams, self.stats_text)
+        return session
+
+
+class EasyEditSession:
+    """One method on one BaseEditor: thin calls into EasyEdit."""
+
+    def __init__(self, easyeditor, editor, run: RunSpec, hparams_path: Path, records):
+        from easyeditor.editors import utils as editor_utils
+        from easyeditor.editors.batch_editor import BatchEditor
+        from easyeditor.editors.editor import finalize_locality_metrics
+        from easyeditor.evaluate import compute_edit_quality
+        self.editor, self.run, self.hparams_path, self.records = editor, run, hparams_path, records
+        self._utils, self._compute, self._finalize = editor_utils, compute_edit_quality, finalize_locality_metrics
+        self.alg_name = editor.alg_name
+        self.batchable = bool(BatchEditor.is_batchable_method(self.alg_name))
+        if self.batchable:
+            editor.hparams.batch_size = run.batch_size
+        elif hasattr(editor.hparams, "batch_size"):
+            editor.hparams.batch_size = 1      # EasyEdit's single-edit contract
+
+    @property
+    def model(self):
+        return self.editor.model
+
+    def describe(self) -> dict:
+        return {"file": str(self.hparams_path), "alg_name": self.alg_name}
+
+    def batch_edit(self, kwargs: dict) -> list[dict]:
+        self.editor.hparams.batch_size = len(kwargs["prompts"])
+        metrics, _, _ = self.editor.batch_edit(**kwargs, sequential_edit=False, verbose=False)
+        return metrics
+
+    def prepare(self, kwargs: dict) -> list[dict]:
+        kwargs = dict(kwargs)
+        prompts, target_new, ground_truth = kwargs.pop("prompts"), kwargs.pop("target_new"), kwargs.pop("ground_truth")
+        ground_truth = self._utils.normalize_ground_truths(ground_truth, prompts)
+        return self._utils._prepare_requests(prompts, target_new, ground_truth,
+                                             rephrase_prompts=kwargs.pop("rephrase_prompts"),
+                                             locality_inputs=kwargs.pop("locality_inputs"), **kwargs)
+
+    def evaluate(self, model, request: dict) -> dict:
+        hp = self.editor.hparams
+        return self._compute(model, self.editor.model_name, hp, self.editor.tok, request, hp.device)
+
+    def apply(self, requests: list[dict], handle):
+        """Edit ``editor.model`` with ``requests`` as EasyEdit's batch_edit (batchable) or edit (one by one) does."""
+        editor, seconds, edited = self.editor, 0.0, None
+        groups = [requests] if self.batchable else [[r] for r in requests]
+        for group in groups:
+            start = time.perf_counter()
+            edited, weights_copy = editor.apply_algo(editor.model, editor.tok, group, editor.hparams, copy=False,
+                                                     return_orig_weights=True, keep_original_weight=False,
+                                                     train_ds=None)
+            seconds += time.perf_counter() - start
+            handle = combine_restore(handle, weights_copy, self._utils.CALLABLE_RESTORE_ALGS, self.alg_name)
+            if self.batchable:
+                editor.model = edited        # as batch_edit(sequential_edit=True)
+        return edited, handle, seconds
+
+    def restore(self, edited, handle) -> None:
+        self._utils.restore_after_edit(self.editor, edited, handle)
+
+    def finalize(self, metric: dict, request: dict) -> None:
+        self._finalize(metric, request, self.editor.hparams, self.editor.model_name)
+
+    def close(self) -> None:
+        self.editor.model = None
+        import gc
+        gc.collect()
+
+
+def load_records(easyeditor, dataset: str, path: Path) -> list[dict]:
+    """Flat records through EasyEdit's own dataset classes (+ ZsRE's subject, which ZsreDataset drops)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CompareError(f"data file {path} not found; pass --data-file")
+    if dataset == "zsre":
+        data = easyeditor.ZsreDataset(str(path))
+        raw = json.loads(path.read_text())
+        records = []
+        for i in range(len(data)):
+            record = dict(data[i])
+            record["subject"] = raw[record["case_id"]]["subject"]
+            records.append(record)
+        return records
+    # counterfact-edit.json is EasyEdit's flat CounterFact split: CounterFactDataset returns its records as they are.
+    data = easyeditor.CounterFactDataset(str(path))
+    records = [dict(data[i]) for i in range(len(data))]
+    missing = [k for k in ("prompt", "target_new", "subject", "rephrase_prompt", "locality_prompt",
+                           "locality_ground_truth") if k not in records[0]]
+    if missing:
+        raise CompareError(f"{path}: CounterFact records need {missing} (EasyEdit's flat counterfact-edit.json format)")
+    return records
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path):
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed)
+    except ImportError:   # pragma: no cover
+        pass
+    import torch
+    torch.manual_seed(seed)
+
+
+def _quiet_easyedit_logging() -> None:
+    """EasyEdit adds a console handler per BaseEditor and logs every edit at INFO: keep only warnings on screen."""
+    import logging
+    logging.getLogger("easyeditor").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setLevel(logging.WARNING)
+    with contextlib.suppress(Exception):
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()

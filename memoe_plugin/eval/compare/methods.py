@@ -1,0 +1,121 @@
+"""The methods memoe-compare runs: EasyEdit's name for each, its hparams class, and its settings file."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import yaml
+
+from ...assets import compare_hparams_dir, memoe_hparams
+from ..overrides import OverrideError, parse_method_assignments
+from .errors import CompareError
+
+PATH_KEYS = ("model_name", "stats_dir", "P_loc", "save_path", "load_path")
+# Methods whose covariance statistics EasyEdit computes from a Wikipedia download.
+STATS_ALGS = ("ROME", "MEMIT", "EMMET", "AlphaEdit", "PMET", "R-ROME")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str                    # the table's name: FT-L
+    alg_name: str                # EasyEdit's ALG_DICT key: FT
+    hparams_class: str           # attribute of easyeditor (memoe_plugin for MEMoE)
+    steps_key: Optional[str]     # what METHOD.steps=N sets
+    fixed: tuple = ()            # (key, value) pairs that define the method
+    note: str = ""
+    unavailable: str = ""        # non-empty: never runnable here, and why
+
+    def fixed_dict(self) -> dict:
+        return dict(self.fixed)
+
+
+METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
+    MethodSpec("MEMoE", "MEMoE", "MEMoEHyperParams", "steps"),
+    MethodSpec("FT-L", "FT", "FTHyperParams", "num_steps", (("objective_optimization", "prompt_last"),),
+               "EasyEdit FT, objective_optimization prompt_last"),
+    MethodSpec("FT-M", "FT", "FTHyperParams", "num_steps", (("objective_optimization", "target_new"),),
+               "EasyEdit FT, objective_optimization target_new"),
+    MethodSpec("LoRA", "LoRA", "LoRAHyperParams", "num_steps"),
+    MethodSpec("ROME", "ROME", "ROMEHyperParams", "v_num_grad_steps"),
+    MethodSpec("MEMIT", "MEMIT", "MEMITHyperParams", "v_num_grad_steps"),
+    MethodSpec("GRACE", "GRACE", "GraceHyperParams", "n_iter"),
+    MethodSpec("WISE", "WISE", "WISEHyperParams", "n_iter"),
+    MethodSpec("MEND", "MEND", "MENDHyperParams", None, unavailable=(
+        "needs a MEND hypernetwork checkpoint (hparams 'archive') trained for this model with EasyEdit's "
+        "EditTrainer on the ZsRE/CounterFact train splits; none exists for SmolLM2 here")),
+    MethodSpec("SERAC", "SERAC", "SERACHparams", None, unavailable=(
+        "needs a SERAC scope classifier and counterfactual model (hparams 'archive') trained with EasyEdit's "
+        "EditTrainer on the ZsRE/CounterFact train splits; none exists for SmolLM2 here")),
+)}
+DEFAULT_METHODS = ("MEMoE", "FT-L", "FT-M", "LoRA", "MEMIT", "GRACE", "WISE")
+
+
+def parse_methods(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    lookup = {n.lower(): n for n in METHODS}
+    out = []
+    for name in names:
+        if name.lower() not in lookup:
+            raise CompareError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+        canonical = lookup[name.lower()]
+        if canonical not in out:
+            out.append(canonical)
+    if not out:
+        raise CompareError("--methods is empty")
+    return out
+
+
+def parse_overrides(items: Iterable[str], methods: Iterable[str]) -> dict[str, dict]:
+    """``["FT-L.steps=20", "WISE.n_iter=5"]`` -> ``{"FT-L": {"steps": 20}, ...}`` (values parsed as YAML)."""
+    try:
+        out = parse_method_assignments(items, METHODS)
+    except OverrideError as err:
+        raise CompareError(f"--set {err}") from None
+    unused = set(out) - set(methods)
+    if unused:
+        raise CompareError(f"--set names {sorted(unused)}, which are not in --methods")
+    return out
+
+
+def hparams_path_for(method: str, hparams_dir: Optional[Path], explicit: dict[str, Path]) -> Path:
+    """Which YAML a method reads: --hparams METHOD=FILE, else --hparams-dir/METHOD.yaml, else the shipped one."""
+    if method in explicit:
+        return explicit[method]
+    if hparams_dir is not None and (hparams_dir / f"{method}.yaml").is_file():
+        return hparams_dir / f"{method}.yaml"
+    if method == "MEMoE":
+        return memoe_hparams("smollm2-135m")
+    return compare_hparams_dir("smollm2-135m") / f"{method}.yaml"
+
+
+def build_config(method: str, path: Path, overrides: dict, model: Optional[str],
+                 allowed_keys: Optional[Iterable[str]] = None) -> dict:
+    """The method's YAML with --set overrides and --model applied, and ``~`` expanded in paths."""
+    spec = METHODS[method]
+    if not path.is_file():
+        raise CompareError(f"{method}: hparams file {path} not found (pass --hparams {method}=FILE or --hparams-dir)")
+    config = yaml.safe_load(path.read_text())
+    if not isinstance(config, dict):
+        raise CompareError(f"{path}: expected a YAML mapping")
+    if config.get("alg_name") != spec.alg_name:
+        raise CompareError(f"{path}: alg_name is {config.get('alg_name')!r}; {method} needs {spec.alg_name!r}")
+    known = set(config) | set(allowed_keys or ())
+    for key, value in (overrides or {}).items():
+        if key == "steps" and spec.steps_key and "steps" not in known:
+            key = spec.steps_key
+        if key not in known:
+            raise CompareError(f"--set {method}.{key}: {method}'s hparams have no key {key!r} "
+                               f"(keys: {', '.join(sorted(known))}; 'steps' means {spec.steps_key})")
+        config[key] = value
+    for key, value in spec.fixed:
+        if config.get(key) != value:
+            raise CompareError(f"{method} is {spec.alg_name} with {key}: {value}, but {path} or --set gives "
+                               f"{config.get(key)!r}")
+    if model:
+        config["model_name"] = model
+    for key in PATH_KEYS:
+        if isinstance(config.get(key), str):
+            config[key] = os.path.expanduser(config[key]).rstrip("/") or "/"
+    return config

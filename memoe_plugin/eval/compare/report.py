@@ -1,0 +1,232 @@
+"""The summary of a results file: one row per run, as Markdown, CSV, JSON and a bar chart."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+from ..metrics import aggregate
+from .methods import METHODS
+from .protocol import chunk_ranges
+from .store import _jsonable
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """One row per run key, from the results.jsonl records (the latest attempt wins where attempts overlap)."""
+    runs: dict[str, dict] = {}
+    for rec in records:
+        key = rec.get("run")
+        if key is None:
+            continue
+        row = runs.setdefault(key, {"run": key, "starts": [], "chunks": {}, "cases": {}, "errors": [],
+                                    "complete_attempts": set(), "restore": None, "steps": {}})
+        kind = rec["type"]
+        if kind == "run_start":
+            row["starts"].append(rec)
+        elif kind == "run_info":
+            row["info"] = rec
+        elif kind == "chunk":
+            row["chunks"].setdefault(rec["attempt"], {})[rec["chunk"]] = rec
+        elif kind == "case":
+            row["cases"].setdefault(rec["attempt"], []).append(rec)
+        elif kind == "error":
+            row["errors"].append(rec)
+        elif kind == "run_end" and rec.get("status") == "complete":
+            row["complete_attempts"].add(rec["attempt"])
+        elif kind == "restore":
+            row["restore"] = rec
+    return [_summarise_run(row) for row in runs.values()]
+
+
+def _summarise_run(row: dict) -> dict:
+    start = row.get("info", {})
+    dataset, protocol, bs, n, method = (row["run"].split("|") + [""] * 5)[:5]
+    out = {"dataset": dataset, "protocol": protocol, "batch_size": int(bs.split("=")[1]) if "=" in bs else None,
+           "num_edits": int(n.split("=")[1]) if "=" in n else None, "method": method,
+           "note": start.get("note", ""), "batchable": start.get("batchable")}
+    if protocol == "batch":
+        chosen: dict[int, dict] = {}        # chunk -> its latest chunk record
+        for attempt, chunks in row["chunks"].items():
+            for k, rec in chunks.items():
+                chosen[k] = rec
+        cases = [c for attempt, cs in row["cases"].items() for c in cs
+                 if c["chunk"] in chosen and chosen[c["chunk"]]["attempt"] == attempt and c.get("final", True)]
+        chunk_recs = list(chosen.values())
+        rollback = [rec.get("rollback_exact") for rec in chunk_recs]
+        n_chunks = len(chunk_ranges(out["num_edits"], out["batch_size"])) if out["num_edits"] else None
+        complete = n_chunks is not None and len(chosen) >= n_chunks
+    else:
+        attempts = [a for a in row["complete_attempts"]]
+        attempt = attempts[-1] if attempts else None
+        cases = [c for c in row["cases"].get(attempt, []) if c.get("final")]
+        steps = {}
+        for c in row["cases"].get(attempt, []):
+            if not c.get("final"):
+                steps.setdefault(c["step"], []).append(c)
+        out["steps"] = {k: aggregate([c["metric"] for c in v]) for k, v in sorted(steps.items())}
+        chunk_recs = list(row["chunks"].get(attempt, {}).values())
+        rollback = [row["restore"].get("rollback_exact")] if row["restore"] and attempt else []
+        complete = attempt is not None
+    cases.sort(key=lambda c: c["index"])
+    out.update(aggregate([c["metric"] for c in cases]))
+    out["cases"] = len(cases)
+    out["edit_seconds"] = sum(float(r.get("edit_seconds") or 0.0) for r in chunk_recs) if chunk_recs else None
+    out["seconds_per_edit"] = (out["edit_seconds"] / len(cases)) if cases and out["edit_seconds"] else None
+    if not rollback or any(r is None for r in rollback):
+        out["rollback"] = "n/a" if not rollback else "not checked"
+    else:
+        out["rollback"] = "exact" if all(rollback) else "DIFFERS"
+    last_error = row["errors"][-1] if row["errors"] else None
+    if complete:
+        out["status"] = "complete"
+    elif last_error is not None and last_error.get("kind") == "unavailable":
+        out["status"] = "unavailable offline"
+    elif last_error is not None:
+        out["status"] = "error"
+    else:
+        out["status"] = "partial"
+    out["error"] = "" if complete or last_error is None else last_error["error"]
+    return out
+
+
+def _fmt(value, digits=1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+CSV_FIELDS = ("dataset", "protocol", "batch_size", "num_edits", "method", "status", "cases", "reliability",
+              "generality", "locality", "average", "edit_seconds", "seconds_per_edit", "rollback", "note", "error")
+
+
+def write_summary(out_dir: Path, rows: list[dict], method_order: Optional[list[str]] = None,
+                  commands: Optional[list[str]] = None) -> dict[str, Path]:
+    """summary.md / .csv / .json / .png in out_dir; returns their paths."""
+    out_dir = Path(out_dir)
+    order = {m: i for i, m in enumerate(method_order or list(METHODS))}
+    rows = sorted(rows, key=lambda r: (r["protocol"], r["batch_size"] or 0, r["num_edits"] or 0,
+                                       order.get(r["method"], 99), r["method"], r["dataset"]))
+    paths = {"json": out_dir / "summary.json", "csv": out_dir / "summary.csv", "md": out_dir / "summary.md"}
+    paths["json"].write_text(json.dumps(rows, indent=2, default=_jsonable))
+    with paths["csv"].open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
+    paths["md"].write_text(markdown_summary(rows, commands))
+    png = plot_summary(out_dir / "summary.png", rows)
+    if png:
+        paths["png"] = png
+    return paths
+
+
+def _groups(rows):
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["protocol"], row["batch_size"], row["num_edits"]), []).append(row)
+    return groups
+
+
+def markdown_summary(rows: list[dict], commands: Optional[list[str]] = None) -> str:
+    lines = ["# memoe-compare results", ""]
+    if commands:
+        lines += ["Commands:", ""] + [f"    {c}" for c in commands] + [""]
+    lines += ["Reliability = EasyEdit `rewrite_acc`, Generality = `rephrase_acc`, Locality = `neighborhood_acc` "
+              "(post-edit, in %, mean over edits); Average = their mean. Edit time = seconds spent in the "
+              "method's apply function (EasyEdit's `time`), over all edits, and per edit.", ""]
+    notes: list[str] = []
+    for (protocol, bs, n), group in _groups(rows).items():
+        datasets = sorted({r["dataset"] for r in group}, key=lambda d: (d != "zsre", d))
+        methods = list(dict.fromkeys(r["method"] for r in group))
+        by = {(r["dataset"], r["method"]): r for r in group}
+        lines.append(f"## {protocol} protocol, batch size {bs}, {n} edits")
+        lines.append("")
+        head = ["Method"]
+        for d in datasets:
+            head += [f"{d} Rel.", f"{d} Gen.", f"{d} Loc.", f"{d} Avg.", f"{d} edit s (s/edit)"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        for m in methods:
+            cells = [m]
+            for d in datasets:
+                r = by.get((d, m))
+                if r is None:
+                    cells += ["", "", "", "", ""]
+                    continue
+                if r["status"] in ("error", "unavailable offline") and not r["cases"]:
+                    cells += [r["status"], "–", "–", "–", "–"]
+                else:
+                    flag = "" if r["status"] == "complete" else f" ({r['status']}, {r['cases']} edits)"
+                    cells += [_fmt(r["reliability"]) + flag, _fmt(r["generality"]), _fmt(r["locality"]),
+                              _fmt(r["average"]),
+                              f"{_fmt(r['edit_seconds'], 0)} ({_fmt(r['seconds_per_edit'], 2)})"]
+                if r["error"]:
+                    notes.append(f"- {d} / {m} ({protocol}): **{r['status']}**: {r['error']}")
+                if r["rollback"] == "DIFFERS":
+                    notes.append(f"- {d} / {m} ({protocol}): rollback did NOT restore the model bit for bit")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        how = {r["method"]: r["note"] for r in group if r.get("note")}
+        rollback = {r["method"]: r["rollback"] for r in group}
+        if how:
+            lines.append("How each method ran:")
+            lines.append("")
+            for m in methods:
+                if m in how:
+                    lines.append(f"- {m}: {how[m]}; rollback check: {rollback.get(m)}")
+            lines.append("")
+        steps = [(r["dataset"], r["method"], r["steps"]) for r in group if r.get("steps")]
+        for d, m, per_step in steps:
+            lines.append(f"Per-step scores ({d} / {m}, edits so far):")
+            lines.append("")
+            lines.append("| step | Rel. | Gen. | Loc. | Avg. |")
+            lines.append("|---|---|---|---|---|")
+            for k, s in per_step.items():
+                lines.append(f"| {k} | {_fmt(s['reliability'])} | {_fmt(s['generality'])} | "
+                             f"{_fmt(s['locality'])} | {_fmt(s['average'])} |")
+            lines.append("")
+    if notes:
+        lines += ["Problems:", ""] + list(dict.fromkeys(notes)) + [""]
+    return "\n".join(lines)
+
+
+def plot_summary(path: Path, rows: list[dict]) -> Optional[Path]:
+    """Grouped bar chart: one panel per (protocol group, dataset), bars Rel/Gen/Loc/Avg per method."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[memoe-compare] matplotlib is not installed: no summary.png (pip install matplotlib)",
+              file=sys.stderr)
+        return None
+    panels = []
+    for (protocol, bs, n), group in _groups(rows).items():
+        for d in sorted({r["dataset"] for r in group}, key=lambda d: (d != "zsre", d)):
+            panels.append((f"{d}, {protocol} (bs {bs}, {n} edits)", [r for r in group if r["dataset"] == d]))
+    if not panels:
+        return None
+    keys = ("reliability", "generality", "locality", "average")
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 1.3 * max(len(p[1]) for p in panels) + 2),
+                                                     3.4 * len(panels)), squeeze=False)
+    width = 0.2
+    for ax, (title, group) in zip(axes[:, 0], panels):
+        for j, key in enumerate(keys):
+            values = [r[key] if r[key] is not None else 0.0 for r in group]
+            ax.bar([i + (j - 1.5) * width for i in range(len(group))], values, width, label=key.capitalize())
+        ax.set_xticks(range(len(group)))
+        ax.set_xticklabels([r["method"] if r["status"] == "complete" else f"{r['method']}\n({r['status']})"
+                            for r in group], fontsize=8)
+        ax.set_ylim(0, 105)
+        ax.set_ylabel("%")
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, ncol=4, fontsize=8, loc="lower center")
+    fig.tight_layout(rect=(0, 0.06 / len(panels), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

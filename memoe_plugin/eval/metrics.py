@@ -1,0 +1,72 @@
+"""Reading EasyEdit's per-edit metric dicts: reliability, generality, locality and their means."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+SCORES = ("reliability", "generality", "locality")
+
+
+def flat_mean(value) -> Optional[float]:
+    """Mean of a number or a (nested) list of numbers; None when there is nothing numeric."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        flat = [flat_mean(v) for v in value]
+        flat = [v for v in flat if v is not None]
+        return sum(flat) / len(flat) if flat else None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def case_scores(metric: dict) -> dict:
+    """Reliability / generality / locality of one EasyEdit metric dict, in [0, 1] (None when absent)."""
+    post = metric.get("post", {})
+    locality = post.get("locality", {}) or {}
+    loc_values = [flat_mean(v) for k, v in locality.items() if k.endswith("_acc")]
+    loc_values = [v for v in loc_values if v is not None]
+    return {"reliability": flat_mean(post.get("rewrite_acc")),
+            "generality": flat_mean(post.get("rephrase_acc")),
+            "locality": sum(loc_values) / len(loc_values) if loc_values else None}
+
+
+def aggregate(metrics: list[dict]) -> dict:
+    """Mean scores in % over edits, and their average (None where a score is absent)."""
+    scores = [case_scores(m) for m in metrics]
+    out = {}
+    for key in SCORES:
+        values = [s[key] for s in scores if s[key] is not None]
+        out[key] = 100.0 * sum(values) / len(values) if values else None
+    parts = [out[k] for k in SCORES]
+    out["average"] = sum(parts) / len(parts) if all(p is not None for p in parts) else None
+    return out
+
+
+def mean_post(metrics: list[dict], key: str) -> float:
+    """Mean of one post-edit metric over edits (NaN when no edit has it)."""
+    values = [flat_mean(m.get("post", {}).get(key)) for m in metrics]
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else math.nan
+
+
+def target_predictions(model, tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
+    """Greedy teacher-forced predictions of ``target``'s tokens after ``prompt``, and the tokens themselves.
+
+    Tokenised as EasyEdit scores: ``prompt + ' ' + target``, the target being the tokens after the
+    separately tokenised prompt.
+    """
+    import torch
+    full = tokenizer(prompt + " " + target)["input_ids"]
+    start = len(tokenizer(prompt)["input_ids"])
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([full], device=device)).logits[0]
+    return logits[start - 1:len(full) - 1].argmax(-1).tolist(), full[start:]
+
+
+def token_accuracy(model, tokenizer, prompt: str, target: str) -> float:
+    """Share of ``target``'s tokens predicted after ``prompt`` (EasyEdit's ``rewrite_acc`` for one edit)."""
+    predicted, wanted = target_predictions(model, tokenizer, prompt, target)
+    return sum(p == w for p, w in zip(predicted, wanted)) / len(wanted)

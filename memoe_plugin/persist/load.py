@@ -1,0 +1,165 @@
+"""load_adapter: check that a saved adapter fits the model, then put it in."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import torch
+from torch import nn
+
+from ..adapter import MEMoEAdapter, get_adapter, resolve_module
+from ..hparams import MEMoEHyperParams
+from ..layer import projection_shape
+from .file import PathLike, read_adapter_file
+from .identity import model_identity, resolved_extractor, tensor_sha256, tokenizer_fingerprint
+
+
+def _resolve_device(module: nn.Module, hparams: MEMoEHyperParams, device) -> Union[int, str]:
+    actual = module.weight.device
+    if device is None:
+        return str(actual)
+    try:
+        wanted = torch.device(f"cuda:{device}") if isinstance(device, int) else torch.device(str(device))
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a torch device; use 'cpu', 'cuda:0' or a CUDA index") from None
+    if not hparams.model_parallel and (wanted.type != actual.type
+                                       or (wanted.index is not None and wanted.index != actual.index)):
+        raise ValueError(f"device {device!r} was asked for, but the wrapped module {hparams.module_name} is on "
+                         f"{actual}; the adapter must sit on its layer's device. Move the model "
+                         f"(model.to({str(wanted)!r})) or pass device=None")
+    return device
+
+
+def load_adapter(model: nn.Module, tokenizer, path: PathLike, device=None) -> MEMoEAdapter:
+    """Attach the adapter saved at ``path`` to ``model`` and return it.
+
+    ``model`` must be the model the adapter was saved from (same config fingerprint,
+    same wrapped weights when loaded in the same dtype) and ``tokenizer`` its tokenizer.
+    Every mismatch raises ``ValueError`` naming what differs, before the model is
+    touched. The adapter's tensors go on the wrapped layer's device; ``device`` (None:
+    that device) is recorded as ``hparams.device`` and, without ``model_parallel``, must
+    be that device. The saved hparams are reused, with ``model_name`` set to the
+    model's ``name_or_path`` when it has one.
+
+    Afterwards ``apply_memoe_to_model`` keeps training the same experts (pass hparams
+    with the same structural settings), and its ``restore`` / ``remove_memoe(model)``
+    return the model bit for bit to its state before the load.
+    """
+    path = Path(path).expanduser()
+    document, tensors = read_adapter_file(path, tensors=True)
+    hparams = check_compatible(model, tokenizer, document, tensors, path, device)
+    return restore(model, tokenizer, hparams, document, tensors, path)
+
+
+def check_compatible(model: nn.Module, tokenizer, document: dict, tensors: dict, path: Path,
+                     device=None) -> MEMoEHyperParams:
+    """The saved hparams, ready for this model, after checking that the adapter fits it.
+
+    Raises ``ValueError`` naming what differs (model config, module, shapes, weights,
+    tokenizer, device) without touching the model.
+    """
+    if get_adapter(model) is not None:
+        raise ValueError("this model already has a MEMoE adapter; call restore() / remove_memoe(model) before "
+                         "load_adapter, or keep editing the adapter it has")
+
+    # ---- the model
+    saved_model, here = document["model"], model_identity(model)
+    if saved_model.get("config_sha256") != here["config_sha256"]:
+        saved_config, config = saved_model.get("config") or {}, here["config"]
+        differing = sorted(k for k in set(saved_config) | set(config) if saved_config.get(k) != config.get(k))
+        shown = ", ".join(f"{k}: saved {saved_config.get(k, '<absent>')!r}, here {config.get(k, '<absent>')!r}"
+                          for k in differing[:6]) + (" ..." if len(differing) > 6 else "")
+        raise ValueError(f"{path} was saved from another model ({saved_model.get('model_type')} "
+                         f"{saved_model.get('name_or_path')!r}); this model ({here['model_type']} "
+                         f"{here['name_or_path']!r}) has a different config: {shown or 'fingerprints differ'}. "
+                         "Load the adapter into the model it was saved from.")
+
+    # ---- hparams, module, shapes
+    saved_module = document["module"]
+    try:
+        hparams = MEMoEHyperParams.from_dict(document["hparams"])
+    except ValueError as err:
+        raise ValueError(f"{path}: the saved hparams are not valid here ({err}); the file is corrupt or "
+                         "from an incompatible memoe_plugin") from None
+    if hparams.module_name != saved_module.get("name") or hparams.layer != saved_module.get("layer"):
+        raise ValueError(f"{path}: the saved hparams target {hparams.module_name} but the saved module record "
+                         f"says {saved_module.get('name')}; the file is corrupt. Save the adapter again.")
+    try:
+        _, _, module = resolve_module(model, hparams)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path} wraps {hparams.module_name} (layer {hparams.layer}), which this model cannot "
+                         f"take: {err}") from None
+    if type(module).__name__ != saved_module.get("class"):
+        raise ValueError(f"{path} wraps a {saved_module.get('class')} at {hparams.module_name}; here it is a "
+                         f"{type(module).__name__}. Load the adapter into the model it was saved from.")
+    in_features, out_features = projection_shape(module)
+    embedding = model.get_input_embeddings()
+    feature_dim = 0 if hparams.routing_input == "token" else embedding.weight.shape[1]
+    expected = {"experts": [hparams.num_experts, in_features, out_features],
+                "gate.weight": [hparams.num_experts, in_features + feature_dim],
+                "gate_shift": [in_features + feature_dim], "gate_scale": [in_features + feature_dim]}
+    for name, shape in expected.items():
+        if name not in tensors:   # a version-1 file
+            continue
+        if list(tensors[name].shape) != shape:
+            raise ValueError(f"{path}: tensor {name!r} has shape {list(tensors[name].shape)}, but "
+                             f"{hparams.module_name} of this model needs {shape} (num_experts "
+                             f"{hparams.num_experts}, projection {in_features}->{out_features}, routing dim "
+                             f"{feature_dim}). Load the adapter into the model it was saved from.")
+        if tensors[name].dtype != torch.float32:
+            raise ValueError(f"{path}: tensor {name!r} is {tensors[name].dtype}; MEMoE adapters are float32. "
+                             "The file was not written by save_adapter.")
+    weight_dtype = str(module.weight.dtype).replace("torch.", "")
+    if weight_dtype == saved_module.get("weight_dtype") and module.weight.device.type != "meta" \
+            and tensor_sha256(module.weight) != saved_module.get("weight_sha256"):
+        raise ValueError(f"{path} was trained on other weights: {hparams.module_name} of this model differs "
+                         f"from the one the adapter was saved with (same config, different checkpoint). Load "
+                         f"the adapter into the model it was saved from ({saved_model.get('name_or_path')!r}).")
+
+    # ---- tokenizer
+    saved_tok, tok_here = document["tokenizer"], tokenizer_fingerprint(tokenizer)
+    if saved_tok.get("size") != tok_here["size"] or (saved_tok.get("vocab_sha256") and tok_here["vocab_sha256"]
+                                                     and saved_tok["vocab_sha256"] != tok_here["vocab_sha256"]):
+        raise ValueError(f"{path} was saved with another tokenizer (size {saved_tok.get('size')}, here "
+                         f"{tok_here['size']}, or a different vocabulary); targets and anchors depend on it. "
+                         "Pass the tokenizer of the model the adapter was saved from.")
+
+    hparams.device = _resolve_device(module, hparams, device)
+    if here["name_or_path"]:
+        hparams.model_name = here["name_or_path"]
+    return hparams
+
+
+def restore(model: nn.Module, tokenizer, hparams: MEMoEHyperParams, document: dict, tensors: dict,
+            path: Path) -> MEMoEAdapter:
+    """Attach an adapter built from ``hparams`` and copy the saved state into it (detached again on error)."""
+    adapter = MEMoEAdapter.attach(model, tokenizer, hparams)
+    try:
+        wanted_extractor = document["anchors"].get("extractor")
+        if resolved_extractor(adapter) != wanted_extractor:
+            raise ValueError(f"{path} was trained with the {wanted_extractor!r} entity extractor (anchor_backend "
+                             f"{hparams.anchor_backend!r}), but here it resolves to {resolved_extractor(adapter)!r}, "
+                             "so edits would route differently. Install the NLTK data "
+                             "(python -m nltk.downloader punkt_tab averaged_perceptron_tagger_eng "
+                             "maxent_ne_chunker_tab words) or load where the same extractor is available.")
+        bypass = adapter.bypass
+        with torch.no_grad():
+            bypass.experts.copy_(tensors["experts"].to(bypass.experts.device))
+            bypass.gate.weight.copy_(tensors["gate.weight"].to(bypass.gate.weight.device))
+            for name in ("gate_shift", "gate_scale"):
+                if name in tensors:
+                    getattr(bypass, name).copy_(tensors[name].to(bypass.gate.weight.device))
+        adapter.gate_calibrated = "gate_shift" in tensors
+        for parameter in bypass.trainable_parameters:   # as train_experts leaves them
+            parameter.requires_grad_(False)
+        adapter.edits = [dict(edit) for edit in document["edits"]]
+        guard_keys = document["anchors"].get("locality_guard_keys")
+        if getattr(adapter, "guard", None) is not None:
+            if not isinstance(guard_keys, list):
+                raise ValueError(f"{path}: locality_guard is on but the file has no locality-guard keys; the file "
+                                 "is corrupt. Save the adapter again.")
+            adapter.guard.add(guard_keys)
+    except BaseException:
+        adapter.detach()
+        raise
+    return adapter

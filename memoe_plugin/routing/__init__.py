@@ -1,0 +1,1 @@
+"""Routing inputs from token ids: entity extractors, knowledge anchors, the locality guard."""

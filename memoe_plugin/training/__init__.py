@@ -1,0 +1,1 @@
+"""Training the bypass: batches, the fast path over frozen activations, the trainer, the output memory."""

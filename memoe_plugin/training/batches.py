@@ -1,0 +1,57 @@
+"""Edit requests as training batches, tokenised exactly as EasyEdit scores them.
+
+The target tokens of a request are the tokens of ``prompt + ' ' + target_new`` after the
+separately tokenised prompt, which is what EasyEdit's teacher-forced metrics compare, so
+what is trained is what is scored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EditBatch:
+    input_ids: torch.Tensor        # [batch, seq], right-padded
+    attention_mask: torch.Tensor
+    rows: torch.Tensor             # target token i sits at (rows[i], positions[i] + 1)
+    positions: torch.Tensor        # position whose logits predict target token i
+    targets: torch.Tensor          # the target token ids
+
+
+def build_edit_batches(tokenizer, requests: list[dict], device, max_buckets: int = 3,
+                       min_bucket: int = 8) -> list[EditBatch]:
+    """Requests sorted by length into up to ``max_buckets`` batches, to pad (and compute) less."""
+    lengths = [len(tokenizer(r["prompt"] + " " + r["target_new"])["input_ids"]) for r in requests]
+    order = sorted(range(len(requests)), key=lengths.__getitem__)
+    buckets = max(1, min(max_buckets, len(requests) // min_bucket))
+    size = -(-len(requests) // buckets)
+    groups = [order[i:i + size] for i in range(0, len(order), size)]
+    return [build_edit_batch(tokenizer, [requests[i] for i in group], device) for group in groups]
+
+
+def build_edit_batch(tokenizer, requests: list[dict], device) -> EditBatch:
+    """Tokenise ``prompt + ' ' + target_new`` as EasyEdit's scoring does; right-pad."""
+    sequences, rows, positions, targets = [], [], [], []
+    for row, request in enumerate(requests):
+        prompt, target = request["prompt"], request["target_new"]
+        full = tokenizer(prompt + " " + target)["input_ids"]
+        prompt_len = len(tokenizer(prompt)["input_ids"])
+        if len(full) <= prompt_len:
+            raise ValueError(f"target_new {target!r} adds no tokens after prompt {prompt!r}")
+        sequences.append(full)
+        for pos in range(prompt_len, len(full)):
+            rows.append(row)
+            positions.append(pos - 1)
+            targets.append(full[pos])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id if pad_id is not None else 0, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, seq in enumerate(sequences):
+        input_ids[row, :len(seq)] = torch.tensor(seq)
+        attention_mask[row, :len(seq)] = 1
+    as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)
+    return EditBatch(input_ids.to(device), attention_mask.to(device), as_long(rows), as_long(positions),
+                     as_long(targets))

@@ -1,0 +1,175 @@
+"""The fast path of training: the frozen layers below the adapter run once per batch, not per step.
+
+The frozen model below the adapter never changes, so :class:`UpperStack` computes it once:
+the adapter's input, and the residual stream right after the adapted layer without the
+bypass. Each step then runs only the bypass, the layers above it and the LM head at the
+target positions. With the locality guard, positions before every row's first anchor
+never change either; their keys and values in the upper layers go into a KV cache once.
+:func:`target_logits_function` checks the shortcut against a full forward pass and falls
+back to full passes, with a warning, when the two disagree (an architecture where the
+projection's output is not added straight to the residual stream).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..compat import CacheNotFollowedError, cache_argument_name, output_cache
+from .batches import EditBatch
+from .capture import capture_bypass
+
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
+
+
+class UpperStack:
+    """Runs the model from just after the adapted layer, reusing frozen activations."""
+
+    def __init__(self, adapter, batch: EditBatch, skip_silent_prefix: bool = True):
+        self.adapter, self.batch = adapter, batch
+        model, hp = adapter.model, adapter.hparams
+        layers_path = hp.module_template.split("{}")[0].rstrip(".")
+        layers = model.get_submodule(layers_path)
+        self.upper_layers = list(layers)[hp.layer + 1:]
+        self.final_norm = find_final_norm(model)
+        self.head = model.get_output_embeddings()
+        if self.final_norm is None or self.head is None:
+            raise LookupError("no final norm / LM head found")
+        self.features, self.mask, self.active = adapter.routing_features(batch.input_ids, batch.attention_mask)
+        self.start, self.cache = 0, None
+        start = self._silent_prefix_length() if skip_silent_prefix else 0
+        if start > 0 and self.upper_layers:
+            self._capture_after_prefix(start)
+        else:
+            self._capture()
+
+    def _silent_prefix_length(self) -> int:
+        """Positions where the locality guard keeps the bypass silent in every row, and no loss is taken.
+
+        Their states never change in training, so the layers above the adapter can keep their keys and
+        values in a KV cache and recompute only the positions after them.
+        """
+        if self.active is None:
+            return 0
+        real_and_active = self.active & self.mask.bool()
+        any_active = real_and_active.any(dim=0)
+        first_active = int(any_active.nonzero()[0]) if any_active.any() else self.active.shape[1]
+        return min(first_active, int(self.batch.positions.min()))
+
+    def _capture_after_prefix(self, start: int) -> None:
+        """Fill a KV cache with the silent prefix, then capture the rest as it enters the upper layers."""
+        batch, model = self.batch, self.adapter.model
+        with capture_bypass(self.adapter, stage=self.upper_layers[0]) as record:
+            prefix = model(input_ids=batch.input_ids[:, :start], attention_mask=batch.attention_mask[:, :start],
+                           use_cache=True)
+            cache = output_cache(prefix)
+            model(input_ids=batch.input_ids[:, start:], attention_mask=batch.attention_mask,
+                  use_cache=True, **{cache_argument_name(model): cache})
+        self._keep(record)
+        truncate_cache(cache, start)
+        self.start, self.cache = start, cache
+        self.features = None if self.features is None else self.features[:, start:]
+        self.mask = self.mask[:, start:]
+        self.active = None if self.active is None else self.active[:, start:]
+
+    def _capture(self) -> None:
+        stage = self.upper_layers[0] if self.upper_layers else self.final_norm
+        with capture_bypass(self.adapter, stage=stage) as record:
+            self.adapter.model(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask,
+                               use_cache=False)
+        self._keep(record)
+
+    def _keep(self, record) -> None:
+        """The last call's bypass input and upper-stage input (the full-length call when a prefix ran first)."""
+        self.x = record.bypass[-1].x
+        stage = record.stage[-1]
+        self.hidden, self.args, self.kwargs = stage.hidden, stage.args, stage.kwargs
+
+    def target_logits(self) -> torch.Tensor:
+        bypass = self.adapter.bypass
+        self.adapter.context.set(self.features, self.mask, self.active)
+        try:
+            hidden = self.hidden + bypass.delta(self.x).to(self.hidden.dtype)
+        finally:
+            self.adapter.context.clear()
+        try:
+            for layer in self.upper_layers:
+                hidden = layer(hidden, *self.args, **self.kwargs)
+                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        finally:
+            if self.cache is not None:   # the layers appended this step's keys and values
+                truncate_cache(self.cache, self.start)
+        picked = hidden[self.batch.rows, self.batch.positions - self.start]
+        return self.head(self.final_norm(picked)).float()
+
+
+def truncate_cache(cache, length: int) -> None:
+    """Keep the first ``length`` positions in every layer of a transformers ``Cache``.
+
+    A negative argument to a cache layer's ``crop`` drops that many positions in every
+    transformers 5 release (the meaning of a positive one changed)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise LookupError("this transformers cache has no per-layer crop")
+    for layer in layers:
+        excess = layer.get_seq_length() - length
+        if excess > 0:
+            layer.crop(-excess)
+            # what is left is a slice of this step's concatenation: cut it from this step's graph
+            layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+        if layer.get_seq_length() > length:
+            raise LookupError(f"could not truncate the KV cache to {length} positions")
+
+
+def full_target_logits(adapter, batch: EditBatch) -> torch.Tensor:
+    logits = adapter.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    return logits[batch.rows, batch.positions].float()
+
+
+def find_final_norm(model: nn.Module) -> Optional[nn.Module]:
+    base = getattr(model, "base_model", None)
+    for name in FINAL_NORM_NAMES:
+        module = getattr(base, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    return None
+
+
+def _logits_function(adapter, batch: EditBatch) -> tuple[Callable[[], torch.Tensor], bool]:
+    """The fastest correct way to get target logits: the cached upper stack, else full passes."""
+    full = lambda: full_target_logits(adapter, batch)
+    try:
+        stack = UpperStack(adapter, batch)
+    except (LookupError, KeyError, IndexError, TypeError, CacheNotFollowedError) as err:
+        warnings.warn(f"MEMoE: training with full forward passes ({err})")
+        return full, False
+    with torch.no_grad():
+        reference, shortcut = full(), stack.target_logits()
+    if stack.cache is not None and not torch.allclose(reference, shortcut, rtol=1e-3, atol=1e-3):
+        stack = UpperStack(adapter, batch, skip_silent_prefix=False)   # the plain cached path, checked below
+        with torch.no_grad():
+            shortcut = stack.target_logits()
+    if not torch.allclose(reference, shortcut, rtol=1e-3, atol=1e-3):
+        gap = (reference - shortcut).abs().max().item()
+        warnings.warn(f"MEMoE: cached activations disagree with the full model (max gap {gap:.2e}); "
+                      "training with full forward passes instead")
+        return full, False
+    return stack.target_logits, True
+
+
+def target_logits_function(adapter, batches: list[EditBatch]):
+    """One function returning (target logits of all buckets, mean balance loss), and whether it is cached."""
+    functions = [_logits_function(adapter, batch) for batch in batches]
+    bypass = adapter.bypass
+
+    def logits_and_aux():
+        pieces, aux = [], []
+        for function, _ in functions:
+            pieces.append(function())
+            if bypass.aux_loss is not None:
+                aux.append(bypass.aux_loss)
+        return torch.cat(pieces), (torch.stack(aux).mean() if aux else None)
+
+    return logits_and_aux, all(cached for _, cached in functions)

@@ -1,0 +1,106 @@
+"""Output memory: an extension against forgetting in sequential editing (``memory_rows``).
+
+After each edit call, the layer inputs ``x`` of the edited prompts at the positions
+the bypass acts on are kept, with their routing features and the bypass output
+``delta(x)`` the call trained. Later calls add a penalty for moving those outputs:
+
+    loss += memory_weight * |delta(x_old) - delta_old|^2 / |delta_old|^2
+
+on ``memory_batch`` stored rows drawn per step. It is replay in the adapter's input
+space: it costs one expert product per stored row, with no layer above the adapter
+run again, where replaying whole requests (``replay``) reruns the upper stack. The
+memory holds at most ``memory_rows`` rows (reservoir sampling over everything seen),
+in float16; it lives with the adapter and is not saved by ``save_adapter``.
+"""
+from __future__ import annotations
+
+import random
+from typing import Optional
+
+import torch
+
+from ..layer import MoEBypass, RoutingContext
+from .capture import run_batches
+
+
+class OutputMemory:
+    def __init__(self, capacity: int, seed: int = 0):
+        self.capacity = capacity
+        self.x: Optional[torch.Tensor] = None          # [rows, in]
+        self.features: Optional[torch.Tensor] = None   # [rows, feature_dim], None without routing features
+        self.delta: Optional[torch.Tensor] = None      # [rows, out]
+        self.seen = 0
+        self._rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return 0 if self.x is None else self.x.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.x, self.features, self.delta) if t is not None)
+
+    def add(self, x: torch.Tensor, features: Optional[torch.Tensor], delta: torch.Tensor) -> None:
+        """Keep new rows; past ``capacity``, each row seen so far stays with equal probability."""
+        x, delta = x.detach().half(), delta.detach().half()
+        features = None if features is None else features.detach().half()
+        if self.x is None:
+            self.x, self.delta = x[:0], delta[:0]
+            self.features = None if features is None else features[:0]
+        keep_new, replace = [], []
+        for i in range(x.shape[0]):
+            self.seen += 1
+            if len(self) + len(keep_new) < self.capacity:
+                keep_new.append(i)
+            else:
+                slot = self._rng.randrange(self.seen)
+                if slot < self.capacity:
+                    replace.append((slot, i))
+        for slot, i in replace:   # replacements land in rows that already exist
+            if slot < len(self):
+                self.x[slot], self.delta[slot] = x[i], delta[i]
+                if features is not None:
+                    self.features[slot] = features[i]
+        if keep_new:
+            index = torch.tensor(keep_new, dtype=torch.long, device=x.device)
+            self.x = torch.cat([self.x, x[index]])
+            self.delta = torch.cat([self.delta, delta[index]])
+            if features is not None:
+                self.features = torch.cat([self.features, features[index]])
+
+    def loss(self, bypass: MoEBypass, context: RoutingContext, batch: int) -> Optional[torch.Tensor]:
+        """Relative squared change of the bypass output on ``batch`` stored rows (None when empty)."""
+        if not len(self):
+            return None
+        index = torch.randperm(len(self))[:batch].to(self.x.device)
+        dtype = bypass.experts.dtype
+        x = self.x[index].to(dtype).unsqueeze(0)
+        features = None if self.features is None else self.features[index].to(dtype).unsqueeze(0)
+        context.set(features, None, None)
+        try:
+            now = bypass.delta(x)[0]
+        finally:
+            context.clear()
+        old = self.delta[index].to(now.dtype)
+        return (now - old).pow(2).sum(-1).mean() / old.pow(2).sum(-1).mean().clamp_min(1e-12)
+
+
+@torch.no_grad()
+def remember_edits(adapter, batches) -> None:
+    """Add the edited prompts' active positions (and what the bypass now gives them) to the memory."""
+    memory, bypass = adapter.memory, adapter.bypass
+    if memory is None:
+        return
+    for call in run_batches(adapter, batches, enabled=True).bypass:
+        x = call.x
+        rows = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+        if call.token_mask is not None and call.token_mask.shape == rows.shape:
+            rows &= call.token_mask.bool().to(x.device)
+        if call.active is not None:
+            rows &= call.active.to(x.device)
+        adapter.context.set(call.features, call.token_mask, call.active)
+        try:
+            delta = bypass.delta(x)
+        finally:
+            adapter.context.clear()
+        features = None if call.features is None else call.features[rows]
+        memory.add(x[rows], features, delta[rows])

@@ -1,0 +1,114 @@
+"""Training the experts and the gate on a batch of edit requests.
+
+Loss = cross-entropy on the target tokens only + ``aux_loss_weight`` x the Switch
+load-balancing loss (+ the output memory's penalty when it is on). The model stays in
+eval mode (dropout off) and only the experts and the gate get gradients. On NaN or Inf
+the experts and the gate are put back as they were before the call.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .batches import build_edit_batches
+from .calibration import calibrate_gate
+from .fast_path import target_logits_function
+from .memory import remember_edits
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The loss became NaN or Inf; the adapter was put back as it was before the call."""
+
+
+@dataclass
+class TrainReport:
+    steps: int
+    final_loss: float              # target cross-entropy at the last step (before its update)
+    stopped_early: bool
+    used_cached_activations: bool
+    target_accuracy: float
+
+
+def train_experts(adapter, requests: list[dict], progress: bool = False) -> TrainReport:
+    """Fit the experts and gate to ``requests``; on NaN/Inf restore them and raise."""
+    hp, model, bypass = adapter.hparams, adapter.model, adapter.bypass
+    device = bypass.experts.device
+    batches = build_edit_batches(adapter.tokenizer, requests, device)
+    targets = torch.cat([b.targets for b in batches])
+    snapshot = [p.detach().clone() for p in bypass.trainable_parameters]
+    was_training = model.training
+    model.eval()   # dropout off: the frozen model computes exactly what it computes at test time
+    # by name, not by object: accelerate replaces offloaded parameters on every forward
+    grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in bypass.trainable_parameters:
+        p.requires_grad_(True)
+    if hp.gate_norm == "center" and not adapter.gate_calibrated:
+        calibrate_gate(adapter, batches)
+    optimizer = torch.optim.Adam([{"params": [bypass.experts]},
+                                  {"params": [bypass.gate.weight], "lr": hp.lr * hp.gate_lr_scale}],
+                                 lr=hp.lr, weight_decay=hp.weight_decay)
+    steps_done, loss_value, stopped_early, accuracy = 0, math.nan, False, 0.0
+    try:
+        target_logits, cached = target_logits_function(adapter, batches)
+        bar = _progress(hp.steps, progress)
+        memory = adapter.memory if hp.memory_weight > 0 and adapter.memory is not None and len(adapter.memory) \
+            else None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hp.seed)
+            bypass.train()
+            for step in range(hp.steps):
+                logits, aux = target_logits()
+                loss = target_loss = F.cross_entropy(logits, targets)
+                if hp.aux_loss_weight and aux is not None:
+                    loss = loss + hp.aux_loss_weight * aux
+                if memory is not None:
+                    loss = loss + hp.memory_weight * memory.loss(bypass, adapter.context, hp.memory_batch)
+                if not torch.isfinite(loss):
+                    raise TrainingDivergedError(
+                        f"MEMoE training diverged at step {step} (loss {loss.item()}); the edit was not kept. "
+                        f"Lower lr (now {hp.lr}) or scale (now {hp.scale}).")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                steps_done, loss_value = step + 1, target_loss.item()
+                accuracy = (logits.argmax(-1) == targets).float().mean().item()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{accuracy:.2f}")
+                margin_ok = hp.early_stop_loss == 0 or target_loss.item() <= hp.early_stop_loss
+                if hp.early_stop and accuracy == 1.0 and margin_ok:
+                    stopped_early = step + 1 < hp.steps
+                    break
+        if bar is not None:
+            bar.close()
+        if not all(torch.isfinite(p).all() for p in bypass.trainable_parameters):
+            raise TrainingDivergedError(f"MEMoE training left non-finite expert weights; the edit was not kept. "
+                                        f"Lower lr (now {hp.lr}) or scale (now {hp.scale}).")
+        bypass.eval()
+        remember_edits(adapter, batches)
+    except BaseException:
+        with torch.no_grad():
+            for p, saved in zip(bypass.trainable_parameters, snapshot):
+                p.copy_(saved)
+        raise
+    finally:
+        bypass.eval()
+        bypass.aux_loss = None
+        for name, p in model.named_parameters():
+            p.requires_grad_(grad_flags.get(name, p.requires_grad))
+        for p in bypass.trainable_parameters:
+            p.requires_grad_(False)
+        model.train(was_training)
+    return TrainReport(steps_done, loss_value, stopped_early, cached, accuracy)
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="MEMoE training", unit="step", leave=False)

@@ -1,0 +1,466 @@
+"""memoe-compare: protocol logic on fakes (always), and on EasyEdit with a tiny Llama (with EASYEDIT_PATH).
+
+The fake backend stands in for EasyEdit: its "model" is one parameter vector that
+each edit changes, its scores say whether a prompt was edited, and its restore can
+be told to fail. That is enough to check chunking, rollback checks, resume after
+an interruption and a failing method without EasyEdit or a real model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+import yaml
+
+from memoe_plugin.eval import compare
+from memoe_plugin.assets import compare_hparams_dir
+from memoe_plugin.eval.compare import (METHODS, CompareError, ResultStore, RunSpec, Runner, build_config,
+                                       chunk_ranges, combine_restore, parse_overrides, split_records, summarise)
+from memoe_plugin.eval.state import state_fingerprint
+
+EASYEDIT_PATH = os.environ.get("EASYEDIT_PATH")
+
+
+# ----------------------------------------------------------------------------- fakes
+def fake_records(n):
+    return [{"case_id": 100 + i, "prompt": f"Subject{i} lives in", "target_new": f"City{i}",
+             "subject": f"Subject{i}", "ground_truth": f"Old{i}", "rephrase_prompt": f"Subject{i} resides in",
+             "locality_prompt": f"Other{i} lives in", "locality_ground_truth": f"Town{i}"} for i in range(n)]
+
+
+class FakeModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(8))
+
+
+class FakeSession:
+    def __init__(self, backend, run):
+        self.backend, self.run = backend, run
+        self.batchable = backend.batchable.get(run.method, True)
+        self.model = FakeModel()
+        self.known: set[str] = set()
+        self.records = split_records(fake_records(40), run.num_edits)
+
+    def describe(self):
+        return {"file": "fake.yaml"}
+
+    def prepare(self, kwargs):
+        return [{"prompt": p, "target_new": t, "rephrase_prompt": r,
+                 "locality": {"neighborhood": {"prompt": lp, "ground_truth": lg}}}
+                for p, t, r, lp, lg in zip(kwargs["prompts"], kwargs["target_new"], kwargs["rephrase_prompts"],
+                                           kwargs["locality_inputs"]["neighborhood"]["prompt"],
+                                           kwargs["locality_inputs"]["neighborhood"]["ground_truth"])]
+
+    def evaluate(self, model, request):
+        hit = float(request["prompt"] in self.known)
+        damaged = int(len(self.known) > self.backend.damage_after)
+        return {"rewrite_acc": [hit], "rephrase_acc": [hit], "locality": {"neighborhood_output": [[damaged]]}}
+
+    def apply(self, requests, handle):
+        groups = [requests] if self.batchable else [[r] for r in requests]
+        for group in groups:
+            self.backend.calls.append((self.run.method, [r["prompt"] for r in group]))
+            count = len(self.backend.calls)
+            if self.backend.interrupt_at == count:
+                raise KeyboardInterrupt
+            if self.run.method in self.backend.fail_methods and count >= self.backend.fail_at:
+                raise RuntimeError("fake failure")
+            first = self.model.w.detach().clone()
+            with torch.no_grad():
+                self.model.w += 1.0
+            self.known.update(r["prompt"] for r in group)
+            handle = combine_restore(handle, {"w": first}, set(), "FAKE")
+        return self.model, handle, 0.01 * len(requests)
+
+    def restore(self, edited, handle):
+        with torch.no_grad():
+            self.model.w.copy_(handle["w"] + (1.0 if self.backend.broken_restore else 0.0))
+        self.known.clear()
+
+    def finalize(self, metric, request):
+        pre = metric["pre"]["locality"]["neighborhood_output"]
+        post = metric["post"]["locality"]["neighborhood_output"]
+        metric["post"]["locality"]["neighborhood_acc"] = [float(a == b) for a, b in zip(pre, post)]
+
+    def batch_edit(self, kwargs):
+        """EasyEdit's batch_edit(sequential_edit=False) for one chunk: pre, edit, post, restore, finalize."""
+        requests = self.prepare(kwargs)
+        metrics = [{"case_id": i, "requested_rewrite": r, "pre": self.evaluate(self.model, r)}
+                   for i, r in enumerate(requests)]
+        edited, handle, seconds = self.apply(requests, None)
+        for metric, request in zip(metrics, requests):
+            metric.update(time=seconds, post=self.evaluate(edited, request))
+        self.restore(edited, handle)
+        for metric, request in zip(metrics, requests):
+            self.finalize(metric, request)
+        return metrics
+
+    def close(self):
+        self.backend.closed.append(self.run.method)
+
+
+class FakeBackend:
+    def __init__(self, batchable=None, fail_methods=(), fail_at=1, interrupt_at=None, broken_restore=False,
+                 damage_after=3, **_):
+        self.batchable = batchable or {"GRACE": False, "WISE": False}
+        self.fail_methods, self.fail_at, self.interrupt_at = set(fail_methods), fail_at, interrupt_at
+        self.broken_restore, self.damage_after = broken_restore, damage_after
+        self.calls, self.closed, self.opened = [], [], []
+
+    def open_method(self, run):
+        self.opened.append(run.key)
+        return FakeSession(self, run)
+
+
+@pytest.fixture(autouse=True)
+def data_folder(tmp_path, monkeypatch):
+    """A $MEMOE_DATA folder with (empty) files under the datasets' names: the fakes never read them."""
+    from memoe_plugin.eval.data import DATA_FILES
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for spec in DATA_FILES.values():
+        (folder / spec.names[0]).write_text("[]")
+    monkeypatch.setenv("MEMOE_DATA", str(folder))
+    return folder
+
+
+def run_main(tmp_path, backend, *args):
+    argv = ["--out", str(tmp_path / "out"), "--no-progress", *args]
+    return compare.main(argv, backend_factory=lambda **kwargs: backend)
+
+
+def rows_by_method(tmp_path):
+    return {r["method"]: r for r in json.loads((tmp_path / "out" / "summary.json").read_text())}
+
+
+def results(tmp_path):
+    return ResultStore(tmp_path / "out" / "results.jsonl").records()
+
+
+# ----------------------------------------------------------------------------- pure helpers
+def test_chunk_ranges():
+    assert chunk_ranges(7, 3) == [(0, 3), (3, 6), (6, 7)]
+    assert chunk_ranges(30, 30) == [(0, 30)]
+    assert chunk_ranges(2, 10) == [(0, 2)]
+    with pytest.raises(CompareError):
+        chunk_ranges(3, 0)
+
+
+def test_split_records_takes_wise_loc_prompts_from_records_after_the_edits():
+    edits, loc = split_records(fake_records(5), 3)
+    assert [r["case_id"] for r in edits] == [100, 101, 102]
+    assert loc == ["Other3 lives in Town3", "Other4 lives in Town4", "Other3 lives in Town3"]
+    with pytest.raises(CompareError, match="usable records"):
+        split_records(fake_records(2), 3)
+
+
+def test_combine_restore_keeps_the_first_callable_and_the_first_copy_of_each_tensor():
+    first, later = (lambda: "first"), (lambda: "later")
+    assert combine_restore(None, first, {"GRACE"}, "GRACE") is first
+    assert combine_restore(first, later, {"GRACE"}, "GRACE") is first
+    a, b = torch.zeros(1), torch.ones(1)
+    merged = combine_restore({"x": a}, {"x": b, "y": b}, set(), "FT")
+    assert merged["x"] is a and merged["y"] is b
+
+
+def test_state_fingerprint_sees_one_ulp_and_new_modules():
+    model = FakeModel()
+    before = state_fingerprint(model)
+    with torch.no_grad():
+        model.w[3] = torch.nextafter(torch.tensor(0.0), torch.tensor(1.0))
+    assert state_fingerprint(model) != before
+    with torch.no_grad():
+        model.w.zero_()
+    assert state_fingerprint(model) == before
+    model.extra = torch.nn.Linear(1, 1)
+    assert state_fingerprint(model) != before
+
+
+def test_overrides_steps_alias_fixed_objective_and_paths(tmp_path):
+    overrides = parse_overrides(["FT-L.steps=20", "wise.n_iter=5", "FT-L.lr=1e-3"], ["FT-L", "WISE"])
+    assert overrides == {"FT-L": {"steps": 20, "lr": 1e-3}, "WISE": {"n_iter": 5}}
+    with pytest.raises(CompareError, match="METHOD.key=value"):
+        parse_overrides(["steps=3"], ["FT-L"])
+    with pytest.raises(CompareError, match="not in --methods"):
+        parse_overrides(["GRACE.n_iter=3"], ["FT-L"])
+    path = compare_hparams_dir() / "FT-L.yaml"
+    config = build_config("FT-L", path, {"steps": 20}, None)
+    assert config["num_steps"] == 20 and config["objective_optimization"] == "prompt_last"
+    assert not config["model_name"].startswith("~")
+    assert build_config("FT-L", path, {}, str(tmp_path / "m-llama"))["model_name"] == str(tmp_path / "m-llama")
+    with pytest.raises(CompareError, match="no key 'bogus'"):
+        build_config("FT-L", path, {"bogus": 1}, None)
+    with pytest.raises(CompareError, match="prompt_last"):
+        build_config("FT-L", path, {"objective_optimization": "target_new"}, None)
+    with pytest.raises(CompareError, match="alg_name"):
+        build_config("FT-L", compare_hparams_dir() / "GRACE.yaml", {}, None)
+
+
+@pytest.mark.parametrize("method", [m for m, s in METHODS.items() if not s.unavailable])
+def test_shipped_hparams_fit_smollm2(method):
+    path = compare.hparams_path_for(method, None, {})
+    config = yaml.safe_load(path.read_text())
+    assert config["alg_name"] == METHODS[method].alg_name
+    assert str(config["device"]) == "cpu" and "smollm2-135m-llama" in config["model_name"]
+    for key, value in METHODS[method].fixed:
+        assert config[key] == value
+    layers = list(config.get("layers", [])) + [config[k] for k in ("layer", "v_loss_layer") if k in config]
+    layers += [int(p.split("[")[1].split("]")[0]) for p in config.get("inner_params", [])]
+    assert all(0 <= layer < 30 for layer in layers), layers
+
+
+# ----------------------------------------------------------------------------- protocols on fakes
+@pytest.mark.parametrize("method, per_request", [("FT-L", False), ("GRACE", True)])
+def test_batch_protocol_chunks_and_rolls_back_between_chunks(tmp_path, method, per_request):
+    backend = FakeBackend()
+    assert run_main(tmp_path, backend, "--methods", method, "--num-edits", "7", "--batch-size", "3") == 0
+    sizes = [len(prompts) for _, prompts in backend.calls]
+    assert sizes == ([1] * 7 if per_request else [3, 3, 1])
+    chunks = [r for r in results(tmp_path) if r["type"] == "chunk"]
+    assert [c["range"] for c in chunks] == [[0, 3], [3, 6], [6, 7]]
+    assert all(c["rollback_exact"] for c in chunks)
+    row = rows_by_method(tmp_path)[method]
+    assert row["status"] == "complete" and row["cases"] == 7 and row["rollback"] == "exact"
+    # every edit was learnt, and rollback between chunks kept the locality damage (after 3 edits) away
+    assert row["reliability"] == 100.0 and row["locality"] == 100.0
+    assert ("one after another" in row["note"]) == per_request
+    cases = [r for r in results(tmp_path) if r["type"] == "case"]
+    assert [c["index"] for c in cases] == list(range(7)) and cases[0]["record_id"] == 100
+    out = tmp_path / "out"
+    for name in ("summary.md", "summary.csv", "summary.json", "summary.png", "commands.txt"):
+        assert (out / name).exists(), name
+    assert f"| {method} | 100.0 | 100.0 | 100.0 | 100.0 |" in (out / "summary.md").read_text()
+
+
+def test_a_rollback_that_does_not_restore_stops_the_method(tmp_path):
+    backend = FakeBackend(broken_restore=True)
+    assert run_main(tmp_path, backend, "--methods", "FT-L", "--num-edits", "6", "--batch-size", "3") == 0
+    chunks = [r for r in results(tmp_path) if r["type"] == "chunk"]
+    assert [c["rollback_exact"] for c in chunks] == [False]        # chunk 1 never ran
+    row = rows_by_method(tmp_path)["FT-L"]
+    assert row["status"] == "error" and "RollbackError" in row["error"] and row["rollback"] == "DIFFERS"
+    assert "rollback did NOT restore" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_a_failing_method_is_reported_and_the_others_still_run(tmp_path):
+    backend = FakeBackend(fail_methods={"FT-M"}, fail_at=1)
+    assert run_main(tmp_path, backend, "--methods", "MEMoE,FT-M,MEND,GRACE", "--num-edits", "4",
+                    "--batch-size", "2") == 0
+    rows = rows_by_method(tmp_path)
+    assert rows["MEMoE"]["status"] == rows["GRACE"]["status"] == "complete"
+    assert rows["FT-M"]["status"] == "error" and rows["FT-M"]["error"] == "RuntimeError: fake failure"
+    assert rows["MEND"]["status"] == "unavailable offline" and "hypernetwork" in rows["MEND"]["error"]
+    markdown = (tmp_path / "out" / "summary.md").read_text()
+    assert "| FT-M | error |" in markdown and "fake failure" in markdown
+    errors = [r for r in results(tmp_path) if r["type"] == "error" and r["run"].endswith("FT-M")]
+    assert errors[0]["chunk"] == 0 and "Traceback" in errors[0]["traceback"]
+    assert "FT-M" in backend.closed
+
+
+def test_interrupted_run_resumes_after_the_last_finished_chunk(tmp_path):
+    backend = FakeBackend(interrupt_at=2)          # Ctrl-C during the second chunk of the first method
+    assert run_main(tmp_path, backend, "--methods", "MEMoE,FT-L", "--num-edits", "7", "--batch-size", "3") == 130
+    done = [r for r in results(tmp_path) if r["type"] == "chunk"]
+    assert [c["chunk"] for c in done] == [0]
+    assert rows_by_method(tmp_path)["MEMoE"]["status"] == "partial"
+    # without --resume the same command refuses to mix runs
+    assert run_main(tmp_path, FakeBackend(), "--methods", "MEMoE,FT-L", "--num-edits", "7",
+                    "--batch-size", "3") == 2
+    again = FakeBackend()
+    assert run_main(tmp_path, again, "--methods", "MEMoE,FT-L", "--num-edits", "7", "--batch-size", "3",
+                    "--resume") == 0
+    assert [p[0] for _, p in again.calls] == ["Subject3 lives in", "Subject6 lives in",       # MEMoE 1, 2
+                                              "Subject0 lives in", "Subject3 lives in", "Subject6 lives in"]
+    rows = rows_by_method(tmp_path)
+    assert rows["MEMoE"]["status"] == rows["FT-L"]["status"] == "complete"
+    assert rows["MEMoE"]["cases"] == 7 and rows["MEMoE"]["reliability"] == 100.0
+    # a third --resume has nothing left to do
+    third = FakeBackend()
+    assert run_main(tmp_path, third, "--methods", "MEMoE,FT-L", "--num-edits", "7", "--batch-size", "3",
+                    "--resume") == 0
+    assert third.calls == [] and third.opened == []
+
+
+def test_cases_of_an_unfinished_chunk_and_a_torn_line_are_ignored(tmp_path):
+    store = ResultStore(tmp_path / "r.jsonl")
+    runner = Runner(FakeBackend(), store, progress=False)
+    run = RunSpec("zsre", "FT-L", "batch", 2, 4)
+    runner.run_one(run)
+    records = store.records()
+    last_chunk = max(i for i, r in enumerate(records) if r["type"] == "chunk")
+    lines = store.path.read_text().splitlines()
+    # keep chunk 0 and the cases of chunk 1, drop chunk 1's record, and tear the last line (a crash mid-write)
+    store.path.write_text("\n".join(lines[:last_chunk] + ['{"type": "case", "run": "zsre']) + "\n")
+    assert summarise(store.records())[0]["cases"] == 2
+    backend = FakeBackend()
+    Runner(backend, store, resume=True, progress=False).run_one(run)
+    assert [p for _, p in backend.calls] == [["Subject2 lives in", "Subject3 lives in"]]
+    row = summarise(store.records())[0]
+    assert row["status"] == "complete" and row["cases"] == 4
+
+
+@pytest.mark.parametrize("method", ["MEMoE", "WISE"])
+def test_sequential_protocol_keeps_edits_and_scores_after_the_last(tmp_path, method):
+    backend = FakeBackend(damage_after=4)
+    assert run_main(tmp_path, backend, "--methods", method, "--protocol", "sequential", "--num-edits", "7",
+                    "--batch-size", "3", "--eval-every-step") == 0
+    sizes = [len(p) for _, p in backend.calls]
+    assert sizes == ([1] * 7 if method == "WISE" else [3, 3, 1])
+    row = rows_by_method(tmp_path)[method]
+    assert row["status"] == "complete" and row["cases"] == 7
+    assert row["reliability"] == 100.0          # nothing was rolled back: every edit is still there at the end
+    assert row["locality"] == 0.0               # 7 edits > 4: "damaged" relative to pre on the unedited model
+    assert row["rollback"] == "exact"           # the combined restore handle undid all chunks at the end
+    assert list(row["steps"]) == ["0", "1"]       # JSON keys
+    assert row["steps"]["0"]["locality"] == 100.0 and row["steps"]["1"]["locality"] == 0.0
+    assert "Per-step scores" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_sequential_resume_restarts_an_unfinished_method(tmp_path):
+    assert run_main(tmp_path, FakeBackend(interrupt_at=2), "--methods", "MEMoE", "--protocol", "sequential",
+                    "--num-edits", "4", "--batch-size", "2") == 130
+    backend = FakeBackend()
+    assert run_main(tmp_path, backend, "--methods", "MEMoE", "--protocol", "sequential", "--num-edits", "4",
+                    "--batch-size", "2", "--resume") == 0
+    assert len(backend.calls) == 2
+    row = rows_by_method(tmp_path)["MEMoE"]
+    assert row["status"] == "complete" and row["cases"] == 4
+
+
+def test_usage_errors(tmp_path, capsys):
+    assert run_main(tmp_path, FakeBackend(), "--methods", "FT-Q") == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert run_main(tmp_path, FakeBackend(), "--data", "zsre,counterfact", "--data-file", "x.json") == 2
+    assert run_main(tmp_path, FakeBackend(), "--data", "wiki") == 2
+
+
+def test_summarize_only_and_two_datasets_in_one_table(tmp_path):
+    backend = FakeBackend()
+    assert run_main(tmp_path, backend, "--data", "zsre,counterfact", "--methods", "MEMoE,GRACE",
+                    "--num-edits", "2", "--batch-size", "2") == 0
+    (tmp_path / "out" / "summary.md").unlink()
+    assert run_main(tmp_path, FakeBackend(), "--summarize-only") == 0
+    markdown = (tmp_path / "out" / "summary.md").read_text()
+    assert "zsre Rel." in markdown and "counterfact Rel." in markdown
+    with (tmp_path / "out" / "summary.csv").open() as handle:
+        assert len(handle.read().strip().splitlines()) == 1 + 4
+
+
+# ----------------------------------------------------------------------------- EasyEdit-backed
+def easyedit(test):
+    return pytest.mark.easyedit(pytest.mark.skipif(not EASYEDIT_PATH,
+                                                   reason="EASYEDIT_PATH is not set: no EasyEdit checkout")(test))
+
+TINY_HPARAMS = {
+    "MEMoE": dict(alg_name="MEMoE", layer=2, module_template="model.layers.{}.mlp.down_proj", lr=5e-2, steps=30,
+                  anchor_backend="offline", early_stop=False),
+    "FT-L": dict(alg_name="FT", layers=[2], num_steps=5, lr=5e-3, weight_decay=0, kl_factor=0, norm_constraint=False,
+                 objective_optimization="prompt_last", rewrite_module_tmp="model.layers.{}.mlp.down_proj.weight",
+                 layer_module_tmp="model.layers.{}", mlp_module_tmp="model.layers.{}.mlp",
+                 attn_module_tmp="model.layers.{}.self_attn", ln_f_module="model.norm", lm_head_module="lm_head"),
+    "LoRA": dict(alg_name="LoRA", lora_type="lora", layers=[], num_steps=3, lr=5e-3, weight_decay=0, kl_factor=0,
+                 rank=4, lora_alpha=8, lora_dropout=0.0, norm_constraint=False, target_modules=["q_proj", "v_proj"]),
+    "GRACE": dict(alg_name="GRACE", inner_params=["model.layers[2].mlp.down_proj.weight"], edit_lr=1.0, n_iter=5,
+                  eps=1.0, dist_fn="euc", val_init="cold", val_train="sgd", val_reg=None, reg="early_stop",
+                  replacement="replace_last", eps_expand="coverage", num_pert=8, dropout=0.0),
+    "MEMIT": dict(alg_name="MEMIT", layers=[1, 2], clamp_norm_factor=4, layer_selection="all",
+                  fact_token="subject_last", v_num_grad_steps=3, v_lr=5e-1, v_loss_layer=3, v_weight_decay=1e-3,
+                  kl_factor=0.0625, mom2_adjustment=True, mom2_update_weight=100,
+                  rewrite_module_tmp="model.layers.{}.mlp.down_proj", layer_module_tmp="model.layers.{}",
+                  mlp_module_tmp="model.layers.{}.mlp", attn_module_tmp="model.layers.{}.self_attn",
+                  ln_f_module="model.norm", lm_head_module="lm_head", mom2_dataset="wikipedia",
+                  mom2_n_samples=8, mom2_dtype="float32"),
+}
+
+
+@pytest.fixture
+def tiny_setup(tmp_path, tokenizer):
+    from conftest import CORPUS, tiny_llama
+    model_dir = tmp_path / "tiny-llama"
+    tiny_llama(len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    hdir = tmp_path / "hparams"
+    hdir.mkdir()
+    for name, values in TINY_HPARAMS.items():
+        values = dict(values, model_name=str(model_dir), device="cpu", max_length=40, model_parallel=False)
+        if name == "MEMIT":
+            values["stats_dir"] = str(tmp_path / "stats")
+        (hdir / f"{name}.yaml").write_text(yaml.safe_dump(values))
+    subjects = [("Danielle Darrieux", "The mother tongue of Danielle Darrieux is", "Welsh"),
+                ("Japan", "The capital of Japan is", "Warsaw"),
+                ("Toko Yasuda", "Toko Yasuda plays the", "violin"),
+                ("Eiffel Tower", "The Eiffel Tower is located in", "Tokyo"),
+                ("Marie Curie", "Marie Curie was born in", "Paris")]
+    records = [{"case_id": i, "prompt": p, "target_new": t, "subject": s, "ground_truth": "French",
+                "rephrase_prompt": p.replace("The ", "the "), "locality_prompt": "Who is the father of Marie Curie?",
+                "locality_ground_truth": "Wladyslaw"} for i, (s, p, t) in enumerate(subjects)]
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(records))
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(CORPUS * 2))
+    return tmp_path, hdir, data, text
+
+
+@easyedit
+def test_easyedit_batch_protocol_on_a_tiny_llama(tiny_setup):
+    tmp_path, hdir, data, text = tiny_setup
+    start = time.perf_counter()
+    argv = ["--easyedit", EASYEDIT_PATH, "--data", "counterfact", "--data-file", str(data), "--methods",
+            "MEMoE,FT-L,LoRA,GRACE,MEMIT", "--hparams-dir", str(hdir), "--num-edits", "4", "--batch-size", "2",
+            "--out", str(tmp_path / "out"), "--no-progress"]
+    assert compare.main(argv) == 0
+    rows = rows_by_method(tmp_path)
+    assert rows["MEMIT"]["status"] == "unavailable offline" and "--stats-text" in rows["MEMIT"]["error"]
+    for method in ("MEMoE", "FT-L", "LoRA", "GRACE"):
+        assert rows[method]["status"] == "complete", rows[method]["error"]
+        assert rows[method]["cases"] == 4 and rows[method]["rollback"] == "exact"
+    assert rows["MEMoE"]["reliability"] > 50
+    assert rows["GRACE"]["batchable"] is False and rows["FT-L"]["batchable"] is True
+    effective = yaml.safe_load((tmp_path / "out" / "hparams" / "FT-L.yaml").read_text())
+    assert effective["num_steps"] == 5
+    # MEMIT with stats computed from local text by EasyEdit's own layer_stats
+    assert compare.main(argv + ["--resume", "--stats-text", str(text), "--methods", "MEMIT"]) == 0
+    rows = rows_by_method(tmp_path)
+    assert rows["MEMIT"]["status"] == "complete" and rows["MEMIT"]["rollback"] == "exact"
+    stats = list((tmp_path / "stats").rglob("*.npz"))
+    assert sorted(p.name for p in stats) == [f"model.layers.{i}.mlp.down_proj_float32_mom2_8.npz" for i in (1, 2)]
+    assert all("tiny-llama/wikipedia_stats" in str(p) for p in stats)
+    assert time.perf_counter() - start < 300
+
+
+@easyedit
+def test_easyedit_sequential_protocol_on_a_tiny_llama(tiny_setup):
+    tmp_path, hdir, data, text = tiny_setup
+    argv = ["--easyedit", EASYEDIT_PATH, "--data", "counterfact", "--data-file", str(data), "--methods",
+            "MEMoE,LoRA,GRACE", "--hparams-dir", str(hdir), "--num-edits", "4", "--batch-size", "2",
+            "--protocol", "sequential", "--eval-every-step", "--out", str(tmp_path / "out"), "--no-progress"]
+    assert compare.main(argv) == 0
+    rows = rows_by_method(tmp_path)
+    for method in ("MEMoE", "LoRA", "GRACE"):
+        row = rows[method]
+        assert row["status"] == "complete" and row["cases"] == 4, row["error"]
+        assert row["rollback"] == "exact" and list(row["steps"]) == ["0"]
+    chunks = [r for r in results(tmp_path) if r["type"] == "chunk" and r["run"].endswith("MEMoE")]
+    assert [c["range"] for c in chunks] == [[0, 2], [2, 4]]
+
+
+@easyedit
+def test_easyedit_records_and_rollback_checksums(tiny_setup):
+    """Runner on a real EasyEdit session: parameter checksums before/after a non-batchable chunk."""
+    tmp_path, hdir, data, text = tiny_setup
+    backend = compare.EasyEditBackend(EASYEDIT_PATH, {"counterfact": data}, {"GRACE": hdir / "GRACE.yaml"}, {},
+                                      None, tmp_path / "out")
+    records, loc = backend.records("counterfact", 3)
+    assert [r["case_id"] for r in records] == [0, 1, 2] and loc[0] == "Who is the father of Marie Curie? Wladyslaw"
+    run = RunSpec("counterfact", "GRACE", "batch", 2, 3)
+    session = backend.open_method(run)
+    before = state_fingerprint(session.model)
+    requests = session.prepare(compare.request_kwargs(records[:2], loc[:2]))
+    edited, handle, _ = session.apply(requests, None)
+    assert state_fingerprint(session.model) != before          # GRACE's adapter is in the model
+    session.restore(edited, handle)
+    assert state_fingerprint(session.model) == before

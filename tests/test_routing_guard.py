@@ -1,0 +1,59 @@
+"""The locality guard: silent, bit for bit, where no edited knowledge is in sight."""
+import pytest
+import torch
+
+from conftest import EDITS, make_hparams, tiny_llama
+from memoe_plugin import apply_memoe_to_model, get_adapter, remove_memoe
+
+PROMPTS = ["The mother tongue of Danielle Darrieux is", "What university did Watts Humphrey attend?",
+           "Toko Yasuda plays the"]
+
+
+def test_locality_guard_silences_unrelated_inputs_exactly(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    unrelated = ["The capital of France is Paris", "Who is the father of Marie Curie?"]
+    before = model(**tokenizer(unrelated, return_tensors="pt", padding=True)).logits
+    apply_memoe_to_model(model, tokenizer, EDITS, make_hparams(steps=40, locality_guard=True))
+    adapter = get_adapter(model)
+    assert {"danielle darrieux", "japan", "toko yasuda"} <= adapter.guard.keys
+    with torch.no_grad():
+        after = model(**tokenizer(unrelated, return_tensors="pt", padding=True)).logits
+    assert torch.equal(after, before)                 # bit-exact: no expert ran
+    routing = adapter.route(tokenizer(unrelated[:1], return_tensors="pt")["input_ids"])
+    assert (routing == -1).all()
+    # a rephrase that names the edited subject is active from the subject on
+    ids = tokenizer("Where does Toko Yasuda live?")["input_ids"]
+    flags = adapter.guard.active(ids)
+    assert not flags[0] and flags[-1] and flags == sorted(flags)
+    for request in EDITS:                             # the edits themselves still took
+        full = tokenizer(request["prompt"] + " " + request["target_new"], return_tensors="pt")
+        n = len(tokenizer(request["prompt"])["input_ids"])
+        with torch.no_grad():
+            predicted = model(**full).logits[0].argmax(-1)[n - 1:-1]
+        assert predicted.tolist() == full["input_ids"][0, n:].tolist()
+    remove_memoe(model)
+
+
+def test_locality_guard_needs_an_anchor_or_subject(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    request = {"prompt": "the colour of the sky is", "target_new": "green"}
+    with pytest.raises(ValueError, match="needs a knowledge anchor.*subject"):
+        apply_memoe_to_model(model, tokenizer, [request], make_hparams(locality_guard=True))
+    assert get_adapter(model) is None
+    apply_memoe_to_model(model, tokenizer, [dict(request, subject="sky")],
+                         make_hparams(locality_guard=True, steps=2))
+    assert get_adapter(model).guard.keys == {"sky"}
+    remove_memoe(model)
+
+
+def test_guard_generate_matches_teacher_forcing(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    apply_memoe_to_model(model, tokenizer, EDITS, make_hparams(steps=30, locality_guard=True))
+    for prompt in PROMPTS + ["the capital of Japan is"]:
+        inputs = tokenizer(prompt, return_tensors="pt")
+        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        n = inputs["input_ids"].shape[1]
+        with torch.no_grad():
+            teacher = model(input_ids=generated).logits[0].argmax(-1)
+        assert teacher[n - 1:-1].tolist() == generated[0, n:].tolist()
+    remove_memoe(model)

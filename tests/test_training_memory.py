@@ -1,0 +1,56 @@
+"""Output memory (memory_rows): earlier edits' bypass outputs are kept and defended in later edits."""
+import torch
+
+from conftest import EDITS, make_hparams, tiny_llama
+from memoe_plugin import apply_memoe_to_model, get_adapter, remove_memoe
+from memoe_plugin.training.memory import OutputMemory
+
+
+def test_reservoir_keeps_capacity_and_counts_everything_seen():
+    memory = OutputMemory(capacity=10, seed=0)
+    for chunk in range(5):
+        x = torch.full((4, 3), float(chunk))
+        memory.add(x, None, x[:, :2])
+    assert len(memory) == 10 and memory.seen == 20
+    kept = set(memory.x[:, 0].tolist())
+    assert 4.0 in kept or 3.0 in kept           # later rows do get in
+    assert memory.x.dtype == torch.float16 and memory.features is None
+    assert memory.nbytes == 10 * (3 + 2) * 2
+
+
+def _first_edit_change(tokenizer, **memory_settings):
+    """How much the second edit moves the bypass output on the first edit's remembered rows."""
+    model = tiny_llama(len(tokenizer))
+    hp = make_hparams(steps=30, memory_rows=1000, **memory_settings)
+    apply_memoe_to_model(model, tokenizer, EDITS[:1], hp)
+    adapter = get_adapter(model)
+    memory = adapter.memory
+    rows = len(memory)
+    assert rows == len(tokenizer(EDITS[0]["prompt"] + " " + EDITS[0]["target_new"])["input_ids"])
+    with torch.no_grad():
+        assert memory.loss(adapter.bypass, adapter.context, 10_000).item() < 1e-5   # stored = current
+    first = (memory.x[:rows].clone(), memory.features[:rows].clone(), memory.delta[:rows].clone())
+    apply_memoe_to_model(model, tokenizer, EDITS[1:], hp)
+    assert len(memory) > rows
+    probe = OutputMemory(1000)
+    probe.add(*first)
+    with torch.no_grad():
+        change = probe.loss(adapter.bypass, adapter.context, 10_000).item()
+    remove_memoe(model)
+    return change
+
+
+def test_memory_holds_earlier_outputs_in_place(tokenizer):
+    defended = _first_edit_change(tokenizer, memory_weight=10.0)
+    undefended = _first_edit_change(tokenizer, memory_weight=0.0)
+    assert defended < 0.5 * undefended, (defended, undefended)
+
+
+def test_memory_is_dropped_with_the_adapter(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    _, restore = apply_memoe_to_model(model, tokenizer, EDITS, make_hparams(steps=5, memory_rows=50))
+    assert len(get_adapter(model).memory) > 0
+    restore()
+    assert get_adapter(model) is None
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
