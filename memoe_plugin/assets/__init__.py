@@ -10,7 +10,7 @@ import os
 from importlib.resources import files
 from pathlib import Path
 
-__all__ = ["asset_path", "hparams_path", "memoe_hparams", "compare_hparams_dir", "example_edits"]
+__all__ = ["asset_path", "hparams_path", "memoe_hparams", "hparams_file", "compare_hparams_dir", "example_edits"]
 
 
 def asset_path(*parts: str) -> Path:
@@ -30,6 +30,19 @@ def memoe_hparams(name: str = "smollm2-135m") -> Path:
     if not path.is_file():
         shipped = sorted(p.stem for p in hparams_path("MEMoE").glob("*.yaml"))
         raise FileNotFoundError(f"no shipped MEMoE hparams file {name!r}; shipped: {', '.join(shipped)}")
+    return path
+
+
+def hparams_file(name_or_path) -> Path:
+    """A MEMoE hparams file given as a path (``.yaml`` optional) or as a shipped name (``gpt2-xl``)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file() or path.with_name(path.name + ".yaml").is_file():
+        return path
+    if path.name == str(name_or_path):      # a bare name: look among the shipped files
+        try:
+            return memoe_hparams(path.name)
+        except FileNotFoundError:
+            pass
     return path
 
 

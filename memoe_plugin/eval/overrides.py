@@ -47,11 +47,11 @@ def parse_method_assignments(items: Iterable[str], known: Iterable[str]) -> dict
 
 
 def load_hparams(path, items: Iterable[str] = (), **fixed):
-    """A MEMoE hparams file with ``key=value`` overrides (and keyword settings) applied, validated."""
-    from pathlib import Path
-
+    """A MEMoE hparams file (a path or a shipped name) with ``key=value`` overrides and keyword settings
+    applied, validated."""
+    from ..assets import hparams_file
     from ..hparams import MEMoEHyperParams
-    config = yaml.safe_load(Path(path).read_text())
+    config = MEMoEHyperParams.from_hparams(hparams_file(path)).to_dict()
     config.update(parse_assignments(items))
     config.update({key: value for key, value in fixed.items() if value is not None})
     return MEMoEHyperParams.from_dict(config)
