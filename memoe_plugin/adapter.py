@@ -10,7 +10,7 @@ same module object back and removes every hook and attribute, so the model's
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -18,12 +18,21 @@ from torch import nn
 from .routing.anchors import RoutingFeatureEncoder, check_round_trip
 from .routing.extractors import make_extractor
 from .routing.guard import LocalityGuard
+from .routing.scope import KeyScope
 from .compat import CacheNotFollowedError, bound_arguments, continuation_length
 from .hparams import MEMoEHyperParams
 from .layer import MoEBypass, RoutingContext, projection_shape
 from .training.memory import OutputMemory
 
 ADAPTER_ATTR = "_memoe_adapter"
+
+
+class RoutingInputs(NamedTuple):
+    """What the bypass needs besides its input, for one forward call (see :class:`RoutingContext`)."""
+    features: Optional[torch.Tensor]
+    token_mask: torch.Tensor
+    active: Optional[torch.Tensor]
+    allowed: Optional[torch.Tensor]
 
 
 def get_adapter(model: nn.Module) -> Optional["MEMoEAdapter"]:
@@ -82,6 +91,14 @@ class MEMoEAdapter:
                                     hparams.scale, hparams.gate_noise)
         with torch.no_grad():
             self.bypass.gate_scale[:projection_shape(self.base_module)[0]] = hparams.gate_token_weight
+        self.scope = None
+        if hparams.scope_keys:
+            self.scope = KeyScope(projection_shape(self.base_module)[0], hparams.scope_threshold,
+                                  self.base_module.weight.device)
+            self.bypass.scope = self.scope
+        if hparams.expert_routing == "key":
+            self.bypass.expert_of = torch.zeros(0, dtype=torch.long, device=self.base_module.weight.device)
+        self.trainable_experts: Optional[list[int]] = None   # None: every expert learns in this call
         self.bypass.eval()
         self._hooks: list = []
         self._prefixes: Optional[list[list[int]]] = None   # real ids per row, for KV-cache steps
@@ -125,10 +142,63 @@ class MEMoEAdapter:
             del self.model.__dict__[ADAPTER_ATTR]
         self.context.clear()
 
+    # ----------------------------------------------------------------- state
+    def state(self) -> tuple[dict, dict]:
+        """Everything the edits put into the adapter: ``(tensors, info)``, the tensors on the CPU and the
+        info JSON-able. :meth:`load_state` takes them back; save_adapter writes them."""
+        bypass = self.bypass
+        tensors = {"experts": bypass.experts, "gate.weight": bypass.gate.weight,
+                   "gate_shift": bypass.gate_shift, "gate_scale": bypass.gate_scale}
+        info = {"num_experts": int(bypass.experts.shape[0]), "gate_calibrated": self.gate_calibrated,
+                "edits": [dict(edit) for edit in self.edits]}
+        if self.guard is not None:
+            info["guard"] = {"keys": sorted(self.guard.keys),
+                             "owners": {key: sorted(ids) for key, ids in sorted(self.guard.owners.items())}}
+        if self.scope is not None:
+            tensors.update({"scope.center": self.scope.center, "scope.keys": self.scope.keys,
+                            "scope.edit_ids": self.scope.edit_ids})
+            info["scope"] = {"calibrated": self.scope.calibrated}
+        if bypass.expert_of is not None:
+            tensors["expert_of"] = bypass.expert_of
+        if self.memory is not None:
+            memory_tensors, info["memory"] = self.memory.state()
+            tensors.update(memory_tensors)
+        return {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}, info
+
+    @torch.no_grad()
+    def load_state(self, tensors: dict, info: dict) -> None:
+        """Put a saved :meth:`state` into this (freshly attached) adapter."""
+        bypass = self.bypass
+        device = bypass.experts.device
+        bypass.resize_experts(int(info.get("num_experts", tensors["experts"].shape[0])))
+        bypass.experts.copy_(tensors["experts"].to(device))
+        bypass.gate.weight.copy_(tensors["gate.weight"].to(device))
+        for name in ("gate_shift", "gate_scale"):
+            if name in tensors:
+                getattr(bypass, name).copy_(tensors[name].to(device))
+        self.gate_calibrated = bool(info.get("gate_calibrated", "gate_shift" in tensors))
+        for parameter in bypass.trainable_parameters:   # as train_experts leaves them
+            parameter.requires_grad_(False)
+        self.edits = [dict(edit) for edit in info.get("edits", [])]
+        if self.guard is not None:
+            guard = info.get("guard") or {}
+            self.guard.restore((set(guard.get("keys", [])),
+                                {key: set(ids) for key, ids in (guard.get("owners") or {}).items()}))
+        if self.scope is not None and "scope.keys" in tensors:
+            self.scope.center.copy_(tensors["scope.center"].to(device))
+            self.scope.keys = tensors["scope.keys"].to(device)
+            self.scope.edit_ids = tensors["scope.edit_ids"].to(device)
+            self.scope.calibrated = bool(info.get("scope", {}).get("calibrated", True))
+        if bypass.expert_of is not None and "expert_of" in tensors:
+            bypass.expert_of = tensors["expert_of"].to(device)
+        if self.memory is not None and "memory" in info:
+            self.memory.load_state({k: v.to(device) for k, v in tensors.items() if k.startswith("memory.")},
+                                   info["memory"])
+
     # --------------------------------------------------------------- routing
     def routing_features(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                         past_length: int = 0):
-        """Features ``[batch, seq, dim]``, token mask and guard mask (or None) for one forward call.
+                         past_length: int = 0) -> "RoutingInputs":
+        """Anchor features, token mask, guard mask and key-scope pairing of one forward call.
 
         ``past_length`` > 0 means the call continues the previous one through a KV
         cache: its tokens are appended to the prefixes remembered from that call.
@@ -147,9 +217,13 @@ class MEMoEAdapter:
         else:
             prefixes = [[t for t, m in zip(ids, ms) if m] for ids, ms in zip(ids_rows, mask_rows)]
         self._prefixes, self._prefix_length = prefixes, past_length + length
+        device = input_ids.device
         weight = self.encoder.embedding.weight
         features = weight.new_zeros(batch, length, self.encoder.dim) if self.encoder.dim else None
-        active = torch.zeros(batch, length, dtype=torch.bool, device=input_ids.device) if self.guard else None
+        active = torch.zeros(batch, length, dtype=torch.bool, device=device) if self.guard else None
+        pairing = self.guard is not None and self.scope is not None and len(self.scope) > 0
+        edits = max(int(self.scope.edit_ids.max()) + 1, self.guard.edit_count) if pairing else 0
+        allowed = torch.zeros(batch, length, edits, dtype=torch.bool, device=device) if pairing else None
         for row, (prefix, ms) in enumerate(zip(prefixes, mask_rows)):
             positions = [i for i, m in enumerate(ms) if m]
             if not positions:
@@ -159,16 +233,36 @@ class MEMoEAdapter:
                 flags = self.guard.active(prefix)[new]
                 if not any(flags):
                     continue   # the guard silences this row: its anchors are never looked at
-                active[row, positions] = torch.tensor(flags, device=input_ids.device)
+                active[row, positions] = torch.tensor(flags, device=device)
+                if allowed is not None:
+                    for position, edits in zip(positions, self.guard.edits_in_sight(prefix)[new]):
+                        if edits:
+                            allowed[row, position, list(edits)] = True
             if features is not None:
                 features[row, positions] = self.encoder.features(prefix)[new]
-        return features, mask, active
+        return RoutingInputs(features, mask, active, allowed)
 
-    def register_knowledge(self, requests: list[dict]) -> None:
-        """Add the requests' knowledge anchors to the locality guard (no-op without one)."""
+    def assign_experts(self, first: int, count: int) -> None:
+        """``expert_routing: key``: the experts of edits ``first .. first + count - 1``.
+
+        With ``edits_per_expert`` N, edit ``i`` goes to expert ``i // N`` and the mixture grows as edits
+        come; only the experts of this call's edits learn in it, so earlier full experts never change
+        again. With N = 0 the edits go round the ``num_experts`` experts, and every expert learns.
+        """
+        bypass, per_expert = self.bypass, self.hparams.edits_per_expert
+        if bypass.expert_of is None:
+            return
+        ids = torch.arange(first, first + count, device=bypass.expert_of.device)
+        experts = ids // per_expert if per_expert else ids % self.hparams.num_experts
+        bypass.expert_of = torch.cat([bypass.expert_of[:first], experts])
+        bypass.resize_experts(max(bypass.experts.shape[0], int(experts.max()) + 1))
+        self.trainable_experts = sorted(set(experts.tolist())) if per_expert else None
+
+    def register_knowledge(self, requests: list[dict], first_edit: int = 0) -> None:
+        """Add the requests' knowledge anchors to the locality guard (no-op without one); request ``i``
+        is edit ``first_edit + i``."""
         if self.guard is None:
             return
-        keys = []
         for i, request in enumerate(requests):
             found = [e.text for e in self.extractor(request["prompt"])]
             subject = request.get("subject")
@@ -179,8 +273,7 @@ class MEMoEAdapter:
                     f"request {i}: locality_guard needs a knowledge anchor, but the {self.extractor.name} "
                     f"extractor finds no entity in {request['prompt']!r} and the request has no 'subject'. "
                     "Add 'subject' to the request or set locality_guard: false.")
-            keys.extend(found)
-        self.guard.add(keys)
+            self.guard.add(found, first_edit + i)
 
     def _before_forward(self, module, args, kwargs):
         bound = bound_arguments(module, args, kwargs)
@@ -192,9 +285,8 @@ class MEMoEAdapter:
             raise ValueError("MEMoE needs input_ids to find knowledge anchors; this call passed "
                              "inputs_embeds only. Pass input_ids, or use routing_input: token "
                              "without locality_guard.")
-        features, mask, active = self.routing_features(input_ids, bound.get("attention_mask"),
-                                                       continuation_length(bound, input_ids))
-        self.context.set(features, mask, active)
+        inputs = self.routing_features(input_ids, bound.get("attention_mask"), continuation_length(bound, input_ids))
+        self.context.set(*inputs)
         return None
 
     def _after_forward(self, module, args, kwargs, output=None):

@@ -20,7 +20,8 @@ from .training.trainer import train_experts
 
 # Settings that fix the adapter's shape: they must not change between sequential edits.
 STRUCTURAL_KEYS = ("layer", "module_template", "num_experts", "top_k", "routing_input", "anchor_backend",
-                   "locality_guard", "gate_norm", "gate_token_weight", "memory_rows")
+                   "locality_guard", "gate_norm", "gate_token_weight", "memory_rows", "scope_keys",
+                   "expert_routing", "edits_per_expert")
 
 
 def apply_memoe_to_model(model: nn.Module, tok, requests: list[dict], hparams: MEMoEHyperParams,
@@ -50,17 +51,24 @@ def apply_memoe_to_model(model: nn.Module, tok, requests: list[dict], hparams: M
     else:
         check_same_structure(adapter.hparams, hparams)
         adapter.hparams = hparams
-    guard_keys = set(adapter.guard.keys) if adapter.guard is not None else None
+    guard_state = adapter.guard.state() if adapter.guard is not None else None
+    first, experts_before = len(adapter.edits), adapter.bypass.experts.shape[0]
+    tagged = [dict(r, _edit=first + i) for i, r in enumerate(requests)]   # the edits' ids, for the key scope
     try:
-        adapter.register_knowledge(requests)
-        batch = with_context_prefixes(requests + replayed_edits(adapter.edits, hparams), hparams)
-        adapter.last_report = train_experts(adapter, batch, progress=bool(kwargs.get("progress", False)))
+        adapter.assign_experts(first, len(requests))
+        adapter.register_knowledge(requests, first)
+        batch = with_context_prefixes(tagged + replayed_edits(adapter.edits, hparams), hparams)
+        adapter.last_report = train_experts(adapter, batch, progress=bool(kwargs.get("progress", False)),
+                                            subjects_of=tagged)
     except BaseException:
         if fresh:
             adapter.detach()
-        elif guard_keys is not None:
-            adapter.guard.keys = set()
-            adapter.guard.add(guard_keys)
+        else:
+            if guard_state is not None:
+                adapter.guard.restore(guard_state)
+            adapter.bypass.resize_experts(experts_before)
+            if adapter.bypass.expert_of is not None:
+                adapter.bypass.expert_of = adapter.bypass.expert_of[:first]
         raise
     adapter.edits.extend({key: r[key] for key in ("prompt", "target_new", "subject") if key in r}
                          for r in requests)
@@ -78,7 +86,8 @@ def replayed_edits(previous: list[dict], hparams: MEMoEHyperParams) -> list[dict
     if not hparams.replay or not previous:
         return []
     rng = random.Random(hparams.seed + len(previous))
-    return rng.sample(previous, min(hparams.replay, len(previous)))
+    chosen = rng.sample(range(len(previous)), min(hparams.replay, len(previous)))
+    return [dict(previous[i], _edit=i) for i in chosen]
 
 
 def remove_memoe(model: nn.Module) -> None:

@@ -23,6 +23,8 @@ ANCHOR_BACKENDS = ("auto", "offline", "nltk")
 ROUTING_INPUTS = ("anchor", "token", "sentence")
 EXPERT_INITS = ("zeros",)
 GATE_NORMS = ("none", "center")
+SCOPE_POSITIONS = ("targets", "after_anchor")
+EXPERT_ROUTINGS = ("gate", "key")
 # Neutral text put before edit prompts in training (context_prefixes); none holds an entity.
 CONTEXT_PREFIXES = ("Here is a fact.", "I read that", "Let me tell you something.", "To be precise,",
                     "As everyone knows,", "Answer the question.")
@@ -107,6 +109,27 @@ class MEMoEHyperParams:
     memory_weight: float = option(1.0,
         "weight of the output-memory penalty (relative squared change of the stored outputs)")
     memory_batch: int = option(1024, "stored rows drawn per training step for the penalty")
+    scope_keys: bool = option(False,
+        "**extension.** Key scope: the bypass acts only where its layer input is close (cosine >= "
+        "`scope_threshold`, after centring) to the input at a position that predicts an edited target. Keeps "
+        "other questions about an edited subject out of the edit (see below)")
+    scope_threshold: float = option(0.5, "cosine similarity a position needs to a key to be in scope")
+    scope_positions: str = option("targets",
+        "which positions of an edit become keys: `targets` (those that predict a target token) or `after_anchor` "
+        "(every position after the anchor's last token up to those, which needs `locality_guard`)")
+    expert_routing: str = option("gate",
+        "`gate`: the paper's gate top_k(softmax(W_g R(x))) picks the experts. `key` (**extension**, needs "
+        "`scope_keys`): each position goes to the expert of the edit whose key it matches, and each edit has "
+        "its expert (see `edits_per_expert`)")
+    edits_per_expert: int = option(0,
+        "with `expert_routing: key`: N > 0 gives edit i expert i // N, growing the mixture as edits come and "
+        "training only the newest experts (earlier ones never change); 0 spreads the edits round the "
+        "`num_experts` experts")
+    preserve_prompts: int = option(0,
+        "**extension.** Preservation prompts per edit: prompts about the edited subject with other relations "
+        "(the call's other edits' templates and a fixed list), whose next-token distributions are kept by a KL "
+        "term (see below). 0 turns it off")
+    preserve_weight: float = option(1.0, "weight of the preservation KL term")
 
     # ------------------------------------------------------------------------
     @classmethod
@@ -192,6 +215,14 @@ class MEMoEHyperParams:
         need(self.memory_rows >= 0, "memory_rows", "an integer >= 0 (0: no output memory)")
         need(self.memory_weight >= 0, "memory_weight", "a number >= 0")
         need(self.memory_batch >= 1, "memory_batch", "an integer >= 1")
+        need(-1.0 <= self.scope_threshold <= 1.0, "scope_threshold", "a cosine similarity in [-1, 1]")
+        need(self.scope_positions in SCOPE_POSITIONS, "scope_positions", f"one of {SCOPE_POSITIONS}")
+        need(self.expert_routing in EXPERT_ROUTINGS, "expert_routing", f"one of {EXPERT_ROUTINGS}")
+        need(self.expert_routing != "key" or self.scope_keys, "expert_routing",
+             "'gate' unless scope_keys is true: key routing needs the key scope's keys")
+        need(self.edits_per_expert >= 0, "edits_per_expert", "an integer >= 0")
+        need(self.preserve_prompts >= 0, "preserve_prompts", "an integer >= 0 (0: off)")
+        need(self.preserve_weight >= 0, "preserve_weight", "a number >= 0")
         need(0 <= self.context_prefixes <= len(CONTEXT_PREFIXES), "context_prefixes",
              f"an integer in 0..{len(CONTEXT_PREFIXES)}")
         need(0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)")

@@ -33,21 +33,25 @@ class RoutingContext:
     """Per-position routing features of the forward pass in progress.
 
     ``features`` is ``[batch, seq, dim]`` (or None when the gate sees the token
-    only); ``token_mask`` marks real (non-padding) positions for the balance loss.
+    only); ``token_mask`` marks real (non-padding) positions for the balance loss;
+    ``active`` is the locality guard's ``[batch, seq]`` mask (None: everywhere) and
+    ``allowed`` the ``[batch, seq, edits]`` mask of the edits whose anchors each
+    position sees, which the key scope compares it with (None: every edit).
     """
 
     def __init__(self, feature_dim: int):
         self.feature_dim = feature_dim
         self.features: Optional[torch.Tensor] = None
         self.token_mask: Optional[torch.Tensor] = None
-        self.active: Optional[torch.Tensor] = None     # [batch, seq] bool; None = everywhere
+        self.active: Optional[torch.Tensor] = None
+        self.allowed: Optional[torch.Tensor] = None
 
     def set(self, features: Optional[torch.Tensor], token_mask: Optional[torch.Tensor],
-            active: Optional[torch.Tensor] = None) -> None:
-        self.features, self.token_mask, self.active = features, token_mask, active
+            active: Optional[torch.Tensor] = None, allowed: Optional[torch.Tensor] = None) -> None:
+        self.features, self.token_mask, self.active, self.allowed = features, token_mask, active, allowed
 
     def clear(self) -> None:
-        self.features = self.token_mask = self.active = None
+        self.features = self.token_mask = self.active = self.allowed = None
 
 
 class MoEBypass(nn.Module):
@@ -72,6 +76,8 @@ class MoEBypass(nn.Module):
         gate_dim = in_features + context.feature_dim
         self.register_buffer("gate_shift", torch.zeros(gate_dim, device=device, dtype=dtype))
         self.register_buffer("gate_scale", torch.ones(gate_dim, device=device, dtype=dtype))
+        self.scope = None        # a routing.scope.KeyScope when scope_keys is on
+        self.expert_of: Optional[torch.Tensor] = None   # expert_routing: key: edit id -> expert
         self.enabled = True      # False: behave exactly like the base module
         self.aux_loss: Optional[torch.Tensor] = None
         self.last_routing: Optional[torch.Tensor] = None   # [batch, seq, top_k] expert ids
@@ -84,9 +90,11 @@ class MoEBypass(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """scale * sum_e G_e W_e x, computed for the selected experts only."""
-        active = self._active_mask(x)
+        active, matched = self._active_mask(x)
         if active is not None and not bool(active.any()):
             return self._silent(x)   # the locality guard keeps every position out: no gate, no expert
+        if self.expert_of is not None:
+            return self._expert_sum(x, *self._key_routing(active, matched))
         gate_input = self._gate_input(x)
         logits = self.gate(gate_input)
         if self.training and self.gate_noise > 0:
@@ -98,7 +106,20 @@ class MoEBypass(nn.Module):
         self.last_routing = chosen.detach()
         if self.training:
             self.aux_loss = self._balance_loss(probs, chosen)
+        return self._expert_sum(x, chosen, weights)
 
+    def _key_routing(self, active: torch.Tensor, matched: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """expert_routing: key. Each position goes to the expert of the edit whose key it matches best,
+        with weight 1 (the scope already decided that it matches one)."""
+        expert = self.expert_of.to(matched.device)[matched.clamp(0, len(self.expert_of) - 1)]
+        chosen = expert.masked_fill(~active | (matched < 0), -1).unsqueeze(-1)
+        self.last_routing = chosen.detach()
+        if self.training:   # no gate to balance; keeps the graph connected for backward
+            self.aux_loss = self.gate.weight.sum() * 0.0
+        return chosen, torch.ones(chosen.shape, dtype=self.experts.dtype, device=chosen.device)
+
+    def _expert_sum(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum over the chosen experts of weight * W_e x; ``chosen`` -1 contributes nothing."""
         flat_x = x.reshape(-1, x.shape[-1]).to(self.experts.dtype)
         flat_chosen = chosen.reshape(-1, self.top_k)
         flat_weights = weights.reshape(-1, self.top_k)
@@ -108,7 +129,7 @@ class MoEBypass(nn.Module):
                 out = (flat_x @ self.experts[first]) * flat_weights
                 return (self.scale * out).reshape(*x.shape[:-1], -1)
         out = flat_x.new_zeros(flat_x.shape[0], self.experts.shape[-1])
-        for e in range(self.num_experts):
+        for e in range(self.experts.shape[0]):
             rows, slot = (flat_chosen == e).nonzero(as_tuple=True)
             if rows.numel() == 0:
                 continue
@@ -147,14 +168,26 @@ class MoEBypass(nn.Module):
             self.gate_shift[in_features:] = feature_mean
             self.gate_scale[in_features:] = 1.0 / max(feature_rms, 1e-8)
 
-    def _active_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+    def _active_mask(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Where the bypass acts (the guard's positions, narrowed to the key scope's; None = everywhere),
+        and, with the key scope, the edit whose key each position matches best (-1: none)."""
         active = self.context.active
-        if active is None:
-            return None
-        if active.shape != x.shape[:-1]:
-            raise RuntimeError(f"MEMoE locality-guard mask {tuple(active.shape)} does not match the layer "
-                               f"input {tuple(x.shape)}")
-        return active.to(x.device)
+        if active is not None:
+            if active.shape != x.shape[:-1]:
+                raise RuntimeError(f"MEMoE locality-guard mask {tuple(active.shape)} does not match the layer "
+                                   f"input {tuple(x.shape)}")
+            active = active.to(x.device)
+            if not bool(active.any()):
+                return active, None
+        matched = None
+        if self.scope is not None:
+            allowed = self.context.allowed
+            if allowed is not None and allowed.shape[:-1] != x.shape[:-1]:
+                allowed = None
+            similarity, matched = self.scope.match(x, allowed)
+            keyed = similarity >= self.scope.threshold
+            active = keyed if active is None else active & keyed
+        return active, matched
 
     def _balance_loss(self, probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """The Switch balance loss over real, unguarded tokens."""
@@ -162,6 +195,24 @@ class MoEBypass(nn.Module):
         keep = mask.reshape(-1) if mask is not None and mask.shape == probs.shape[:-1] else None
         return switch_load_balancing_loss(probs.reshape(-1, self.num_experts), chosen[..., 0].reshape(-1),
                                           self.num_experts, keep)
+
+    @torch.no_grad()
+    def resize_experts(self, count: int) -> None:
+        """Grow (with zero experts and fresh gate rows) or shrink the mixture to ``count`` experts."""
+        have = self.experts.shape[0]
+        if count == have:
+            return
+        if count < have:
+            experts, gate = self.experts[:count], self.gate.weight[:count]
+        else:
+            zeros = self.experts.new_zeros(count - have, *self.experts.shape[1:])
+            rows = torch.empty(count - have, self.gate.weight.shape[1], dtype=self.gate.weight.dtype,
+                               device=self.gate.weight.device)
+            nn.init.normal_(rows, std=0.02)
+            experts, gate = torch.cat([self.experts, zeros]), torch.cat([self.gate.weight, rows])
+        self.experts = nn.Parameter(experts.clone(), requires_grad=False)
+        self.gate.weight = nn.Parameter(gate.clone(), requires_grad=False)
+        self.gate.out_features = self.num_experts = count
 
     @property
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -19,7 +19,7 @@ def test_replay_trains_earlier_edits_again(tokenizer):
     seen = []
     import memoe_plugin.apply as main_module
     real = main_module.train_experts
-    main_module.train_experts = lambda adapter, batch, progress=False: seen.append(batch) or real(adapter, batch)
+    main_module.train_experts = lambda adapter, batch, progress=False, **kw: seen.append(batch) or real(adapter, batch)
     try:
         apply_memoe_to_model(model, tokenizer, EDITS[2:], hp)
     finally:

@@ -25,7 +25,8 @@ def run(command, cwd, **kwargs):
 def installed(tmp_path_factory):
     root = tmp_path_factory.mktemp("install")
     source = root / "source"
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, check=True).stdout.split(b"\0")
     if not any(files):
         pytest.skip("not a git checkout: cannot tell the project's files")
     for name in filter(None, (f.decode() for f in files)):

@@ -376,3 +376,41 @@ def test_version_1_file_without_gate_statistics_still_loads(saved, tokenizer, tm
     assert torch.equal(adapter.bypass.gate_shift, torch.zeros_like(adapter.bypass.gate_shift))
     assert torch.equal(logits(fresh, tokenizer), expected)
     remove_memoe(fresh)
+
+
+STATEFUL = dict(steps=30, locality_guard=True, scope_keys=True, scope_threshold=0.3, expert_routing="key",
+                edits_per_expert=2, num_experts=1, memory_rows=40, memory_weight=5.0, replay=1)
+CALLS = [EDITS[:2], EDITS[2:] + [{"prompt": "Marie Curie was born in", "target_new": "Tokyo",
+                                  "subject": "Marie Curie"}],
+         [{"prompt": "Watts Humphrey attended", "target_new": "Paris", "subject": "Watts Humphrey"}]]
+
+
+def test_a_saved_adapter_keeps_editing_exactly_as_if_never_saved(tokenizer, tmp_path):
+    """Keys, key routing with grown experts, guard owners and the output memory all come back, so a run
+    interrupted after its second call and resumed from the file ends bit for bit where an uninterrupted
+    run ends."""
+    hp = make_hparams(**STATEFUL)
+    straight = tiny_llama(len(tokenizer))
+    for call in CALLS:
+        apply_memoe_to_model(straight, tokenizer, call, hp)
+    first = tiny_llama(len(tokenizer))
+    for call in CALLS[:2]:
+        apply_memoe_to_model(first, tokenizer, call, hp)
+    path = save_adapter(first, tmp_path / "checkpoint.safetensors")
+    meta = read_adapter_metadata(path)
+    assert meta["format_version"] == FORMAT_VERSION == 3
+    assert {"scope.keys", "scope.edit_ids", "expert_of", "memory.x", "memory.delta"} <= set(meta["tensors"])
+    resumed = tiny_llama(len(tokenizer))
+    load_adapter(resumed, tokenizer, path)
+    apply_memoe_to_model(resumed, tokenizer, CALLS[2], hp)
+    a, b = get_adapter(straight), get_adapter(resumed)
+    tensors_a, info_a = a.state()
+    tensors_b, info_b = b.state()
+    assert set(tensors_a) == set(tensors_b) and info_a == info_b
+    for name in tensors_a:
+        assert torch.equal(tensors_a[name], tensors_b[name]), name
+    probe = tokenizer(["Watts Humphrey attended", "Toko Yasuda plays the"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(straight(**probe).logits, resumed(**probe).logits)
+    remove_memoe(straight)
+    remove_memoe(resumed)

@@ -47,7 +47,7 @@ def test_in_forward_recovery_equals_direct_extraction(tokenizer):
         for side in ("left", "right"):
             tokenizer.padding_side = side
             batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-            features, _, _ = adapter.routing_features(batch["input_ids"], batch["attention_mask"])
+            features = adapter.routing_features(batch["input_ids"], batch["attention_mask"]).features
             for row, prompt in enumerate(PROMPTS):
                 ids = tokenizer(prompt)["input_ids"]
                 real = batch["attention_mask"][row].bool()

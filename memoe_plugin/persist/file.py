@@ -10,7 +10,7 @@ from typing import Union
 from .identity import tensor_sha256
 
 FORMAT_NAME = "memoe_plugin.adapter"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 TENSOR_NAMES = ("experts", "gate.weight", "gate_shift", "gate_scale")
 TENSOR_NAMES_V1 = ("experts", "gate.weight")
 
@@ -89,6 +89,8 @@ def read_adapter_file(path: Path, tensors: bool) -> tuple[dict, dict]:
                          f"{err}); the file is corrupt. Save the adapter again.") from None
     if tensors:
         required = TENSOR_NAMES if version >= 2 else TENSOR_NAMES_V1
+        if version >= 3:   # every tensor the file records (keys, expert table, memory) is checked too
+            required = tuple(dict.fromkeys(required + tuple(document["tensors"])))
         missing = [name for name in required if name not in loaded]
         if missing:
             raise ValueError(f"{path}: tensor(s) {missing} are missing; the file is corrupt. Save the adapter again.")

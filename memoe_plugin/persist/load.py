@@ -95,8 +95,11 @@ def check_compatible(model: nn.Module, tokenizer, document: dict, tensors: dict,
     in_features, out_features = projection_shape(module)
     embedding = model.get_input_embeddings()
     feature_dim = 0 if hparams.routing_input == "token" else embedding.weight.shape[1]
-    expected = {"experts": [hparams.num_experts, in_features, out_features],
-                "gate.weight": [hparams.num_experts, in_features + feature_dim],
+    experts = hparams.num_experts   # a mixture that grows with its edits has at least that many
+    if hparams.expert_routing == "key" and hparams.edits_per_expert > 0 and tensors["experts"].dim() == 3:
+        experts = max(experts, int(tensors["experts"].shape[0]))
+    expected = {"experts": [experts, in_features, out_features],
+                "gate.weight": [experts, in_features + feature_dim],
                 "gate_shift": [in_features + feature_dim], "gate_scale": [in_features + feature_dim]}
     for name, shape in expected.items():
         if name not in tensors:   # a version-1 file
@@ -104,11 +107,14 @@ def check_compatible(model: nn.Module, tokenizer, document: dict, tensors: dict,
         if list(tensors[name].shape) != shape:
             raise ValueError(f"{path}: tensor {name!r} has shape {list(tensors[name].shape)}, but "
                              f"{hparams.module_name} of this model needs {shape} (num_experts "
-                             f"{hparams.num_experts}, projection {in_features}->{out_features}, routing dim "
+                             f"{experts}, projection {in_features}->{out_features}, routing dim "
                              f"{feature_dim}). Load the adapter into the model it was saved from.")
         if tensors[name].dtype != torch.float32:
             raise ValueError(f"{path}: tensor {name!r} is {tensors[name].dtype}; MEMoE adapters are float32. "
                              "The file was not written by save_adapter.")
+    if hparams.scope_keys and "scope.keys" in tensors and tensors["scope.keys"].shape[-1] != in_features:
+        raise ValueError(f"{path}: the key scope's keys have {tensors['scope.keys'].shape[-1]} features but "
+                         f"{hparams.module_name} takes {in_features}; the file is corrupt.")
     weight_dtype = str(module.weight.dtype).replace("torch.", "")
     if weight_dtype == saved_module.get("weight_dtype") and module.weight.device.type != "meta" \
             and tensor_sha256(module.weight) != saved_module.get("weight_sha256"):
@@ -142,23 +148,18 @@ def restore(model: nn.Module, tokenizer, hparams: MEMoEHyperParams, document: di
                              "so edits would route differently. Install the NLTK data "
                              "(python -m nltk.downloader punkt_tab averaged_perceptron_tagger_eng "
                              "maxent_ne_chunker_tab words) or load where the same extractor is available.")
-        bypass = adapter.bypass
-        with torch.no_grad():
-            bypass.experts.copy_(tensors["experts"].to(bypass.experts.device))
-            bypass.gate.weight.copy_(tensors["gate.weight"].to(bypass.gate.weight.device))
-            for name in ("gate_shift", "gate_scale"):
-                if name in tensors:
-                    getattr(bypass, name).copy_(tensors[name].to(bypass.gate.weight.device))
-        adapter.gate_calibrated = "gate_shift" in tensors
-        for parameter in bypass.trainable_parameters:   # as train_experts leaves them
-            parameter.requires_grad_(False)
-        adapter.edits = [dict(edit) for edit in document["edits"]]
-        guard_keys = document["anchors"].get("locality_guard_keys")
-        if getattr(adapter, "guard", None) is not None:
-            if not isinstance(guard_keys, list):
+        state = document.get("state")
+        if state is None:   # format 1 and 2: weights, edits and the guard's keys only
+            guard_keys = document["anchors"].get("locality_guard_keys")
+            if adapter.guard is not None and not isinstance(guard_keys, list):
                 raise ValueError(f"{path}: locality_guard is on but the file has no locality-guard keys; the file "
                                  "is corrupt. Save the adapter again.")
-            adapter.guard.add(guard_keys)
+            state = {"num_experts": int(tensors["experts"].shape[0]), "gate_calibrated": "gate_shift" in tensors,
+                     "edits": document["edits"], "guard": {"keys": guard_keys or [], "owners": {}}}
+        elif adapter.guard is not None and "guard" not in state:
+            raise ValueError(f"{path}: locality_guard is on but the file has no locality-guard keys; the file "
+                             "is corrupt. Save the adapter again.")
+        adapter.load_state(tensors, state)
     except BaseException:
         adapter.detach()
         raise

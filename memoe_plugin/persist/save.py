@@ -28,10 +28,8 @@ def save_adapter(model: nn.Module, path: PathLike) -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         raise ValueError(f"{path} is a directory; save_adapter writes one file, e.g. {path / 'adapter.safetensors'}")
-    bypass, hp = adapter.bypass, adapter.hparams
-    tensors = {"experts": bypass.experts, "gate.weight": bypass.gate.weight,
-               "gate_shift": bypass.gate_shift, "gate_scale": bypass.gate_scale}
-    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    hp = adapter.hparams
+    tensors, state = adapter.state()
     base_weight = adapter.base_module.weight
     document = {
         "format": FORMAT_NAME,
@@ -52,6 +50,7 @@ def save_adapter(model: nn.Module, path: PathLike) -> Path:
                     "anchor_cache_size": hp.anchor_cache_size,
                     "locality_guard_keys": guard_keys(adapter)},
         "edits": [dict(edit) for edit in adapter.edits],
+        "state": state,
     }
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
                 "memoe": json.dumps(document, ensure_ascii=False, default=str)}

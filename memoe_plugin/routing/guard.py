@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from typing import Iterable, Optional
 
 from .lru import LRU
 
@@ -14,40 +15,71 @@ class LocalityGuard:
     the text of tokens ``0..t`` contains one of them as a whole word (case
     insensitive); elsewhere the bypass adds nothing, so inputs about other
     knowledge get exactly the base model's output. Causal, like the anchors.
+
+    The guard also knows which edits each key belongs to (``owners``), so that the
+    key scope compares a position only with the keys of the edits whose anchors are
+    in its prefix (:meth:`edits_in_sight`).
     """
 
     def __init__(self, tokenizer, cache_size: int = 4096):
         self.tokenizer = tokenizer
         self.keys: set[str] = set()
+        self.owners: dict[str, set[int]] = {}
+        self.edit_count = 0          # 1 + the largest edit id that owns a key
         self._pattern = None
         self._cache = LRU(cache_size)
 
-    def add(self, keys) -> None:
-        new = {k.strip().lower() for k in keys if k and k.strip()} - self.keys
+    def add(self, keys: Iterable[str], edit_id: Optional[int] = None) -> None:
+        """Add anchors (of the edit ``edit_id``, when given)."""
+        keys = {k.strip().lower() for k in keys if k and k.strip()}
+        if edit_id is not None:
+            for key in keys:
+                self.owners.setdefault(key, set()).add(edit_id)
+            self.edit_count = max(self.edit_count, edit_id + 1)
+        new = keys - self.keys
         if new:
             self.keys |= new
             longest_first = sorted(self.keys, key=len, reverse=True)
             self._pattern = re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, longest_first)) + r")(?!\w)")
             self._cache.clear()
 
-    def active(self, ids) -> list[bool]:
-        """For each position of one sequence of real tokens: is edited knowledge in the prefix?"""
+    def state(self) -> tuple:
+        """A copy of the keys and their owners (for :meth:`restore` after a failed edit)."""
+        return set(self.keys), {key: set(owners) for key, owners in self.owners.items()}
+
+    def restore(self, state: tuple) -> None:
+        keys, owners = state
+        self.keys, self.owners, self._pattern = set(), {}, None
+        self.add(keys)
+        self.owners = {key: set(ids) for key, ids in owners.items()}
+        self.edit_count = 1 + max((i for ids in self.owners.values() for i in ids), default=-1)
+
+    def matched(self, ids) -> list[frozenset]:
+        """For each position of one sequence of real tokens: the anchors seen in the text of tokens 0..t."""
         ids = tuple(ids)
         cached = self._cache.lookup(ids)
         if cached is not None:
             return cached
         if self._pattern is None:
-            return [False] * len(ids)
+            return [frozenset()] * len(ids)
         parent = self._cache.lookup(ids[:-1]) if len(ids) > 1 else None
         if parent is not None:
-            flags = parent + [parent[-1] or self._matches(ids)]
+            found = parent + [parent[-1] | self._matches(ids)]
         else:
-            flags, seen = [], False
+            found, seen = [], frozenset()
             for end in range(1, len(ids) + 1):   # once a key is in the prefix it stays there
-                seen = seen or self._matches(ids[:end])
-                flags.append(seen)
-        return self._cache.store(ids, flags)
+                seen = seen | self._matches(ids[:end])
+                found.append(seen)
+        return self._cache.store(ids, found)
 
-    def _matches(self, ids) -> bool:
+    def active(self, ids) -> list[bool]:
+        """For each position of one sequence of real tokens: is edited knowledge in the prefix?"""
+        return [bool(keys) for keys in self.matched(ids)]
+
+    def edits_in_sight(self, ids) -> list[frozenset]:
+        """For each position: the edits whose anchors are in the prefix."""
+        return [frozenset().union(*(self.owners.get(k, ()) for k in keys)) for keys in self.matched(ids)]
+
+    def _matches(self, ids) -> frozenset:
         text = self.tokenizer.decode(list(ids), skip_special_tokens=True).lower()
-        return self._pattern.search(text) is not None
+        return frozenset(match.group(0) for match in self._pattern.finditer(text))

@@ -18,6 +18,7 @@ class EditBatch:
     rows: torch.Tensor             # target token i sits at (rows[i], positions[i] + 1)
     positions: torch.Tensor        # position whose logits predict target token i
     targets: torch.Tensor          # the target token ids
+    indices: torch.Tensor          # row r is request indices[r] of the list the batches were built from
 
 
 def build_edit_batches(tokenizer, requests: list[dict], device, max_buckets: int = 3,
@@ -28,10 +29,10 @@ def build_edit_batches(tokenizer, requests: list[dict], device, max_buckets: int
     buckets = max(1, min(max_buckets, len(requests) // min_bucket))
     size = -(-len(requests) // buckets)
     groups = [order[i:i + size] for i in range(0, len(order), size)]
-    return [build_edit_batch(tokenizer, [requests[i] for i in group], device) for group in groups]
+    return [build_edit_batch(tokenizer, [requests[i] for i in group], device, group) for group in groups]
 
 
-def build_edit_batch(tokenizer, requests: list[dict], device) -> EditBatch:
+def build_edit_batch(tokenizer, requests: list[dict], device, indices=None) -> EditBatch:
     """Tokenise ``prompt + ' ' + target_new`` as EasyEdit's scoring does; right-pad."""
     sequences, rows, positions, targets = [], [], [], []
     for row, request in enumerate(requests):
@@ -54,4 +55,4 @@ def build_edit_batch(tokenizer, requests: list[dict], device) -> EditBatch:
         attention_mask[row, :len(seq)] = 1
     as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)
     return EditBatch(input_ids.to(device), attention_mask.to(device), as_long(rows), as_long(positions),
-                     as_long(targets))
+                     as_long(targets), as_long(list(range(len(requests))) if indices is None else list(indices)))

@@ -22,6 +22,7 @@ class BypassCall:
     features: Optional[torch.Tensor]
     token_mask: Optional[torch.Tensor]
     active: Optional[torch.Tensor]
+    allowed: Optional[torch.Tensor]
 
 
 @dataclass
@@ -46,7 +47,8 @@ def capture_bypass(adapter, enabled: bool = False, stage: Optional[nn.Module] = 
 
     def grab_bypass(module, args):
         context = adapter.context
-        record.bypass.append(BypassCall(args[0].detach(), context.features, context.token_mask, context.active))
+        record.bypass.append(BypassCall(args[0].detach(), context.features, context.token_mask, context.active,
+                                        context.allowed))
 
     def grab_stage(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]

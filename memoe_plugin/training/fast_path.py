@@ -37,7 +37,8 @@ class UpperStack:
         self.head = model.get_output_embeddings()
         if self.final_norm is None or self.head is None:
             raise LookupError("no final norm / LM head found")
-        self.features, self.mask, self.active = adapter.routing_features(batch.input_ids, batch.attention_mask)
+        self.features, self.mask, self.active, self.allowed = adapter.routing_features(batch.input_ids,
+                                                                                       batch.attention_mask)
         self.start, self.cache = 0, None
         start = self._silent_prefix_length() if skip_silent_prefix else 0
         if start > 0 and self.upper_layers:
@@ -73,6 +74,7 @@ class UpperStack:
         self.features = None if self.features is None else self.features[:, start:]
         self.mask = self.mask[:, start:]
         self.active = None if self.active is None else self.active[:, start:]
+        self.allowed = None if self.allowed is None else self.allowed[:, start:]
 
     def _capture(self) -> None:
         stage = self.upper_layers[0] if self.upper_layers else self.final_norm
@@ -89,7 +91,7 @@ class UpperStack:
 
     def target_logits(self) -> torch.Tensor:
         bypass = self.adapter.bypass
-        self.adapter.context.set(self.features, self.mask, self.active)
+        self.adapter.context.set(self.features, self.mask, self.active, self.allowed)
         try:
             hidden = self.hidden + bypass.delta(self.x).to(self.hidden.dtype)
         finally:

@@ -10,7 +10,8 @@ on ``memory_batch`` stored rows drawn per step. It is replay in the adapter's in
 space: it costs one expert product per stored row, with no layer above the adapter
 run again, where replaying whole requests (``replay``) reruns the upper stack. The
 memory holds at most ``memory_rows`` rows (reservoir sampling over everything seen),
-in float16; it lives with the adapter and is not saved by ``save_adapter``.
+in float16; ``save_adapter`` writes it with the adapter (:meth:`OutputMemory.state`), so that a
+loaded adapter or a resumed run keeps editing exactly as it would have.
 """
 from __future__ import annotations
 
@@ -34,6 +35,23 @@ class OutputMemory:
 
     def __len__(self) -> int:
         return 0 if self.x is None else self.x.shape[0]
+
+    def state(self) -> tuple[dict, dict]:
+        """(tensors, JSON-able info) that :meth:`load_state` takes back: the rows, the count seen and the
+        reservoir's random state."""
+        tensors = {} if self.x is None else {"memory.x": self.x, "memory.delta": self.delta}
+        if self.features is not None:
+            tensors["memory.features"] = self.features
+        version, internal, gauss = self._rng.getstate()
+        return tensors, {"capacity": self.capacity, "seen": self.seen,
+                         "rng": [version, list(internal), gauss]}
+
+    def load_state(self, tensors: dict, info: dict) -> None:
+        self.x, self.delta = tensors.get("memory.x"), tensors.get("memory.delta")
+        self.features = tensors.get("memory.features")
+        self.seen = int(info["seen"])
+        version, internal, gauss = info["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
 
     @property
     def nbytes(self) -> int:
@@ -97,7 +115,7 @@ def remember_edits(adapter, batches) -> None:
             rows &= call.token_mask.bool().to(x.device)
         if call.active is not None:
             rows &= call.active.to(x.device)
-        adapter.context.set(call.features, call.token_mask, call.active)
+        adapter.context.set(call.features, call.token_mask, call.active, call.allowed)
         try:
             delta = bypass.delta(x)
         finally:

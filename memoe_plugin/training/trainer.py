@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .batches import build_edit_batches
 from .calibration import calibrate_gate
-from .fast_path import target_logits_function
+from .capture import capture_bypass
+from .fast_path import full_target_logits, target_logits_function
 from .memory import remember_edits
+from .preservation import Preservation
+from .scope_keys import register_keys
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -32,8 +36,13 @@ class TrainReport:
     target_accuracy: float
 
 
-def train_experts(adapter, requests: list[dict], progress: bool = False) -> TrainReport:
-    """Fit the experts and gate to ``requests``; on NaN/Inf restore them and raise."""
+def train_experts(adapter, requests: list[dict], progress: bool = False,
+                  subjects_of: Optional[list[dict]] = None) -> TrainReport:
+    """Fit the experts and gate to ``requests``; on NaN/Inf restore them and raise.
+
+    ``subjects_of``: the requests whose subjects get preservation prompts (``preserve_prompts``);
+    default ``requests``.
+    """
     hp, model, bypass = adapter.hparams, adapter.model, adapter.bypass
     device = bypass.experts.device
     batches = build_edit_batches(adapter.tokenizer, requests, device)
@@ -53,8 +62,24 @@ def train_experts(adapter, requests: list[dict], progress: bool = False) -> Trai
                                   {"params": [bypass.gate.weight], "lr": hp.lr * hp.gate_lr_scale}],
                                  lr=hp.lr, weight_decay=hp.weight_decay)
     steps_done, loss_value, stopped_early, accuracy = 0, math.nan, False, 0.0
+    scope = adapter.scope
+    keys_before = None if scope is None else len(scope)
+    frozen = None
+    if adapter.trainable_experts is not None:
+        frozen = torch.ones(bypass.experts.shape[0], dtype=torch.bool, device=device)
+        frozen[adapter.trainable_experts] = False
     try:
+        if scope is not None:
+            register_keys(adapter, batches, requests, len(adapter.edits))
         target_logits, cached = target_logits_function(adapter, batches)
+        preservation, preserved_logits = None, None
+        if hp.preserve_prompts and hp.preserve_weight > 0:
+            preservation = Preservation(adapter, subjects_of or requests, hp.preserve_prompts, hp.seed)
+            if len(preservation):
+                with capture_bypass(adapter, enabled=False):
+                    preservation.set_reference(torch.cat([full_target_logits(adapter, b)
+                                                          for b in preservation.batches]))
+                preserved_logits, _ = target_logits_function(adapter, preservation.batches)
         bar = _progress(hp.steps, progress)
         memory = adapter.memory if hp.memory_weight > 0 and adapter.memory is not None and len(adapter.memory) \
             else None
@@ -68,6 +93,8 @@ def train_experts(adapter, requests: list[dict], progress: bool = False) -> Trai
                     loss = loss + hp.aux_loss_weight * aux
                 if memory is not None:
                     loss = loss + hp.memory_weight * memory.loss(bypass, adapter.context, hp.memory_batch)
+                if preserved_logits is not None:
+                    loss = loss + hp.preserve_weight * preservation.loss(preserved_logits()[0])
                 if not torch.isfinite(loss):
                     raise TrainingDivergedError(
                         f"MEMoE training diverged at step {step} (loss {loss.item()}); the edit was not kept. "
@@ -75,6 +102,9 @@ def train_experts(adapter, requests: list[dict], progress: bool = False) -> Trai
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if frozen is not None:   # experts of earlier calls keep their weights exactly
+                    with torch.no_grad():
+                        bypass.experts[frozen] = snapshot[0][frozen]
                 steps_done, loss_value = step + 1, target_loss.item()
                 accuracy = (logits.argmax(-1) == targets).float().mean().item()
                 if bar is not None:
@@ -95,6 +125,8 @@ def train_experts(adapter, requests: list[dict], progress: bool = False) -> Trai
         with torch.no_grad():
             for p, saved in zip(bypass.trainable_parameters, snapshot):
                 p.copy_(saved)
+        if scope is not None:
+            scope.truncate(keys_before)
         raise
     finally:
         bypass.eval()

@@ -1,0 +1,86 @@
+"""Key scope (an extension): the bypass acts only where its input resembles an input it was trained on.
+
+The locality guard decides on a string: an edited entity in the prefix. That protects prompts
+about other subjects, but every question about an edited subject passes it, so an edit about
+one relation of a subject changes the model's answers about all of them. The key scope decides
+on the representation. For every edit it keeps *keys*: the layer inputs ``x`` at the positions
+that predict the edit's target tokens, centred and unit-normalised. A position is in scope when
+its own centred input has cosine similarity at least ``threshold`` with a key of an edit whose
+anchor is in sight (the guard's match, when the guard is on). A rewording of the edited question
+lands near its keys; a question about another relation of the same subject does not.
+
+The layer input of the adapted layer does not depend on the bypass (the bypass adds to that
+layer's output), so keys taken before training stay valid, and the scope is causal: it looks at
+position ``t``'s input only, which depends on tokens ``0..t``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+class KeyScope(nn.Module):
+    """Keys of the edited positions, and the test of a layer input against them."""
+
+    def __init__(self, dim: int, threshold: float, device=None):
+        super().__init__()
+        self.threshold = threshold
+        self.register_buffer("center", torch.zeros(dim, device=device))
+        self.register_buffer("keys", torch.zeros(0, dim, device=device, dtype=torch.float16))
+        self.register_buffer("edit_ids", torch.zeros(0, dtype=torch.long, device=device))
+        self.calibrated = False
+
+    def __len__(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() + self.edit_ids.numel() * 8
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Fix the centre on real layer inputs (the first edits' tokens); keys and queries share it."""
+        self.center.copy_(x.float().mean(0))
+        self.calibrated = True
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() - self.center
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, edit_ids: torch.Tensor) -> None:
+        """Keep the rows of ``x`` [n, dim] as keys of the edits ``edit_ids`` [n]."""
+        keys = self._normalise(x).to(self.keys.dtype)
+        self.keys = torch.cat([self.keys, keys.to(self.keys.device)])
+        self.edit_ids = torch.cat([self.edit_ids, edit_ids.to(self.edit_ids.device, torch.long)])
+
+    @torch.no_grad()
+    def truncate(self, size: int) -> None:
+        """Drop the keys added after the first ``size`` (a failed edit call takes its keys back)."""
+        self.keys, self.edit_ids = self.keys[:size], self.edit_ids[:size]
+
+    def match(self, x: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best cosine similarity of each row of ``x`` [..., dim] to a key, and the edit that key belongs
+        to; ``allowed`` [..., n_edits] (bool) limits each row to the keys of some edits. (-1, -1) where
+        no key counts."""
+        flat = self._normalise(x.reshape(-1, x.shape[-1]))
+        if not len(self):
+            return (flat.new_full(x.shape[:-1], -1.0),
+                    torch.full(x.shape[:-1], -1, dtype=torch.long, device=x.device))
+        sims = flat @ self.keys.to(flat.dtype).t()                       # [rows, keys]
+        if allowed is not None:
+            allowed = allowed.reshape(-1, allowed.shape[-1]).to(sims.device)
+            known = self.edit_ids < allowed.shape[-1]
+            mask = allowed[:, self.edit_ids.clamp_max(max(allowed.shape[-1] - 1, 0))] & known
+            sims = sims.masked_fill(~mask, -1.0)
+        best, index = sims.max(dim=-1)
+        edit = self.edit_ids.to(index.device)[index].masked_fill(best <= -1.0, -1)
+        return best.reshape(x.shape[:-1]), edit.reshape(x.shape[:-1])
+
+    def similarity(self, x: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.match(x, allowed)[0]
+
+    def in_scope(self, x: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.similarity(x, allowed) >= self.threshold

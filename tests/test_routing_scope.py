@@ -1,0 +1,108 @@
+"""The key scope and key routing: the bypass acts where its input matches an edited position's key."""
+import pytest
+import torch
+
+from conftest import EDITS, make_hparams, tiny_llama
+from memoe_plugin import apply_memoe_to_model, get_adapter, remove_memoe
+from memoe_plugin.training.trainer import TrainingDivergedError
+
+MORE = [{"prompt": "Marie Curie was born in", "target_new": "Tokyo", "subject": "Marie Curie"},
+        {"prompt": "The Eiffel Tower is located in", "target_new": "Rome", "subject": "Eiffel Tower"},
+        {"prompt": "Watts Humphrey attended", "target_new": "Paris", "subject": "Watts Humphrey"}]
+
+
+def scoped(**overrides):
+    settings = dict(steps=80, locality_guard=True, scope_keys=True, scope_threshold=0.5)
+    settings.update(overrides)
+    return make_hparams(**settings)
+
+
+def predicted(model, tokenizer, request):
+    full = tokenizer(request["prompt"] + " " + request["target_new"], return_tensors="pt")
+    n = len(tokenizer(request["prompt"])["input_ids"])
+    with torch.no_grad():
+        return model(**full).logits[0].argmax(-1)[n - 1:-1].tolist(), full["input_ids"][0, n:].tolist()
+
+
+def test_keys_are_the_target_predicting_positions_and_edits_take(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    apply_memoe_to_model(model, tokenizer, EDITS, scoped())
+    adapter = get_adapter(model)
+    targets = sum(len(tokenizer(e["prompt"] + " " + e["target_new"])["input_ids"]) -
+                  len(tokenizer(e["prompt"])["input_ids"]) for e in EDITS)
+    assert len(adapter.scope) == targets
+    assert sorted(set(adapter.scope.edit_ids.tolist())) == [0, 1, 2]
+    assert adapter.guard.owners["japan"] == {1}
+    for request in EDITS:
+        got, wanted = predicted(model, tokenizer, request)
+        assert got == wanted
+    remove_memoe(model)
+
+
+def test_positions_outside_the_scope_get_the_base_output_exactly(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    # names an edited subject (the guard lets it through) but is another text: far from every key
+    probe = tokenizer("Danielle Darrieux Danielle Darrieux the of in is was", return_tensors="pt")
+    with torch.no_grad():
+        before = model(**probe).logits
+    apply_memoe_to_model(model, tokenizer, EDITS, scoped(scope_threshold=0.999))
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        after = model(**probe).logits
+    routing = adapter.bypass.last_routing[0, :, 0]
+    assert (routing == -1).all() and torch.equal(after, before)
+    remove_memoe(model)
+
+
+def test_a_position_is_compared_only_with_the_keys_of_edits_in_sight(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    apply_memoe_to_model(model, tokenizer, EDITS, scoped(scope_threshold=-1.0))   # every allowed key matches
+    adapter = get_adapter(model)
+    ids = torch.tensor([tokenizer("Toko Yasuda plays the")["input_ids"]])
+    inputs = adapter.routing_features(ids, None)
+    allowed = inputs.allowed[0]
+    assert not allowed[0].any()                    # before the anchor: no edit in sight
+    assert allowed[-1].tolist() == [False, False, True]   # after "Toko Yasuda": only edit 2
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert (adapter.bypass.last_routing[0, -1] >= 0).all()
+    remove_memoe(model)
+
+
+def test_key_routing_gives_each_edit_its_expert_and_freezes_full_experts(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    hp = scoped(expert_routing="key", edits_per_expert=2, num_experts=1, scope_threshold=0.9)
+    apply_memoe_to_model(model, tokenizer, EDITS[:2], hp)
+    adapter = get_adapter(model)
+    assert adapter.bypass.experts.shape[0] == 1 and adapter.bypass.expert_of.tolist() == [0, 0]
+    first = adapter.bypass.experts[0].clone()
+    apply_memoe_to_model(model, tokenizer, EDITS[2:] + MORE[:1], hp)
+    assert adapter.bypass.experts.shape[0] == 2 and adapter.bypass.expert_of.tolist() == [0, 0, 1, 1]
+    assert torch.equal(adapter.bypass.experts[0], first)       # the full expert did not move
+    for edit, request in enumerate(EDITS + MORE[:1]):
+        ids = torch.tensor([tokenizer(request["prompt"])["input_ids"]])
+        assert adapter.route(ids)[0, -1, 0].item() == adapter.bypass.expert_of[edit].item()
+        got, wanted = predicted(model, tokenizer, request)
+        assert got == wanted
+    remove_memoe(model)
+
+
+def test_a_failed_call_takes_its_keys_owners_and_experts_back(tokenizer, monkeypatch):
+    model = tiny_llama(len(tokenizer))
+    hp = scoped(expert_routing="key", edits_per_expert=2, num_experts=1)
+    apply_memoe_to_model(model, tokenizer, EDITS[:2], hp)
+    adapter = get_adapter(model)
+    keys, owners, experts = len(adapter.scope), adapter.guard.state(), adapter.bypass.experts.clone()
+    from memoe_plugin.layer import MoEBypass
+    real = MoEBypass._expert_sum
+    monkeypatch.setattr(MoEBypass, "_expert_sum", lambda self, *a: real(self, *a) * float("nan"))
+    with pytest.raises(TrainingDivergedError):
+        apply_memoe_to_model(model, tokenizer, EDITS[2:] + MORE, hp)
+    assert len(adapter.scope) == keys and adapter.guard.state() == owners
+    assert torch.equal(adapter.bypass.experts, experts) and adapter.bypass.expert_of.tolist() == [0, 0]
+    remove_memoe(model)
+
+
+def test_key_routing_needs_the_key_scope():
+    with pytest.raises(ValueError, match="expert_routing"):
+        make_hparams(expert_routing="key")
