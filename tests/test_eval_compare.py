@@ -18,7 +18,8 @@ import yaml
 from memoe_plugin.eval import compare
 from memoe_plugin.assets import compare_hparams_dir
 from memoe_plugin.eval.compare import (METHODS, CompareError, ResultStore, RunSpec, Runner, build_config,
-                                       chunk_ranges, combine_restore, parse_overrides, split_records, summarise)
+                                       chunk_ranges, combine_restore, parse_overrides, prepare_records, split_records,
+                                       summarise)
 from memoe_plugin.eval.state import state_fingerprint
 
 EASYEDIT_PATH = os.environ.get("EASYEDIT_PATH")
@@ -43,7 +44,22 @@ class FakeSession:
         self.batchable = backend.batchable.get(run.method, True)
         self.model = FakeModel()
         self.known: set[str] = set()
-        self.records = split_records(fake_records(40), run.num_edits)
+        records = backend.records if backend.records is not None else fake_records(40)
+        prepared = prepare_records(records, run.num_edits, run.split, run.seed, ("rephrase_prompt",),
+                                   backend.strict)
+        self.records, self.skipped = (prepared.edits, prepared.loc_prompts), prepared.skipped
+        self.can_checkpoint = backend.checkpointable
+
+    def save_checkpoint(self, path):
+        path.write_text(json.dumps({"w": self.model.w.tolist(), "known": sorted(self.known)}))
+
+    def load_checkpoint(self, path):
+        saved = json.loads(path.read_text())
+        with torch.no_grad():
+            self.model.w.copy_(torch.tensor(saved["w"]))
+        self.known = set(saved["known"])
+        self.backend.loaded.append(path.name)
+        return self.model, {"w": torch.zeros(8)}
 
     def describe(self):
         return {"file": "fake.yaml"}
@@ -105,11 +121,12 @@ class FakeSession:
 
 class FakeBackend:
     def __init__(self, batchable=None, fail_methods=(), fail_at=1, interrupt_at=None, broken_restore=False,
-                 damage_after=3, **_):
+                 damage_after=3, records=None, strict=False, checkpointable=False, **_):
         self.batchable = batchable or {"GRACE": False, "WISE": False}
         self.fail_methods, self.fail_at, self.interrupt_at = set(fail_methods), fail_at, interrupt_at
         self.broken_restore, self.damage_after = broken_restore, damage_after
-        self.calls, self.closed, self.opened = [], [], []
+        self.calls, self.closed, self.opened, self.loaded = [], [], [], []
+        self.records, self.strict, self.checkpointable = records, strict, checkpointable
 
     def open_method(self, run):
         self.opened.append(run.key)
@@ -130,7 +147,11 @@ def data_folder(tmp_path, monkeypatch):
 
 def run_main(tmp_path, backend, *args):
     argv = ["--out", str(tmp_path / "out"), "--no-progress", *args]
-    return compare.main(argv, backend_factory=lambda **kwargs: backend)
+
+    def factory(**kwargs):
+        backend.strict = kwargs.get("strict", False)
+        return backend
+    return compare.main(argv, backend_factory=factory)
 
 
 def rows_by_method(tmp_path):
@@ -331,6 +352,74 @@ def test_sequential_resume_restarts_an_unfinished_method(tmp_path):
     assert row["status"] == "complete" and row["cases"] == 4
 
 
+def test_bad_records_are_listed_and_skipped_before_the_first_edit(tmp_path, capsys):
+    records = fake_records(12)
+    records[2]["target_new"] = "  "                               # as ZsRE record 534
+    records[5].update(prompt=records[1]["prompt"], subject="Subject1")  # the same question, another target
+    records[7]["subject"] = "Nobody"                                # not in the prompt
+    backend = FakeBackend(records=records)
+    assert run_main(tmp_path, backend, "--methods", "MEMoE", "--protocol", "sequential", "--num-edits", "8",
+                    "--batch-size", "4") == 0
+    skipped = [r for r in results(tmp_path) if r["type"] == "skipped"]
+    assert [(s["index"], s["record_id"]) for s in skipped] == [(2, 102), (5, 105), (7, 107)]
+    assert "'target_new' is missing, empty" in skipped[0]["reason"]
+    assert "repeats record 1's with another target ('City1')" in skipped[1]["reason"]
+    assert "does not occur in the prompt" in skipped[2]["reason"]
+    assert "record 2 (id 102)" in capsys.readouterr().err
+    edited = [p for _, prompts in backend.calls for p in prompts]
+    assert len(edited) == 8 and records[2]["prompt"] not in edited and records[7]["prompt"] not in edited
+    row = rows_by_method(tmp_path)["MEMoE"]
+    assert row["status"] == "complete" and row["cases"] == 8 and row["skipped_records"] == 3
+    assert "3 records of the split skipped" in (tmp_path / "out" / "summary.md").read_text()
+    # --strict stops before anything is edited, naming every bad record
+    strict = FakeBackend(records=records)
+    assert run_main(tmp_path / "strict", strict, "--methods", "MEMoE", "--num-edits", "8", "--strict") == 2
+    err = capsys.readouterr().err
+    assert strict.calls == [] and "3 of the 12 all records cannot be used (--strict)" in err
+    assert "record 5 (id 105)" in err and "record 7 (id 107)" in err
+
+
+def test_seeds_draw_their_own_records_and_the_summary_gives_the_spread(tmp_path):
+    backend = FakeBackend(damage_after=100)
+    assert run_main(tmp_path, backend, "--methods", "MEMoE", "--num-edits", "6", "--batch-size", "3",
+                    "--seeds", "0,1,2", "--split", "test") == 0
+    calls = [prompts for _, prompts in backend.calls]                # two chunks of 3 per seed
+    samples = [tuple(calls[i] + calls[i + 1]) for i in range(0, len(calls), 2)]
+    assert len(samples) == 3 and len(set(samples)) == 3            # each seed its own records
+    from memoe_plugin.eval.splits import split_of
+    assert all(split_of({"prompt": p}) == "test" for s in samples for p in s)
+    rows = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert sorted(r["seed"] for r in rows) == [0, 1, 2] and {r["split"] for r in rows} == {"test"}
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "test split, seeds 0, 1, 2" in summary and "100.0 ± 0.0" in summary
+    assert run_main(tmp_path, FakeBackend(), "--seeds", "1,x") == 2
+
+
+def test_a_crashed_sequential_run_resumes_from_its_checkpoint_to_the_same_result(tmp_path):
+    args = ["--methods", "MEMoE", "--protocol", "sequential", "--num-edits", "10", "--batch-size", "2",
+            "--checkpoint-every", "2", "--eval-every-step"]
+    whole = FakeBackend(checkpointable=True, damage_after=5)
+    assert run_main(tmp_path / "whole", whole, *args) == 0
+    crashed = FakeBackend(checkpointable=True, damage_after=5, interrupt_at=4)   # dies in chunk 3
+    assert run_main(tmp_path, crashed, *args) == 130
+    resumed = FakeBackend(checkpointable=True, damage_after=5)
+    assert run_main(tmp_path, resumed, *args, "--resume") == 0
+    assert resumed.loaded == ["chunk-00001.safetensors"]             # after chunks 0 and 1
+    assert [p for _, p in resumed.calls] == [p for _, p in whole.calls][2:]
+    final = lambda folder: [(r["index"], r["metric"]["post"]) for r in ResultStore(   # noqa: E731
+        folder / "out" / "results.jsonl").records() if r["type"] == "case" and r["final"]]
+    assert final(tmp_path) == final(tmp_path / "whole") and len(final(tmp_path)) == 10
+    a, b = rows_by_method(tmp_path)["MEMoE"], rows_by_method(tmp_path / "whole")["MEMoE"]
+    for key in ("reliability", "generality", "locality", "cases", "steps"):
+        assert a[key] == b[key], key
+    assert a["edit_seconds"] == pytest.approx(b["edit_seconds"])     # the chunks before the crash count too
+    # a method whose session cannot checkpoint restarts from the beginning
+    assert run_main(tmp_path / "plain", FakeBackend(interrupt_at=2), *args) == 130
+    again = FakeBackend()
+    assert run_main(tmp_path / "plain", again, *args, "--resume") == 0
+    assert len(again.calls) == 5 and again.loaded == []
+
+
 def test_usage_errors(tmp_path, capsys):
     assert run_main(tmp_path, FakeBackend(), "--methods", "FT-Q") == 2
     assert "unknown method" in capsys.readouterr().err
@@ -454,7 +543,8 @@ def test_easyedit_records_and_rollback_checksums(tiny_setup):
     tmp_path, hdir, data, text = tiny_setup
     backend = compare.EasyEditBackend(EASYEDIT_PATH, {"counterfact": data}, {"GRACE": hdir / "GRACE.yaml"}, {},
                                       None, tmp_path / "out")
-    records, loc = backend.records("counterfact", 3)
+    prepared = backend.records("counterfact", 3)
+    records, loc = prepared.edits, prepared.loc_prompts
     assert [r["case_id"] for r in records] == [0, 1, 2] and loc[0] == "Who is the father of Marie Curie? Wladyslaw"
     run = RunSpec("counterfact", "GRACE", "batch", 2, 3)
     session = backend.open_method(run)
@@ -464,3 +554,76 @@ def test_easyedit_records_and_rollback_checksums(tiny_setup):
     assert state_fingerprint(session.model) != before          # GRACE's adapter is in the model
     session.restore(edited, handle)
     assert state_fingerprint(session.model) == before
+
+
+@easyedit
+def test_easyedit_memoe_sequential_run_resumes_from_a_checkpoint_exactly(tiny_setup, monkeypatch):
+    """Real MEMoE through EasyEdit on a tiny Llama: crash after chunk 2 of 4, --resume, same scores."""
+    tmp_path, hdir, data, text = tiny_setup
+    hparams = yaml.safe_load((hdir / "MEMoE.yaml").read_text())
+    (hdir / "MEMoE.yaml").write_text(yaml.safe_dump(dict(hparams, memory_rows=64, replay=1, steps=10)))
+    argv = ["--easyedit", EASYEDIT_PATH, "--data", "counterfact", "--data-file", str(data), "--methods", "MEMoE",
+            "--hparams-dir", str(hdir), "--num-edits", "4", "--batch-size", "1", "--protocol", "sequential",
+            "--checkpoint-every", "1", "--no-progress"]
+    assert compare.main(argv + ["--out", str(tmp_path / "whole")]) == 0
+    original = compare.EasyEditSession.apply
+    calls = []
+
+    def crash_in_chunk_2(self, requests, handle):
+        calls.append(len(requests))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, requests, handle)
+    monkeypatch.setattr(compare.EasyEditSession, "apply", crash_in_chunk_2)
+    assert compare.main(argv + ["--out", str(tmp_path / "crashed")]) == 130
+    monkeypatch.setattr(compare.EasyEditSession, "apply", original)
+    assert compare.main(argv + ["--out", str(tmp_path / "crashed"), "--resume"]) == 0
+
+    def final(folder):
+        return [(r["index"], r["metric"]["post"]) for r in ResultStore(tmp_path / folder / "results.jsonl").records()
+                if r["type"] == "case" and r["final"]]
+    assert len(final("whole")) == 4 and final("crashed") == final("whole")
+    # the adapter after chunk 2 (trained after the resume) is the same, tensor for tensor
+    from safetensors.torch import load_file
+    folder = lambda run: next((tmp_path / run / "checkpoints").iterdir())      # noqa: E731
+    a, b = (load_file(folder(run) / "chunk-00002.safetensors") for run in ("whole", "crashed"))
+    assert sorted(a) == sorted(b) and "memory.x" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed = [r for r in ResultStore(tmp_path / "crashed" / "results.jsonl").records() if r["type"] == "resumed"]
+    assert [r["after_chunk"] for r in resumed] == [1]
+    row = json.loads((tmp_path / "crashed" / "summary.json").read_text())[0]
+    assert row["status"] == "complete" and row["rollback"] == "exact"
+
+
+@easyedit
+def test_easyedit_knowedit_records_score_same_subject_locality(tiny_setup):
+    """KnowEdit files through EasyEdit's KnowEditDataset: rephrase from the raw file, same-subject
+    locality scored by EasyEdit as Relation_Specificity, unrelated locality from records not edited."""
+    tmp_path, hdir, data, text = tiny_setup
+    flat = json.loads(data.read_text())
+    knowedit = [{"subject": r["subject"], "prompt": r["prompt"], "target_new": r["target_new"],
+                 "ground_truth": [r["ground_truth"]], "rephrase_prompt": r["rephrase_prompt"],
+                 "locality": {"Relation_Specificity": [{"prompt": f"{r['subject']} was made by",
+                                                        "ground_truth": ["nobody"]},
+                                                       {"prompt": f"The colour of {r['subject']} is",
+                                                        "ground_truth": ["red"]}]},
+                 "portability": {}} for r in flat]
+    path = tmp_path / "knowedit.json"
+    path.write_text(json.dumps(knowedit))
+    argv = ["--easyedit", EASYEDIT_PATH, "--data", "zsre-knowedit", "--data-file", str(path), "--methods", "MEMoE",
+            "--hparams-dir", str(hdir), "--num-edits", "3", "--batch-size", "3", "--out", str(tmp_path / "out"),
+            "--no-progress"]
+    assert compare.main(argv) == 0
+    cases = [r for r in results(tmp_path) if r["type"] == "case"]
+    assert len(cases) == 3
+    for case in cases:
+        request = case["metric"]["requested_rewrite"]
+        assert request["rephrase_prompt"] == request["prompt"].replace("The ", "the ")
+        same = request["locality"]["Relation_Specificity"]
+        assert len(same["prompt"]) == 2 and request["subject"] in same["prompt"][0]
+        unrelated = request["locality"]["neighborhood"]["prompt"]
+        assert not any(knowedit[i]["subject"] in unrelated for i in range(3))    # about a record not edited
+        assert len(case["metric"]["post"]["locality"]["Relation_Specificity_acc"]) == 2
+    row = rows_by_method(tmp_path)["MEMoE"]
+    assert row["same_subject"] is not None and row["locality"] is not None
+    assert "Same-subj." in (tmp_path / "out" / "summary.md").read_text()

@@ -4,7 +4,10 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-SCORES = ("reliability", "generality", "locality")
+SCORES = ("reliability", "generality", "locality", "same_subject")
+# EasyEdit locality keys that hold other facts about the edited subject (KnowEdit's name); every
+# other locality key (``neighborhood``: prompts about other subjects) counts as unrelated locality.
+SAME_SUBJECT_KEYS = ("Relation_Specificity",)
 
 
 def flat_mean(value) -> Optional[float]:
@@ -22,14 +25,20 @@ def flat_mean(value) -> Optional[float]:
 
 
 def case_scores(metric: dict) -> dict:
-    """Reliability / generality / locality of one EasyEdit metric dict, in [0, 1] (None when absent)."""
+    """Reliability / generality / unrelated and same-subject locality of one EasyEdit metric dict, in [0, 1]
+    (None when absent)."""
     post = metric.get("post", {})
     locality = post.get("locality", {}) or {}
-    loc_values = [flat_mean(v) for k, v in locality.items() if k.endswith("_acc")]
-    loc_values = [v for v in loc_values if v is not None]
+    same = [f"{k}_acc" for k in SAME_SUBJECT_KEYS]
+
+    def mean_of(keys):
+        values = [flat_mean(locality[k]) for k in keys]
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
     return {"reliability": flat_mean(post.get("rewrite_acc")),
             "generality": flat_mean(post.get("rephrase_acc")),
-            "locality": sum(loc_values) / len(loc_values) if loc_values else None}
+            "locality": mean_of([k for k in locality if k.endswith("_acc") and k not in same]),
+            "same_subject": mean_of([k for k in locality if k in same])}
 
 
 def aggregate(metrics: list[dict]) -> dict:
@@ -39,8 +48,10 @@ def aggregate(metrics: list[dict]) -> dict:
     for key in SCORES:
         values = [s[key] for s in scores if s[key] is not None]
         out[key] = 100.0 * sum(values) / len(values) if values else None
-    parts = [out[k] for k in SCORES]
-    out["average"] = sum(parts) / len(parts) if all(p is not None for p in parts) else None
+    parts = [out[k] for k in SCORES if out[k] is not None]
+    # The paper's average is over reliability, generality and locality; where the data also
+    # scores same-subject locality (KnowEdit), it is the fourth column of the mean.
+    out["average"] = sum(parts) / len(parts) if parts and out["reliability"] is not None else None
     return out
 
 

@@ -71,8 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--protocol", choices=("batch", "sequential"), default="batch")
     parser.add_argument("--batch-size", type=int, help="chunk size (default 30 for batch, 10 for sequential)")
     parser.add_argument("--num-edits", type=int, default=30)
+    parser.add_argument("--split", choices=("all", "dev", "test"), default="all",
+                        help="which records: the dev or test split (memoe_plugin.eval.splits: a hash of the edit "
+                        "prompt, one in five is dev), or all, in file order (default all). Tune on dev, report on test")
+    parser.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2: one run per seed, each drawing its own "
+                        "--num-edits records from the split and seeding the methods; the summary gives mean ± sd")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop before the first edit if any record of the split cannot be used (default: list "
+                        "and skip them)")
     parser.add_argument("--eval-every-step", action="store_true",
                         help="sequential: also score all edits so far after every chunk")
+    parser.add_argument("--checkpoint-every", type=int, default=10, metavar="N",
+                        help="sequential: save MEMoE's adapter (with its memory, keys and edit list) every N chunks "
+                        "under <out>/checkpoints, so --resume continues a crashed run from there (default 10; 0: off)")
     parser.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the runs in --out: finished chunks/methods are skipped")
@@ -87,8 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plan_runs(datasets: list[str], methods: list[str], protocol: str, batch_size: int, num_edits: int,
-              eval_every_step: bool) -> list[RunSpec]:
-    return [RunSpec(d, m, protocol, batch_size, num_edits, eval_every_step) for d in datasets for m in methods]
+              eval_every_step: bool, split: str = "all", seeds: Optional[list[int]] = None) -> list[RunSpec]:
+    return [RunSpec(d, m, protocol, batch_size, num_edits, eval_every_step, split, seed)
+            for seed in (seeds or [None]) for d in datasets for m in methods]
+
+
+def parse_seeds(text: Optional[str]) -> Optional[list[int]]:
+    if not text:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise CompareError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise CompareError(f"--seeds {text!r}: give each seed once")
+    return seeds
 
 
 def main(argv: Optional[list[str]] = None, backend_factory: Optional[Callable[..., Any]] = None) -> int:
@@ -138,14 +162,18 @@ def _main(args, argv, backend_factory) -> int:
     hparams_dir = Path(args.hparams_dir).expanduser().resolve() if args.hparams_dir else None
     hparams_paths = {m: hparams_path_for(m, hparams_dir, explicit) for m in methods}
     batch_size = args.batch_size or DEFAULT_BATCH_SIZE[args.protocol]
-    runs = plan_runs(datasets, methods, args.protocol, batch_size, args.num_edits, args.eval_every_step)
+    runs = plan_runs(datasets, methods, args.protocol, batch_size, args.num_edits, args.eval_every_step,
+                     args.split, parse_seeds(args.seeds))
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
     stats_text = Path(args.stats_text).expanduser().resolve() if args.stats_text else None
     model = str(Path(args.model).expanduser().resolve()) if args.model else None
     factory = backend_factory or EasyEditBackend
-    runner = Runner(None, store, resume=args.resume, progress=not args.no_progress)
+    if args.checkpoint_every < 0:
+        raise CompareError("--checkpoint-every must be >= 0 (0: no checkpoints)")
+    runner = Runner(None, store, resume=args.resume, progress=not args.no_progress,
+                    checkpoint_every=args.checkpoint_every, checkpoint_dir=out_dir / "checkpoints")
     if not args.resume:
         runner.check_fresh(runs)
     with commands_file.open("a") as handle:
@@ -157,7 +185,7 @@ def _main(args, argv, backend_factory) -> int:
         try:
             backend = factory(easyedit_path=args.easyedit, data_files=data_files, hparams_paths=hparams_paths,
                               overrides=overrides, model=model, out_dir=out_dir, stats_text=stats_text,
-                              verbose=args.verbose)
+                              verbose=args.verbose, strict=args.strict)
             runner.backend, runner.log = backend, (None if args.verbose else log)
             runner.resume = True     # freshness was checked above
             for run in runs:

@@ -20,7 +20,7 @@ import yaml
 
 from .errors import CompareError
 from .methods import METHODS, STATS_ALGS, build_config
-from .protocol import RunSpec, combine_restore, split_records
+from .protocol import DATASET_NEEDS, PreparedRecords, RunSpec, combine_restore, prepare_records
 from .stats import ensure_stats
 
 
@@ -29,7 +29,7 @@ class EasyEditBackend:
 
     def __init__(self, easyedit_path: Optional[str], data_files: dict[str, Path], hparams_paths: dict[str, Path],
                  overrides: dict[str, dict], model: Optional[str], out_dir: Path,
-                 stats_text: Optional[Path] = None, verbose: bool = False):
+                 stats_text: Optional[Path] = None, verbose: bool = False, strict: bool = False):
         import memoe_plugin
         try:
             memoe_plugin.register(easyedit_path)
@@ -39,17 +39,20 @@ class EasyEditBackend:
         self.ee = easyeditor
         self.data_files, self.hparams_paths, self.overrides = data_files, hparams_paths, overrides
         self.model, self.out_dir, self.stats_text, self.verbose = model, Path(out_dir), stats_text, verbose
+        self.strict = strict
         self._records: dict[tuple, tuple] = {}
         if not verbose:
             _quiet_easyedit_logging()
 
-    def records(self, dataset: str, num_edits: int) -> tuple[list[dict], list[str]]:
-        key = (dataset, num_edits)
+    def records(self, dataset: str, num_edits: int, split: str = "all", seed: Optional[int] = None) -> PreparedRecords:
+        key = (dataset, num_edits, split, seed)
         if key not in self._records:
-            self._records[key] = split_records(load_records(self.ee, dataset, self.data_files[dataset]), num_edits)
+            raw = load_records(self.ee, dataset, self.data_files[dataset])
+            self._records[key] = prepare_records(raw, num_edits, split, seed, DATASET_NEEDS.get(dataset, ()),
+                                                 self.strict)
         return self._records[key]
 
-    def hparams(self, method: str):
+    def hparams(self, method: str, seed: Optional[int] = None):
         spec = METHODS[method]
         if method == "MEMoE":
             from ...hparams import MEMoEHyperParams as cls
@@ -57,7 +60,10 @@ class EasyEditBackend:
         else:
             cls = getattr(self.ee, spec.hparams_class)
             allowed = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
-        config = build_config(method, self.hparams_paths[method], self.overrides.get(method, {}), self.model, allowed)
+        overrides = dict(self.overrides.get(method, {}))
+        if seed is not None and "seed" in allowed:
+            overrides.setdefault("seed", seed)
+        config = build_config(method, self.hparams_paths[method], overrides, self.model, allowed)
         path = self.out_dir / "hparams" / f"{method}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"# {method}: effective hparams (from {self.hparams_paths[method]})\n"
@@ -65,13 +71,14 @@ class EasyEditBackend:
         return cls.from_hparams(str(path)), path
 
     def open_method(self, run: RunSpec) -> "EasyEditSession":
-        hparams, path = self.hparams(run.method)
-        _seed(42)
+        hparams, path = self.hparams(run.method, run.seed)
+        _seed(42 if run.seed is None else run.seed)
         with _working_directory(self.out_dir):   # BaseEditor opens logs/run.log in the working directory
             editor = self.ee.BaseEditor.from_hparams(hparams)
         if not self.verbose:
             _quiet_easyedit_logging()
-        session = EasyEditSession(self.ee, editor, run, path, self.records(run.dataset, run.num_edits))
+        session = EasyEditSession(self.ee, editor, run, path,
+                                  self.records(run.dataset, run.num_edits, run.split, run.seed))
         if run.method == "WISE":
             hparams.sequential_edit = True    # WISE.py: reuse the side memory across the requests of a chunk
         if hparams.alg_name in STATS_ALGS and getattr(hparams, "mom2_adjustment", True):
@@ -82,12 +89,13 @@ class EasyEditBackend:
 class EasyEditSession:
     """One method on one BaseEditor: thin calls into EasyEdit."""
 
-    def __init__(self, easyeditor, editor, run: RunSpec, hparams_path: Path, records):
+    def __init__(self, easyeditor, editor, run: RunSpec, hparams_path: Path, prepared: PreparedRecords):
         from easyeditor.editors import utils as editor_utils
         from easyeditor.editors.batch_editor import BatchEditor
         from easyeditor.editors.editor import finalize_locality_metrics
         from easyeditor.evaluate import compute_edit_quality
-        self.editor, self.run, self.hparams_path, self.records = editor, run, hparams_path, records
+        self.editor, self.run, self.hparams_path = editor, run, hparams_path
+        self.records, self.skipped = (prepared.edits, prepared.loc_prompts), prepared.skipped
         self._utils, self._compute, self._finalize = editor_utils, compute_edit_quality, finalize_locality_metrics
         self.alg_name = editor.alg_name
         self.batchable = bool(BatchEditor.is_batchable_method(self.alg_name))
@@ -141,6 +149,22 @@ class EasyEditSession:
     def finalize(self, metric: dict, request: dict) -> None:
         self._finalize(metric, request, self.editor.hparams, self.editor.model_name)
 
+    @property
+    def can_checkpoint(self) -> bool:
+        """Whether a sequential run of this method can be checkpointed and resumed (MEMoE's adapter file)."""
+        return self.alg_name == "MEMoE"
+
+    def save_checkpoint(self, path: Path) -> None:
+        from ... import save_adapter
+        save_adapter(self.editor.model, path)
+
+    def load_checkpoint(self, path: Path):
+        """Attach a checkpointed adapter to the (unedited) model; returns ``(model, restore handle)``."""
+        from ... import load_adapter, remove_memoe
+        model = self.editor.model
+        load_adapter(model, self.editor.tok, path)
+        return model, (lambda: remove_memoe(model))
+
     def close(self) -> None:
         self.editor.model = None
         import gc
@@ -152,6 +176,8 @@ def load_records(easyeditor, dataset: str, path: Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise CompareError(f"data file {path} not found; pass --data-file")
+    if dataset in ("zsre-knowedit", "counterfact-knowedit"):
+        return _knowedit_records(easyeditor, path)
     if dataset == "zsre":
         data = easyeditor.ZsreDataset(str(path))
         raw = json.loads(path.read_text())
@@ -168,6 +194,28 @@ def load_records(easyeditor, dataset: str, path: Path) -> list[dict]:
                            "locality_ground_truth") if k not in records[0]]
     if missing:
         raise CompareError(f"{path}: CounterFact records need {missing} (EasyEdit's flat counterfact-edit.json format)")
+    return records
+
+
+def _knowedit_records(easyeditor, path: Path) -> list[dict]:
+    """KnowEdit records through EasyEdit's KnowEditDataset, which drops two things its own KnowEdit
+    runs take from the raw file: ``rephrase_prompt`` (ZsRE's) and the ground truths as plain strings.
+
+    ``same_subject`` is the record's ``Relation_Specificity`` list as (prompt, answer) pairs: other
+    facts about the edited subject. KnowEdit records have no unrelated locality prompt; the
+    protocol gives each one from the records it does not edit.
+    """
+    data = easyeditor.KnowEditDataset(str(path))
+    raw = json.loads(path.read_text())
+    records = []
+    for i in range(len(data)):
+        record = data[i]
+        first = lambda value: value[0] if isinstance(value, list) and value else value   # noqa: E731
+        same = [(case.get("prompt"), first(case.get("ground_truth"))) for case in record.get("locality_rs") or []]
+        records.append({"case_id": i, "prompt": record["prompt"], "target_new": record["target_new"],
+                        "subject": record["subject"], "ground_truth": first(record["ground_truth"]),
+                        "rephrase_prompt": raw[i].get("rephrase_prompt"),
+                        "same_subject": [(p, a) for p, a in same if p and a]})
     return records
 
 

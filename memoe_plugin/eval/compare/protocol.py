@@ -21,16 +21,20 @@ import contextlib
 import dataclasses
 import datetime
 import io
+import json
 import math
+import os
 import sys
 import time
 import traceback
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Optional
 
 from ..metrics import mean_post
 from ..state import state_fingerprint
+from ..validate import Problem, describe
 from .errors import CompareError, MethodUnavailable, RollbackError
 from .methods import METHODS
 from .store import ResultStore
@@ -54,15 +58,86 @@ def split_records(records: list[dict], num_edits: int) -> tuple[list[dict], list
     return edits, [loc[i % len(loc)] for i in range(num_edits)]
 
 
+@dataclass
+class PreparedRecords:
+    """The records a run edits, WISE's irrelevant texts, and the records the check turned away."""
+    edits: list[dict]
+    loc_prompts: list[str]
+    skipped: list[Problem]
+    available: int          # usable records in the split
+
+
+# What each dataset scores besides the edit prompt (its records must have them).
+DATASET_NEEDS = {"zsre": ("rephrase_prompt", "locality_prompt"), "counterfact": ("rephrase_prompt", "locality_prompt"),
+                 "zsre-knowedit": ("rephrase_prompt",), "counterfact-knowedit": ()}
+
+
+def prepare_records(records: list[dict], num_edits: int, split: str = "all", seed: Optional[int] = None,
+                    needs: Iterable[str] = (), strict: bool = False) -> PreparedRecords:
+    """The ``num_edits`` records a run edits, after checking every record of the split.
+
+    * Every record of ``split`` (``dev``/``test``/``all``, :mod:`..splits`) is checked
+      (:func:`..validate.check_records`); unusable ones are skipped and listed, or, with
+      ``strict``, the run stops before any edit with the list.
+    * ``seed=None`` takes the first usable records in file order; a seed draws a random
+      sample of them (kept in file order), so seeds vary the records as well as the methods'
+      randomness.
+    * Records without an unrelated locality prompt (KnowEdit's only have same-subject ones)
+      get the same-subject prompt of a record *not* edited in this run: a question about
+      another subject. WISE's ``loc_prompts`` come from the same unedited records.
+    """
+    from ..splits import select
+    from ..validate import check_records, describe
+    if num_edits <= 0:
+        raise CompareError("--num-edits must be positive")
+    indexed = [dict(r, _index=i) for i, r in enumerate(records)]
+    pool = select(indexed, split)
+    usable, problems = check_records(pool, needs)
+    problems = [dataclasses.replace(p, index=pool[p.index]["_index"]) for p in problems]
+    if strict and problems:
+        raise CompareError(f"{len(problems)} of the {len(pool)} {split} records cannot be used (--strict):\n"
+                           + describe(problems, None))
+    good = [pool[i] for i in usable]
+    if len(good) < num_edits:
+        raise CompareError(f"the {split} split has {len(good)} usable records ({len(problems)} skipped); "
+                           f"--num-edits asks for {num_edits}")
+    if seed is None:
+        chosen = list(range(num_edits))
+    else:
+        import random
+        chosen = sorted(random.Random(seed).sample(range(len(good)), num_edits))
+    picked = set(chosen)
+    rest = [r for i, r in enumerate(good) if i not in picked] or good
+    edits = [dict(good[i]) for i in chosen]
+    unrelated = [(r["locality_prompt"], r["locality_ground_truth"]) if r.get("locality_prompt")
+                 else (r["same_subject"][0] if r.get("same_subject") else None) for r in rest]
+    unrelated = [u for u in unrelated if u and u[0] and u[1]]
+    for k, edit in enumerate(edits):
+        edit.pop("_index")
+        if not edit.get("locality_prompt") and unrelated:
+            edit["locality_prompt"], edit["locality_ground_truth"] = unrelated[k % len(unrelated)]
+    loc = [f"{p} {a}" for p, a in unrelated] or [f"{r['prompt']} {r['target_new']}" for r in rest]
+    return PreparedRecords(edits, [loc[i % len(loc)] for i in range(num_edits)], problems, len(good))
+
+
 def request_kwargs(records: list[dict], loc_prompts: list[str]) -> dict:
-    """Keyword arguments for EasyEdit's ``edit``/``batch_edit``/``_prepare_requests``, as its examples build them."""
+    """Keyword arguments for EasyEdit's ``edit``/``batch_edit``/``_prepare_requests``, as its examples build them.
+
+    ``neighborhood`` is the unrelated locality prompt; records with KnowEdit's same-subject
+    prompts (``same_subject``: a list of (prompt, answer)) also get ``Relation_Specificity``,
+    all of a record's prompts in one list as EasyEdit's KnowEdit runs pass them.
+    """
+    locality = {"neighborhood": {"prompt": [r.get("locality_prompt") for r in records],
+                                 "ground_truth": [r.get("locality_ground_truth") for r in records]}}
+    if any(r.get("same_subject") for r in records):
+        locality["Relation_Specificity"] = {
+            "prompt": [[p for p, _ in r["same_subject"]] if r.get("same_subject") else None for r in records],
+            "ground_truth": [[a for _, a in r["same_subject"]] if r.get("same_subject") else None for r in records]}
     return dict(prompts=[r["prompt"] for r in records], target_new=[r["target_new"] for r in records],
                 ground_truth=[r.get("ground_truth") for r in records],
                 subject=[r["subject"] for r in records],
-                rephrase_prompts=[r["rephrase_prompt"] for r in records],
-                locality_inputs={"neighborhood": {"prompt": [r["locality_prompt"] for r in records],
-                                                  "ground_truth": [r["locality_ground_truth"] for r in records]}},
-                loc_prompts=list(loc_prompts))
+                rephrase_prompts=[r.get("rephrase_prompt") for r in records],
+                locality_inputs=locality, loc_prompts=list(loc_prompts))
 
 
 def chunk_ranges(n: int, size: int) -> list[tuple[int, int]]:
@@ -99,10 +174,17 @@ class RunSpec:
     batch_size: int
     num_edits: int
     eval_every_step: bool = False
+    split: str = "all"
+    seed: Optional[int] = None
 
     @property
     def key(self) -> str:
-        return f"{self.dataset}|{self.protocol}|bs={self.batch_size}|n={self.num_edits}|{self.method}"
+        key = f"{self.dataset}|{self.protocol}|bs={self.batch_size}|n={self.num_edits}|{self.method}"
+        if self.split != "all":
+            key += f"|split={self.split}"
+        if self.seed is not None:
+            key += f"|seed={self.seed}"
+        return key
 
 
 PROTOCOL_NOTES = {
@@ -118,8 +200,10 @@ class Runner:
     """Runs RunSpecs on a backend, writing to a ResultStore. Backend-agnostic (tests use fakes)."""
 
     def __init__(self, backend, store: ResultStore, resume: bool = False, progress: bool = True,
-                 log: Optional[io.TextIOBase] = None):
+                 log: Optional[io.TextIOBase] = None, checkpoint_every: int = 0,
+                 checkpoint_dir: Optional[Path] = None):
         self.backend, self.store, self.resume, self.progress, self.log = backend, store, resume, progress, log
+        self.checkpoint_every, self.checkpoint_dir = checkpoint_every, checkpoint_dir
         self.current_chunk: Optional[int] = None
 
     # ---------------------------------------------------------------- helpers
@@ -180,9 +264,15 @@ class Runner:
                 raise MethodUnavailable(spec.unavailable)
             with self._quiet():
                 session = self.backend.open_method(run)
+            skipped = list(getattr(session, "skipped", []))
             self.store.append({"type": "run_info", **base, "batchable": session.batchable,
-                               "hparams": session.describe(),
+                               "hparams": session.describe(), "skipped_records": len(skipped),
                                "note": PROTOCOL_NOTES[(run.protocol, session.batchable)]})
+            if skipped:
+                self.store.append(*[{"type": "skipped", **base, "index": p.index, "record_id": p.record_id,
+                                     "reason": p.reason} for p in skipped])
+                print(f"[memoe-compare] {run.key}: {len(skipped)} records cannot be used and are skipped "
+                      f"(--strict stops instead):\n" + describe(skipped), file=sys.stderr)
             if run.protocol == "batch":
                 self._batch(run, session, done, base)
             else:
@@ -190,6 +280,9 @@ class Runner:
             self.store.append({"type": "run_end", **base, "status": "complete"})
         except KeyboardInterrupt:
             self.store.append({"type": "run_end", **base, "status": "interrupted", "chunk": self.current_chunk})
+            raise
+        except CompareError:     # a usage problem (bad records under --strict, ...): stop the whole run
+            self.store.append({"type": "run_end", **base, "status": "stopped"})
             raise
         except MethodUnavailable as err:
             self.store.append({"type": "error", **base, "kind": "unavailable", "chunk": None, "error": str(err)})
@@ -257,6 +350,56 @@ class Runner:
             session.finalize(metric, request)
         return metrics, seconds
 
+    # ---------------------------------------------------------------- sequential checkpoints
+    def _checkpoint_folder(self, run: RunSpec) -> Optional[Path]:
+        if self.checkpoint_dir is None:
+            return None
+        return Path(self.checkpoint_dir) / "".join(c if c.isalnum() or c in "-_.=" else "_" for c in run.key)
+
+    def _last_checkpoint(self, run: RunSpec) -> Optional[dict]:
+        """The newest checkpoint record of ``run`` whose files are all still there."""
+        found = None
+        for rec in self.store.records():
+            if rec.get("run") == run.key and rec["type"] == "checkpoint":
+                if Path(rec["adapter"]).is_file() and Path(rec["pre"]).is_file():
+                    found = rec
+        return found
+
+    def _save_checkpoint(self, run: RunSpec, session, base: dict, chunk: int, pre: list[dict]) -> None:
+        """The adapter after ``chunk`` (everything later chunks depend on: experts, gate, keys, edit
+        list, output memory; see save_adapter) and the unedited model's scores, then one results line."""
+        folder = self._checkpoint_folder(run)
+        folder.mkdir(parents=True, exist_ok=True)
+        pre_path = folder / f"pre-{base['attempt']}.json"
+        if not pre_path.exists():
+            tmp = pre_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(pre))
+            os.replace(tmp, pre_path)
+        adapter = folder / f"chunk-{chunk:05d}.safetensors"
+        start = time.perf_counter()
+        with self._quiet():
+            session.save_checkpoint(adapter)
+        self.store.append({"type": "checkpoint", **base, "chunk": chunk, "adapter": str(adapter),
+                           "pre": str(pre_path), "seconds": time.perf_counter() - start})
+        for old in folder.glob("chunk-*.safetensors"):      # keep the newest two
+            if old.name < f"chunk-{chunk - self.checkpoint_every:05d}.safetensors":
+                old.unlink(missing_ok=True)
+
+    def _resume_from(self, run: RunSpec, session, base: dict, checkpoint: dict):
+        """Put the checkpointed adapter into the fresh model; copy the finished chunks' lines."""
+        with self._quiet():
+            edited, handle = session.load_checkpoint(Path(checkpoint["adapter"]))
+        pre = json.loads(Path(checkpoint["pre"]).read_text())
+        kept = [dict(rec, attempt=base["attempt"], resumed_from=rec["attempt"]) for rec in self.store.records()
+                if rec.get("run") == run.key and rec.get("attempt") == checkpoint["attempt"]
+                and rec["type"] in ("chunk", "case", "checkpoint") and rec.get("chunk", -1) <= checkpoint["chunk"]
+                and not (rec["type"] == "case" and rec.get("final"))]
+        self.store.append(*kept, {"type": "resumed", **base, "from_attempt": checkpoint["attempt"],
+                                  "after_chunk": checkpoint["chunk"]})
+        print(f"[memoe-compare] {run.key}: resumed after chunk {checkpoint['chunk']} from {checkpoint['adapter']}",
+              file=sys.stderr)
+        return edited, handle, pre, checkpoint["chunk"] + 1
+
     # ---------------------------------------------------------------- sequential protocol
     def _sequential(self, run: RunSpec, session, base: dict) -> None:
         ranges = chunk_ranges(run.num_edits, run.batch_size)
@@ -264,15 +407,23 @@ class Runner:
         baseline = state_fingerprint(session.model)
         with self._quiet():
             requests = session.prepare(request_kwargs(records, loc_prompts))
+        can_checkpoint = bool(getattr(session, "can_checkpoint", False)) and self._checkpoint_folder(run) is not None
+        checkpoint = self._last_checkpoint(run) if self.resume and can_checkpoint else None
         bar = self._bar(len(requests) + len(ranges) + len(requests), f"{run.dataset} {run.method} sequential")
         try:
-            pre = []
-            for request in requests:          # "pre" on the unedited model, for every edit
-                with self._quiet():
-                    pre.append(session.evaluate(session.model, request))
-                bar.update(1)
-            edited, handle = None, None
+            edited, handle, first = None, None, 0
+            if checkpoint is not None:
+                edited, handle, pre, first = self._resume_from(run, session, base, checkpoint)
+                bar.update(len(requests) + first)
+            else:
+                pre = []
+                for request in requests:          # "pre" on the unedited model, for every edit
+                    with self._quiet():
+                        pre.append(session.evaluate(session.model, request))
+                    bar.update(1)
             for k, (lo, hi) in enumerate(ranges):
+                if k < first:
+                    continue
                 self.current_chunk = k
                 with self._quiet():
                     edited, handle, seconds = session.apply(requests[lo:hi], handle)
@@ -282,6 +433,9 @@ class Runner:
                 if run.eval_every_step and k < len(ranges) - 1:
                     step = self._score(session, edited, requests[:hi], pre[:hi], records, base, k, final=False)
                     self.store.append(*step)
+                if (can_checkpoint and self.checkpoint_every and (k + 1) % self.checkpoint_every == 0
+                        and k < len(ranges) - 1):
+                    self._save_checkpoint(run, session, base, k, pre)
             final = []
             for i, request in enumerate(requests):
                 with self._quiet():

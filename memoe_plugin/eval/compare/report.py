@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..metrics import aggregate
+import statistics
+
+from ..metrics import SCORES, aggregate
 from .methods import METHODS
 from .protocol import chunk_ranges
 from .store import _jsonable
@@ -43,10 +45,14 @@ def summarise(records: list[dict]) -> list[dict]:
 
 def _summarise_run(row: dict) -> dict:
     start = row.get("info", {})
-    dataset, protocol, bs, n, method = (row["run"].split("|") + [""] * 5)[:5]
+    parts = row["run"].split("|")
+    dataset, protocol, bs, n, method = (parts + [""] * 5)[:5]
+    extra = dict(p.split("=", 1) for p in parts[5:] if "=" in p)
     out = {"dataset": dataset, "protocol": protocol, "batch_size": int(bs.split("=")[1]) if "=" in bs else None,
            "num_edits": int(n.split("=")[1]) if "=" in n else None, "method": method,
-           "note": start.get("note", ""), "batchable": start.get("batchable")}
+           "split": extra.get("split", "all"), "seed": int(extra["seed"]) if "seed" in extra else None,
+           "note": start.get("note", ""), "batchable": start.get("batchable"),
+           "skipped_records": start.get("skipped_records", 0)}
     if protocol == "batch":
         chosen: dict[int, dict] = {}        # chunk -> its latest chunk record
         for attempt, chunks in row["chunks"].items():
@@ -92,14 +98,43 @@ def _summarise_run(row: dict) -> dict:
     return out
 
 
-def _fmt(value, digits=1) -> str:
+def combine_seeds(rows: list[dict]) -> list[dict]:
+    """One row per run that differs only by seed: each score the mean over the seeds, with its
+    standard deviation (``<score>_sd``, None for one seed) and the seeds' own values (``<score>_seeds``)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (row["dataset"], row["protocol"], row["batch_size"], row["num_edits"], row["method"], row["split"])
+        groups.setdefault(key, []).append(row)
+    out = []
+    for group in groups.values():
+        if len(group) == 1 and group[0]["seed"] is None:
+            out.append(group[0])
+            continue
+        group.sort(key=lambda r: (r["seed"] is None, r["seed"]))
+        row = dict(group[0], seeds=[r["seed"] for r in group], cases=sum(r["cases"] for r in group))
+        for key in SCORES + ("average", "edit_seconds", "seconds_per_edit"):
+            values = [r[key] for r in group if r[key] is not None]
+            row[key] = statistics.fmean(values) if values else None
+            row[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else None
+            row[f"{key}_seeds"] = [r[key] for r in group]
+        bad = [r for r in group if r["status"] != "complete"]
+        row["status"] = bad[0]["status"] if bad else "complete"
+        row["error"] = "; ".join(f"seed {r['seed']}: {r['error']}" for r in group if r["error"])
+        rollbacks = {r["rollback"] for r in group}
+        row["rollback"] = rollbacks.pop() if len(rollbacks) == 1 else "DIFFERS" if "DIFFERS" in rollbacks else "mixed"
+        out.append(row)
+    return out
+
+
+def _fmt(value, digits=1, sd=None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    return f"{value:.{digits}f}"
+    return f"{value:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
 
 
-CSV_FIELDS = ("dataset", "protocol", "batch_size", "num_edits", "method", "status", "cases", "reliability",
-              "generality", "locality", "average", "edit_seconds", "seconds_per_edit", "rollback", "note", "error")
+CSV_FIELDS = ("dataset", "split", "seed", "protocol", "batch_size", "num_edits", "method", "status", "cases",
+              "reliability", "generality", "locality", "same_subject", "average", "edit_seconds",
+              "seconds_per_edit", "rollback", "skipped_records", "note", "error")
 
 
 def write_summary(out_dir: Path, rows: list[dict], method_order: Optional[list[str]] = None,
@@ -126,7 +161,8 @@ def write_summary(out_dir: Path, rows: list[dict], method_order: Optional[list[s
 def _groups(rows):
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["protocol"], row["batch_size"], row["num_edits"]), []).append(row)
+        groups.setdefault((row["protocol"], row["batch_size"], row["num_edits"], row.get("split", "all")),
+                          []).append(row)
     return groups
 
 
@@ -135,34 +171,49 @@ def markdown_summary(rows: list[dict], commands: Optional[list[str]] = None) -> 
     if commands:
         lines += ["Commands:", ""] + [f"    {c}" for c in commands] + [""]
     lines += ["Reliability = EasyEdit `rewrite_acc`, Generality = `rephrase_acc`, Locality = `neighborhood_acc` "
-              "(post-edit, in %, mean over edits); Average = their mean. Edit time = seconds spent in the "
+              "(prompts about other subjects), Same-subj. = `Relation_Specificity_acc` (KnowEdit: other facts "
+              "about the edited subject), all post-edit, in %, mean over edits; Average = the mean of the "
+              "columns a dataset scores. With several seeds, a cell is the mean over seeds ± their standard "
+              "deviation; each seed draws its own records from the split. Edit time = seconds spent in the "
               "method's apply function (EasyEdit's `time`), over all edits, and per edit.", ""]
     notes: list[str] = []
-    for (protocol, bs, n), group in _groups(rows).items():
+    rows = combine_seeds(rows)
+    for (protocol, bs, n, split), group in _groups(rows).items():
         datasets = sorted({r["dataset"] for r in group}, key=lambda d: (d != "zsre", d))
         methods = list(dict.fromkeys(r["method"] for r in group))
         by = {(r["dataset"], r["method"]): r for r in group}
-        lines.append(f"## {protocol} protocol, batch size {bs}, {n} edits")
+        seeds = sorted({s for r in group for s in r.get("seeds") or []})
+        lines.append(f"## {protocol} protocol, batch size {bs}, {n} edits"
+                     + (f", {split} split" if split != "all" else "")
+                     + (f", seeds {', '.join(map(str, seeds))}" if seeds else ""))
         lines.append("")
+        columns = {d: [("reliability", "Rel."), ("generality", "Gen."), ("locality", "Loc.")]
+                   + ([("same_subject", "Same-subj.")] if any(by.get((d, m), {}).get("same_subject") is not None
+                                                              for m in methods) else [])
+                   + [("average", "Avg.")] for d in datasets}
         head = ["Method"]
         for d in datasets:
-            head += [f"{d} Rel.", f"{d} Gen.", f"{d} Loc.", f"{d} Avg.", f"{d} edit s (s/edit)"]
+            head += [f"{d} {label}" for _, label in columns[d]] + [f"{d} edit s (s/edit)"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         for m in methods:
             cells = [m]
             for d in datasets:
                 r = by.get((d, m))
+                width = len(columns[d]) + 1
                 if r is None:
-                    cells += ["", "", "", "", ""]
+                    cells += [""] * width
                     continue
                 if r["status"] in ("error", "unavailable offline") and not r["cases"]:
-                    cells += [r["status"], "–", "–", "–", "–"]
+                    cells += [r["status"]] + ["–"] * (width - 1)
                 else:
                     flag = "" if r["status"] == "complete" else f" ({r['status']}, {r['cases']} edits)"
-                    cells += [_fmt(r["reliability"]) + flag, _fmt(r["generality"]), _fmt(r["locality"]),
-                              _fmt(r["average"]),
-                              f"{_fmt(r['edit_seconds'], 0)} ({_fmt(r['seconds_per_edit'], 2)})"]
+                    values = [_fmt(r[key], sd=r.get(f"{key}_sd")) for key, _ in columns[d]]
+                    values[0] += flag
+                    cells += values + [f"{_fmt(r['edit_seconds'], 0)} ({_fmt(r['seconds_per_edit'], 2)})"]
+                if r.get("skipped_records"):
+                    notes.append(f"- {d} / {m}: {r['skipped_records']} records of the split skipped by the record "
+                                 "check (listed in results.jsonl, type `skipped`)")
                 if r["error"]:
                     notes.append(f"- {d} / {m} ({protocol}): **{r['status']}**: {r['error']}")
                 if r["rollback"] == "DIFFERS":
@@ -182,11 +233,11 @@ def markdown_summary(rows: list[dict], commands: Optional[list[str]] = None) -> 
         for d, m, per_step in steps:
             lines.append(f"Per-step scores ({d} / {m}, edits so far):")
             lines.append("")
-            lines.append("| step | Rel. | Gen. | Loc. | Avg. |")
-            lines.append("|---|---|---|---|---|")
+            lines.append("| step | Rel. | Gen. | Loc. | Same-subj. | Avg. |")
+            lines.append("|---|---|---|---|---|---|")
             for k, s in per_step.items():
                 lines.append(f"| {k} | {_fmt(s['reliability'])} | {_fmt(s['generality'])} | "
-                             f"{_fmt(s['locality'])} | {_fmt(s['average'])} |")
+                             f"{_fmt(s['locality'])} | {_fmt(s.get('same_subject'))} | {_fmt(s['average'])} |")
             lines.append("")
     if notes:
         lines += ["Problems:", ""] + list(dict.fromkeys(notes)) + [""]
@@ -204,19 +255,20 @@ def plot_summary(path: Path, rows: list[dict]) -> Optional[Path]:
               file=sys.stderr)
         return None
     panels = []
-    for (protocol, bs, n), group in _groups(rows).items():
+    for (protocol, bs, n, split), group in _groups(combine_seeds(rows)).items():
         for d in sorted({r["dataset"] for r in group}, key=lambda d: (d != "zsre", d)):
-            panels.append((f"{d}, {protocol} (bs {bs}, {n} edits)", [r for r in group if r["dataset"] == d]))
+            panels.append((f"{d}, {protocol} (bs {bs}, {n} edits, {split})", [r for r in group if r["dataset"] == d]))
     if not panels:
         return None
-    keys = ("reliability", "generality", "locality", "average")
+    keys = ("reliability", "generality", "locality", "same_subject", "average")
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 1.3 * max(len(p[1]) for p in panels) + 2),
                                                      3.4 * len(panels)), squeeze=False)
-    width = 0.2
+    width = 0.16
     for ax, (title, group) in zip(axes[:, 0], panels):
         for j, key in enumerate(keys):
             values = [r[key] if r[key] is not None else 0.0 for r in group]
-            ax.bar([i + (j - 1.5) * width for i in range(len(group))], values, width, label=key.capitalize())
+            ax.bar([i + (j - 2) * width for i in range(len(group))], values, width,
+                   label=key.replace("_", "-").capitalize())
         ax.set_xticks(range(len(group)))
         ax.set_xticklabels([r["method"] if r["status"] == "complete" else f"{r['method']}\n({r['status']})"
                             for r in group], fontsize=8)
@@ -225,7 +277,7 @@ def plot_summary(path: Path, rows: list[dict]) -> Optional[Path]:
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, ncol=4, fontsize=8, loc="lower center")
+    fig.legend(handles, labels, ncol=5, fontsize=8, loc="lower center")
     fig.tight_layout(rect=(0, 0.06 / len(panels), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
