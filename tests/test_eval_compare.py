@@ -50,6 +50,14 @@ class FakeSession:
         self.records, self.skipped = (prepared.edits, prepared.loc_prompts), prepared.skipped
         self.can_checkpoint = backend.checkpointable
 
+    def generation_scores(self, model, request):
+        hit = float(request["prompt"] in self.known)
+        return {"rewrite": {"text": "x", "exact_match": hit, "token_f1": hit}}
+
+    def probe(self, model, items):
+        damaged = int(len(self.known) > self.backend.damage_after)
+        return {"toy": [1 - damaged if i % 2 else 1 for i in range(len(items))]}
+
     def save_checkpoint(self, path):
         path.write_text(json.dumps({"w": self.model.w.tolist(), "known": sorted(self.known)}))
 
@@ -418,6 +426,29 @@ def test_a_crashed_sequential_run_resumes_from_its_checkpoint_to_the_same_result
     again = FakeBackend()
     assert run_main(tmp_path / "plain", again, *args, "--resume") == 0
     assert len(again.calls) == 5 and again.loaded == []
+
+
+def test_generation_and_probes_are_scored_on_the_edited_model_before_rollback(tmp_path, monkeypatch):
+    import memoe_plugin.eval.probes as probes
+    monkeypatch.setattr(probes, "load_probes", lambda folder, n, tasks=None: list(range(n)))
+    monkeypatch.setenv("MEMOE_PROBES", str(tmp_path))
+    backend = FakeBackend(damage_after=2)
+    assert run_main(tmp_path, backend, "--methods", "MEMoE,GRACE", "--num-edits", "6", "--batch-size", "3,6",
+                    "--generation", "--probes", "10") == 0
+    rows = {(r["method"], r["batch_size"]): r for r in json.loads((tmp_path / "out" / "summary.json").read_text())}
+    assert sorted(rows) == [("GRACE", 3), ("GRACE", 6), ("MEMoE", 3), ("MEMoE", 6)]
+    for row in rows.values():
+        assert row["status"] == "complete" and row["gen_em"] == 100.0 and row["rollback"] == "exact"
+    # 3 edits do not "damage" the fake model (damage_after=2 means > 2 do): half the items flip
+    assert rows[("MEMoE", 3)]["probes"]["toy"]["change"] == -50.0
+    assert rows[("MEMoE", 3)]["probes"]["toy"]["before"] == 100.0
+    probes_seen = [r for r in results(tmp_path) if r["type"] == "probe"]
+    assert [(p["stage"], p["chunk"]) for p in probes_seen[:2]] == [("before", None), ("after", 0)]
+    assert len(probes_seen) == 8                            # before and after the first chunk, for each run
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "## General ability (probes)" in summary and "-50.0 [" in summary and "| zsre EM |" in summary
+    assert (tmp_path / "out" / "general_ability.csv").exists() and (tmp_path / "out" / "general_ability.png").exists()
+    assert run_main(tmp_path / "bad", FakeBackend(), "--batch-size", "10,x") == 2
 
 
 def test_usage_errors(tmp_path, capsys):

@@ -41,10 +41,19 @@ def case_scores(metric: dict) -> dict:
             "same_subject": mean_of([k for k in locality if k in same])}
 
 
+# Generation-based scores (generation.py): greedy exact match and token F1 after the edit prompt
+# (rewrite) and after its rephrasing; next to the teacher-forced ones, not part of the average.
+GENERATION_SCORES = {"gen_em": ("rewrite", "exact_match"), "gen_f1": ("rewrite", "token_f1"),
+                     "gen_em_rephrase": ("rephrase", "exact_match"), "gen_f1_rephrase": ("rephrase", "token_f1")}
+
+
 def aggregate(metrics: list[dict]) -> dict:
     """Mean scores in % over edits, and their average (None where a score is absent)."""
     scores = [case_scores(m) for m in metrics]
     out = {}
+    for key, (prompt, score) in GENERATION_SCORES.items():
+        values = [m["generation"][prompt][score] for m in metrics if prompt in (m.get("generation") or {})]
+        out[key] = 100.0 * sum(values) / len(values) if values else None
     for key in SCORES:
         values = [s[key] for s in scores if s[key] is not None]
         out[key] = 100.0 * sum(values) / len(values) if values else None

@@ -69,7 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.key=value", dest="overrides",
                         help="override one hparam (repeatable); METHOD.steps maps to the method's step count")
     parser.add_argument("--protocol", choices=("batch", "sequential"), default="batch")
-    parser.add_argument("--batch-size", type=int, help="chunk size (default 30 for batch, 10 for sequential)")
+    parser.add_argument("--batch-size", help="chunk size (default 30 for batch, 10 for sequential); several "
+                        "comma-separated, e.g. 10,100,1000 (paper Table 4), give one run each")
+    parser.add_argument("--generation", action="store_true",
+                        help="also score greedy generation of the answer (exact match, token F1) after the edit "
+                        "prompt and its rephrasing, on the edited model before rollback")
+    parser.add_argument("--probes", type=int, default=0, metavar="N",
+                        help="general-ability probes: N items per task (0: off), scored on the unedited model and "
+                        "after the first chunk of edits; see --probes-dir")
+    parser.add_argument("--probes-dir", help="folder of the probe files (default $MEMOE_PROBES, else $MEMOE_DATA/general)")
+    parser.add_argument("--probe-tasks", help="comma-separated subset of the probe tasks (default: all)")
     parser.add_argument("--num-edits", type=int, default=30)
     parser.add_argument("--split", choices=("all", "dev", "test"), default="all",
                         help="which records: the dev or test split (memoe_plugin.eval.splits: a hash of the edit "
@@ -97,10 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def plan_runs(datasets: list[str], methods: list[str], protocol: str, batch_size: int, num_edits: int,
+def plan_runs(datasets: list[str], methods: list[str], protocol: str, batch_size, num_edits: int,
               eval_every_step: bool, split: str = "all", seeds: Optional[list[int]] = None) -> list[RunSpec]:
-    return [RunSpec(d, m, protocol, batch_size, num_edits, eval_every_step, split, seed)
-            for seed in (seeds or [None]) for d in datasets for m in methods]
+    sizes = batch_size if isinstance(batch_size, (list, tuple)) else [batch_size]
+    return [RunSpec(d, m, protocol, size, num_edits, eval_every_step, split, seed)
+            for seed in (seeds or [None]) for size in sizes for d in datasets for m in methods]
+
+
+def parse_batch_sizes(text: Optional[str], protocol: str) -> list[int]:
+    if not text:
+        return [DEFAULT_BATCH_SIZE[protocol]]
+    try:
+        sizes = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise CompareError(f"--batch-size {text!r}: expected an integer or comma-separated integers") from None
+    if not sizes or any(s <= 0 for s in sizes):
+        raise CompareError(f"--batch-size {text!r}: sizes must be positive")
+    return sizes
 
 
 def parse_seeds(text: Optional[str]) -> Optional[list[int]]:
@@ -161,9 +183,17 @@ def _main(args, argv, backend_factory) -> int:
         explicit[parse_methods(name)[0]] = Path(file).expanduser().resolve()
     hparams_dir = Path(args.hparams_dir).expanduser().resolve() if args.hparams_dir else None
     hparams_paths = {m: hparams_path_for(m, hparams_dir, explicit) for m in methods}
-    batch_size = args.batch_size or DEFAULT_BATCH_SIZE[args.protocol]
-    runs = plan_runs(datasets, methods, args.protocol, batch_size, args.num_edits, args.eval_every_step,
+    batch_sizes = parse_batch_sizes(args.batch_size, args.protocol)
+    runs = plan_runs(datasets, methods, args.protocol, batch_sizes, args.num_edits, args.eval_every_step,
                      args.split, parse_seeds(args.seeds))
+    probe_items = None
+    if args.probes:
+        from ..probes import ProbesNotFoundError, load_probes, probe_folder
+        try:
+            tasks = [t.strip() for t in args.probe_tasks.split(",")] if args.probe_tasks else None
+            probe_items = load_probes(probe_folder(args.probes_dir), args.probes, tasks)
+        except (ProbesNotFoundError, ValueError) as err:
+            raise CompareError(str(err)) from None
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -173,7 +203,8 @@ def _main(args, argv, backend_factory) -> int:
     if args.checkpoint_every < 0:
         raise CompareError("--checkpoint-every must be >= 0 (0: no checkpoints)")
     runner = Runner(None, store, resume=args.resume, progress=not args.no_progress,
-                    checkpoint_every=args.checkpoint_every, checkpoint_dir=out_dir / "checkpoints")
+                    checkpoint_every=args.checkpoint_every, checkpoint_dir=out_dir / "checkpoints",
+                    generation=args.generation, probe_items=probe_items)
     if not args.resume:
         runner.check_fresh(runs)
     with commands_file.open("a") as handle:

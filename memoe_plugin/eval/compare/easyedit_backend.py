@@ -149,6 +149,14 @@ class EasyEditSession:
     def finalize(self, metric: dict, request: dict) -> None:
         self._finalize(metric, request, self.editor.hparams, self.editor.model_name)
 
+    def generation_scores(self, model, request: dict) -> dict:
+        from ..generation import generation_scores
+        return generation_scores(model, self.editor.tok, request)
+
+    def probe(self, model, items) -> dict:
+        from ..probes import score_probes
+        return score_probes(model, self.editor.tok, items)
+
     @property
     def can_checkpoint(self) -> bool:
         """Whether a sequential run of this method can be checkpointed and resumed (MEMoE's adapter file)."""

@@ -201,9 +201,13 @@ class Runner:
 
     def __init__(self, backend, store: ResultStore, resume: bool = False, progress: bool = True,
                  log: Optional[io.TextIOBase] = None, checkpoint_every: int = 0,
-                 checkpoint_dir: Optional[Path] = None):
+                 checkpoint_dir: Optional[Path] = None, generation: bool = False,
+                 probe_items: Optional[list] = None, probe_chunks: int = 1):
         self.backend, self.store, self.resume, self.progress, self.log = backend, store, resume, progress, log
         self.checkpoint_every, self.checkpoint_dir = checkpoint_every, checkpoint_dir
+        # Extra scores on the edited model, before its rollback: greedy generation for every edit
+        # (generation.py), and the general-ability probes (probes.py) after the first probe_chunks chunks.
+        self.generation, self.probe_items, self.probe_chunks = generation, probe_items, probe_chunks
         self.current_chunk: Optional[int] = None
 
     # ---------------------------------------------------------------- helpers
@@ -305,19 +309,22 @@ class Runner:
         baseline = state_fingerprint(session.model)
         bar = self._bar(len(ranges), f"{run.dataset} {run.method} batch")
         bar.update(len([k for k in done if k < len(ranges)]))
+        if self.probe_items and any(k not in done for k in range(min(self.probe_chunks, len(ranges)))):
+            self._probe(session, base, None, "before")
         try:
             for k, (lo, hi) in enumerate(ranges):
                 if k in done:
                     continue
                 self.current_chunk = k
                 kwargs = request_kwargs(records[lo:hi], loc_prompts[lo:hi])
+                probe = bool(self.probe_items) and k < self.probe_chunks
                 start = time.perf_counter()
                 with self._quiet():
-                    if session.batchable:
+                    if session.batchable and not (self.generation or probe):
                         metrics = session.batch_edit(kwargs)
                         edit_seconds = float(metrics[0].get("time", math.nan)) if metrics else 0.0
                     else:
-                        metrics, edit_seconds = self._one_by_one_chunk(session, kwargs)
+                        metrics, edit_seconds = self._composed_chunk(session, kwargs, base, k, probe)
                 wall = time.perf_counter() - start
                 fingerprint = state_fingerprint(session.model)
                 exact = fingerprint == baseline
@@ -336,8 +343,10 @@ class Runner:
         finally:
             bar.close()
 
-    def _one_by_one_chunk(self, session, kwargs: dict) -> tuple[list[dict], float]:
-        """A chunk for a method EasyEdit edits one request at a time: all edits, then scores, then rollback."""
+    def _composed_chunk(self, session, kwargs: dict, base: dict, chunk: int, probe: bool = False):
+        """One chunk as EasyEdit's batch_edit runs it (pre scores, apply, post scores, restore, finalize),
+        from the same EasyEdit functions, with the extra scores taken on the edited model before its
+        rollback. Methods EasyEdit edits one request at a time get the chunk's edits one after another."""
         requests = session.prepare(kwargs)
         metrics = [{"case_id": i, "requested_rewrite": r, "pre": session.evaluate(session.model, r)}
                    for i, r in enumerate(requests)]
@@ -345,10 +354,21 @@ class Runner:
         for metric, request in zip(metrics, requests):
             metric["time"] = seconds
             metric["post"] = session.evaluate(edited, request)
+            if self.generation:
+                metric["generation"] = session.generation_scores(edited, request)
+        if probe:
+            self._probe(session, base, chunk, "after", edited)
         session.restore(edited, handle)
         for metric, request in zip(metrics, requests):
             session.finalize(metric, request)
         return metrics, seconds
+
+    def _probe(self, session, base: dict, chunk: Optional[int], stage: str, model=None) -> None:
+        start = time.perf_counter()
+        with self._quiet():
+            scores = session.probe(session.model if model is None else model, self.probe_items)
+        self.store.append({"type": "probe", **base, "chunk": chunk, "stage": stage, "tasks": scores,
+                           "seconds": time.perf_counter() - start})
 
     # ---------------------------------------------------------------- sequential checkpoints
     def _checkpoint_folder(self, run: RunSpec) -> Optional[Path]:
@@ -412,6 +432,8 @@ class Runner:
         bar = self._bar(len(requests) + len(ranges) + len(requests), f"{run.dataset} {run.method} sequential")
         try:
             edited, handle, first = None, None, 0
+            if self.probe_items:
+                self._probe(session, base, None, "before")
             if checkpoint is not None:
                 edited, handle, pre, first = self._resume_from(run, session, base, checkpoint)
                 bar.update(len(requests) + first)
@@ -441,7 +463,11 @@ class Runner:
                 with self._quiet():
                     final.append({"case_id": i, "requested_rewrite": request, "pre": pre[i],
                                   "post": session.evaluate(edited, request)})
+                    if self.generation:
+                        final[-1]["generation"] = session.generation_scores(edited, request)
                 bar.update(1)
+            if self.probe_items:
+                self._probe(session, base, len(ranges) - 1, "after", edited)
             with self._quiet():
                 session.restore(edited, handle)
                 for metric, request in zip(final, requests):

@@ -10,7 +10,7 @@ from typing import Optional
 
 import statistics
 
-from ..metrics import SCORES, aggregate
+from ..metrics import GENERATION_SCORES, SCORES, aggregate
 from .methods import METHODS
 from .protocol import chunk_ranges
 from .store import _jsonable
@@ -40,6 +40,8 @@ def summarise(records: list[dict]) -> list[dict]:
             row["complete_attempts"].add(rec["attempt"])
         elif kind == "restore":
             row["restore"] = rec
+        elif kind == "probe":
+            row.setdefault("probes", {}).setdefault(rec["attempt"], []).append(rec)
     return [_summarise_run(row) for row in runs.values()]
 
 
@@ -78,6 +80,7 @@ def _summarise_run(row: dict) -> dict:
         complete = attempt is not None
     cases.sort(key=lambda c: c["index"])
     out.update(aggregate([c["metric"] for c in cases]))
+    out["probes"] = _probe_changes(row.get("probes", {}))
     out["cases"] = len(cases)
     out["edit_seconds"] = sum(float(r.get("edit_seconds") or 0.0) for r in chunk_recs) if chunk_recs else None
     out["seconds_per_edit"] = (out["edit_seconds"] / len(cases)) if cases and out["edit_seconds"] else None
@@ -98,6 +101,24 @@ def _summarise_run(row: dict) -> dict:
     return out
 
 
+def _probe_changes(attempts: dict) -> dict:
+    """Per probe task (and ``all`` tasks pooled), the paired change after the first probed chunk, from the
+    newest attempt that has a before and an after probe."""
+    from ..probes import paired_change
+    for attempt in reversed(list(attempts)):
+        records = attempts[attempt]
+        before = next((r for r in records if r["stage"] == "before"), None)
+        after = next((r for r in records if r["stage"] == "after"), None)
+        if before is None or after is None:
+            continue
+        tasks = [task for task in before["tasks"] if task in after["tasks"]]
+        changes = {task: paired_change(before["tasks"][task], after["tasks"][task]) for task in tasks}
+        changes["all"] = paired_change([x for task in tasks for x in before["tasks"][task]],
+                                       [x for task in tasks for x in after["tasks"][task]])
+        return changes
+    return {}
+
+
 def combine_seeds(rows: list[dict]) -> list[dict]:
     """One row per run that differs only by seed: each score the mean over the seeds, with its
     standard deviation (``<score>_sd``, None for one seed) and the seeds' own values (``<score>_seeds``)."""
@@ -112,7 +133,7 @@ def combine_seeds(rows: list[dict]) -> list[dict]:
             continue
         group.sort(key=lambda r: (r["seed"] is None, r["seed"]))
         row = dict(group[0], seeds=[r["seed"] for r in group], cases=sum(r["cases"] for r in group))
-        for key in SCORES + ("average", "edit_seconds", "seconds_per_edit"):
+        for key in SCORES + tuple(GENERATION_SCORES) + ("average", "edit_seconds", "seconds_per_edit"):
             values = [r[key] for r in group if r[key] is not None]
             row[key] = statistics.fmean(values) if values else None
             row[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else None
@@ -133,7 +154,7 @@ def _fmt(value, digits=1, sd=None) -> str:
 
 
 CSV_FIELDS = ("dataset", "split", "seed", "protocol", "batch_size", "num_edits", "method", "status", "cases",
-              "reliability", "generality", "locality", "same_subject", "average", "edit_seconds",
+              "reliability", "generality", "locality", "same_subject", "average", *GENERATION_SCORES, "edit_seconds",
               "seconds_per_edit", "rollback", "skipped_records", "note", "error")
 
 
@@ -155,6 +176,22 @@ def write_summary(out_dir: Path, rows: list[dict], method_order: Optional[list[s
     png = plot_summary(out_dir / "summary.png", rows)
     if png:
         paths["png"] = png
+        general = plot_general_ability(out_dir / "general_ability.png", rows)
+        if general:
+            paths["general_png"] = general
+    probed = [r for r in rows if r.get("probes")]
+    if probed:
+        paths["general_csv"] = out_dir / "general_ability.csv"
+        with paths["general_csv"].open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["dataset", "protocol", "batch_size", "num_edits", "method", "split", "seed", "task",
+                             "before", "after", "change", "low", "high", "items"])
+            for r in probed:
+                for task, c in r["probes"].items():
+                    writer.writerow([r["dataset"], r["protocol"], r["batch_size"], r["num_edits"], r["method"],
+                                     r["split"], r["seed"], task] + [round(c[k], 3) for k in
+                                                                     ("before", "after", "change", "low", "high")]
+                                    + [c["items"]])
     return paths
 
 
@@ -187,10 +224,12 @@ def markdown_summary(rows: list[dict], commands: Optional[list[str]] = None) -> 
                      + (f", {split} split" if split != "all" else "")
                      + (f", seeds {', '.join(map(str, seeds))}" if seeds else ""))
         lines.append("")
+        def scored(d, key):
+            return any(by.get((d, m), {}).get(key) is not None for m in methods)
         columns = {d: [("reliability", "Rel."), ("generality", "Gen."), ("locality", "Loc.")]
-                   + ([("same_subject", "Same-subj.")] if any(by.get((d, m), {}).get("same_subject") is not None
-                                                              for m in methods) else [])
-                   + [("average", "Avg.")] for d in datasets}
+                   + ([("same_subject", "Same-subj.")] if scored(d, "same_subject") else [])
+                   + [("average", "Avg.")]
+                   + [(key, label) for key, label in GENERATION_LABELS.items() if scored(d, key)] for d in datasets}
         head = ["Method"]
         for d in datasets:
             head += [f"{d} {label}" for _, label in columns[d]] + [f"{d} edit s (s/edit)"]
@@ -239,9 +278,80 @@ def markdown_summary(rows: list[dict], commands: Optional[list[str]] = None) -> 
                 lines.append(f"| {k} | {_fmt(s['reliability'])} | {_fmt(s['generality'])} | "
                              f"{_fmt(s['locality'])} | {_fmt(s.get('same_subject'))} | {_fmt(s['average'])} |")
             lines.append("")
+    lines += general_ability_table(rows)
     if notes:
         lines += ["Problems:", ""] + list(dict.fromkeys(notes)) + [""]
     return "\n".join(lines)
+
+
+GENERATION_LABELS = {"gen_em": "EM", "gen_f1": "F1", "gen_em_rephrase": "Gen. EM", "gen_f1_rephrase": "Gen. F1"}
+
+
+def general_ability_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: per run with probes, each task's accuracy change from the unedited model [95 % CI]."""
+    probed = [r for r in rows if r.get("probes")]
+    if not probed:
+        return []
+    tasks = list(dict.fromkeys(task for r in probed for task in r["probes"] if task != "all")) + ["all"]
+    lines = ["## General ability (probes)", "",
+             "Accuracy change in points from the unedited model on the same probe items, after the first "
+             "chunk of edits (before its rollback), with a 95 % interval of the paired differences; "
+             "`all` pools the tasks. The unedited accuracy is in the first row.", "",
+             "| dataset | protocol | edits | method | " + " | ".join(tasks) + " |",
+             "|" + "---|" * (4 + len(tasks))]
+    first = probed[0]["probes"]
+    lines.append("| | | 0 | unedited | " + " | ".join(f"{first[t]['before']:.1f}" if t in first else "–"
+                                                      for t in tasks) + " |")
+    for r in sorted(probed, key=lambda r: (r["dataset"], r["protocol"], r["batch_size"] or 0, r["method"])):
+        edits = r["batch_size"] if r["protocol"] == "batch" else r["num_edits"]
+        cells = []
+        for task in tasks:
+            c = r["probes"].get(task)
+            cells.append("–" if c is None else f"{c['change']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}]")
+        lines.append(f"| {r['dataset']} | {r['protocol']} | {edits} | {r['method']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def plot_general_ability(path: Path, rows: list[dict]) -> Optional[Path]:
+    """The paper's Figure 3: per task, accuracy after editing against the number of edits, one line per
+    method, with the 95 % interval, and the unedited model's accuracy dashed."""
+    probed = [r for r in rows if r.get("probes")]
+    if not probed:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = list(dict.fromkeys(task for r in probed for task in r["probes"]))
+    columns = min(4, len(tasks))
+    fig, axes = plt.subplots(math.ceil(len(tasks) / columns), columns, figsize=(3.6 * columns,
+                                                                              3.0 * math.ceil(len(tasks) / columns)),
+                             squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in probed))
+    for ax, task in zip(axes.flat, tasks):
+        for method in methods:
+            mine = sorted(((r["batch_size"] if r["protocol"] == "batch" else r["num_edits"], r["probes"][task])
+                           for r in probed if r["method"] == method and task in r["probes"]), key=lambda x: x[0])
+            if not mine:
+                continue
+            xs = [x for x, _ in mine]
+            ys = [c["after"] for _, c in mine]
+            errors = [c["high"] - c["change"] for _, c in mine]
+            ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=method)
+        before = next(r["probes"][task]["before"] for r in probed if task in r["probes"])
+        ax.axhline(before, linestyle="--", color="grey", linewidth=1)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("edits", fontsize=8)
+        ax.set_ylabel("accuracy %", fontsize=8)
+        if len({x for r in probed for x in [r["batch_size"]]}) > 2:
+            ax.set_xscale("log")
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, ncol=min(6, len(labels)), fontsize=8, loc="lower center")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
 
 
 def plot_summary(path: Path, rows: list[dict]) -> Optional[Path]:

@@ -1,0 +1,75 @@
+"""Generation-based scores: does the edited answer come out when the model generates?
+
+EasyEdit's accuracy is teacher-forced: each target token is predicted with the true
+previous target tokens in the context, which flatters a model that would go astray after
+its first wrong token. Here the model generates greedily from the prompt alone, for as many
+tokens as the target has (the same budget teacher forcing scores), and the text is compared
+with the target:
+
+* **exact match**: the normalised generated text equals the normalised target;
+* **token F1**: SQuAD's F1 of the normalised words (partial credit).
+
+Normalisation (SQuAD's): lower case, punctuation and the articles a/an/the removed,
+whitespace collapsed.
+"""
+from __future__ import annotations
+
+import collections
+import re
+import string
+
+import torch
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, target: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(target))
+
+
+def token_f1(prediction: str, target: str) -> float:
+    predicted, wanted = normalize_answer(prediction).split(), normalize_answer(target).split()
+    if not predicted or not wanted:
+        return float(predicted == wanted)
+    common = sum((collections.Counter(predicted) & collections.Counter(wanted)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(wanted)
+    return 2 * precision * recall / (precision + recall)
+
+
+def target_length(tokenizer, prompt: str, target: str) -> int:
+    """The target's token count as EasyEdit scores it: tokens of ``prompt + ' ' + target`` after the prompt's."""
+    full = tokenizer(prompt + " " + target, add_special_tokens=True)["input_ids"]
+    alone = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    return max(1, len(full) - len(alone))
+
+
+@torch.no_grad()
+def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """The model's greedy continuation of ``prompt`` (``max_new_tokens`` tokens, stopping at EOS), as text."""
+    device = next(model.parameters()).device
+    encoded = tokenizer(prompt, return_tensors="pt").to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def generation_scores(model, tokenizer, request: dict) -> dict:
+    """Greedy exact match and token F1 of ``target_new`` after the edit prompt and (if any) its rephrasing."""
+    target = request["target_new"]
+    out = {}
+    for name, key in (("rewrite", "prompt"), ("rephrase", "rephrase_prompt")):
+        prompt = request.get(key)
+        if not isinstance(prompt, str) or not prompt:
+            continue
+        text = greedy_answer(model, tokenizer, prompt, target_length(tokenizer, prompt, target))
+        out[name] = {"text": text, "exact_match": exact_match(text, target), "token_f1": token_f1(text, target)}
+    return out
