@@ -1,0 +1,159 @@
+"""memoe-tune: the same tuning budget for every method, on the dev split, by one stated criterion.
+
+    memoe-tune --methods FT-L,FT-M,LoRA,GRACE,WISE,MEMIT --trials 12 --data zsre --num-edits 30 \\
+               --out runs/tune [--stats-text FILE] [--install]
+
+For each method, ``--trials`` settings are drawn from its search space (:data:`SEARCH_SPACES`:
+its layer, learning rate and steps, and its own key settings such as GRACE's ε or WISE's
+activation thresholds). The shipped file is always trial 0, so tuning can only keep or improve
+the dev score. Each trial is one ``memoe-compare`` batch run (chunks of 30, rolled back) on the
+**dev** split, so the records the tables report (test) are never looked at. The winner is the
+trial with the highest **average of reliability, generality and unrelated locality** (ties: the
+earlier trial). Its file is written to ``<out>/tuned/<METHOD>.yaml`` (with ``--install``, also
+to the shipped ``hparams/compare/smollm2-135m/``), with a header giving the search, the
+criterion and the dev scores. ``<out>/tuning.md`` lists every trial.
+
+Trials are resumable: each has its own memoe-compare folder, rerun with ``--resume``.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+
+from .errors import CompareError
+from .methods import hparams_path_for, parse_methods
+
+# The main knobs of each method. Values are YAML-able; a list value of a list is one setting.
+SEARCH_SPACES: dict[str, dict[str, list]] = {
+    "MEMoE": {"layer": [15, 18, 21, 24], "lr": [1e-3, 5e-3, 1e-2], "steps": [50, 100],
+              "scope_threshold": [0.3, 0.4, 0.5]},
+    "FT-L": {"layers": [[6], [12], [18], [24]], "lr": [1e-4, 5e-4, 1e-3, 5e-3], "num_steps": [10, 25, 50]},
+    "FT-M": {"layers": [[6], [12], [18], [24]], "lr": [1e-4, 5e-4, 1e-3, 5e-3], "num_steps": [10, 25, 50]},
+    "LoRA": {"lr": [5e-4, 1e-3, 5e-3], "num_steps": [30, 70], "rank": [4, 8, 16]},
+    "ROME": {"layers": [[3], [5], [8], [12]], "v_lr": [1e-1, 5e-1], "v_num_grad_steps": [12, 25]},
+    "MEMIT": {"layers": [[2, 3, 4, 5, 6], [4, 5, 6, 7, 8], [8, 9, 10, 11, 12]], "v_lr": [1e-1, 5e-1],
+              "mom2_update_weight": [5000, 15000, 30000], "v_num_grad_steps": [12, 25]},
+    "GRACE": {"inner_params": [[f"model.layers[{n}].mlp.down_proj.weight"] for n in (12, 18, 25)],
+              "eps": [1.0, 10.0, 50.0, 100.0], "edit_lr": [0.5, 1.0], "n_iter": [50, 100]},
+    "WISE": {"inner_params": [[f"model.layers[{n}].mlp.down_proj.weight"] for n in (18, 25)],
+             "act_ratio": [0.7, 0.88], "mask_ratio": [0.2, 0.5], "edit_lr": [0.5, 1.0],
+             "act_margin": [[5.0, 20.0, 10.0], [2.5, 10.0, 5.0]], "n_iter": [10, 30]},
+}
+CRITERION = ("reliability", "generality", "locality")
+
+
+def score(row: Optional[dict]) -> float:
+    """The criterion: the mean of reliability, generality and unrelated locality (-inf if a run failed)."""
+    if not row or row.get("status") != "complete" or any(row.get(k) is None for k in CRITERION):
+        return float("-inf")
+    return sum(row[k] for k in CRITERION) / len(CRITERION)
+
+
+def trial_settings(space: dict[str, list], trials: int, seed: int = 0) -> list[dict]:
+    """Trial 0 is ``{}`` (the shipped file); then ``trials - 1`` distinct points of the grid, drawn reproducibly."""
+    if trials < 1:
+        raise CompareError("--trials must be at least 1")
+    keys = sorted(space)
+    grid = [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
+    rng = random.Random(seed)
+    chosen = grid if len(grid) <= trials - 1 else rng.sample(grid, trials - 1)
+    return [{}] + chosen
+
+
+def select_best(results: list[tuple[dict, Optional[dict]]]) -> tuple[int, dict, Optional[dict]]:
+    """``(index, settings, row)`` of the best trial by :func:`score`; ties go to the earlier trial."""
+    if not results:
+        raise CompareError("no trials to choose from")
+    best = max(range(len(results)), key=lambda i: (score(results[i][1]), -i))
+    return best, results[best][0], results[best][1]
+
+
+def tuned_yaml(method: str, base: Path, settings: dict, row: Optional[dict], trials: int, args) -> str:
+    config = yaml.safe_load(base.read_text())
+    config.update(settings)
+    scores = ", ".join(f"{k} {row[k]:.1f}" for k in CRITERION) if row else "no complete trial"
+    header = (f"# {method}, tuned by memoe-tune on the dev split ({args.data}, {args.num_edits} edits, chunks of "
+              f"{args.batch_size}, rolled back): {trials} trials from memoe_plugin.eval.compare.tuning.SEARCH_SPACES, "
+              f"trial 0 being {base.name} as shipped before.\n# Criterion: mean of reliability, generality and "
+              f"locality. Best: {json.dumps(settings) if settings else 'the shipped settings'} ({scores}).\n")
+    return header + yaml.safe_dump(config, sort_keys=False)
+
+
+def tune(argv: Optional[list[str]] = None, compare_main: Optional[Callable[..., int]] = None,
+         backend_factory: Any = None) -> int:
+    parser = argparse.ArgumentParser(prog="memoe-tune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default="FT-L,FT-M,LoRA,GRACE,WISE,MEMIT")
+    parser.add_argument("--trials", type=int, default=12, help="trials per method, the shipped file included")
+    parser.add_argument("--data", default="zsre")
+    parser.add_argument("--num-edits", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0, help="which grid points are drawn")
+    parser.add_argument("--out", default="runs/tune")
+    parser.add_argument("--install", action="store_true",
+                        help="also write the winners into the shipped hparams/compare/smollm2-135m/")
+    args, passthrough = parser.parse_known_args(argv)
+    if compare_main is None:
+        from .cli import main as compare_main
+    methods = parse_methods(args.methods)
+    out = Path(args.out).expanduser()
+    (out / "tuned").mkdir(parents=True, exist_ok=True)
+    report = ["# memoe-tune", "", f"Criterion: mean of {', '.join(CRITERION)} on the dev split of {args.data} "
+              f"({args.num_edits} edits).", ""]
+    for method in methods:
+        if method not in SEARCH_SPACES:
+            raise CompareError(f"{method}: no search space in memoe_plugin.eval.compare.tuning.SEARCH_SPACES")
+        base = hparams_path_for(method, None, {})
+        settings = trial_settings(SEARCH_SPACES[method], args.trials, args.seed)
+        results = []
+        for i, setting in enumerate(settings):
+            folder = out / "trials" / method / f"{i:02d}"
+            command = ["--data", args.data, "--split", "dev", "--num-edits", str(args.num_edits),
+                       "--batch-size", str(args.batch_size), "--methods", method, "--out", str(folder),
+                       "--no-progress", *passthrough]
+            for key, value in setting.items():
+                command += ["--set", f"{method}.{key}={json.dumps(value)}"]
+            if (folder / "results.jsonl").exists():
+                command.append("--resume")
+            (folder).mkdir(parents=True, exist_ok=True)
+            (folder / "trial.json").write_text(json.dumps(setting))
+            kwargs = {"backend_factory": backend_factory} if backend_factory is not None else {}
+            code = compare_main(command, **kwargs)
+            rows = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else []
+            row = rows[0] if rows and code == 0 else None
+            results.append((setting, row))
+            print(f"[memoe-tune] {method} trial {i}: {json.dumps(setting) or 'shipped'} -> "
+                  f"{score(row):.1f}", file=sys.stderr)
+        best, setting, row = select_best(results)
+        text = tuned_yaml(method, base, setting, row, len(settings), args)
+        (out / "tuned" / f"{method}.yaml").write_text(text)
+        if args.install:
+            base.write_text(text)
+        report += [f"## {method}: trial {best} wins", "", "| trial | settings | Rel. | Gen. | Loc. | criterion |",
+                   "|---|---|---|---|---|---|"]
+        for i, (s, r) in enumerate(results):
+            cells = [f"{r[k]:.1f}" if r and r.get(k) is not None else "–" for k in CRITERION]
+            report.append(f"| {i}{' (best)' if i == best else ''} | {json.dumps(s) if s else 'shipped'} | "
+                          + " | ".join(cells) + f" | {score(r):.1f} |")
+        report.append("")
+    (out / "tuning.md").write_text("\n".join(report))
+    print("\n".join(report))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        return tune(argv)
+    except CompareError as err:
+        print(f"memoe-tune: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""memoe-tune: the trials drawn, the winner chosen by the stated criterion, and the file written."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from memoe_plugin.eval.compare import CompareError
+from memoe_plugin.eval.compare.tuning import SEARCH_SPACES, score, select_best, trial_settings, tune
+
+
+def row(rel, gen, loc, status="complete"):
+    return {"status": status, "reliability": rel, "generality": gen, "locality": loc}
+
+
+def test_the_criterion_is_the_mean_of_reliability_generality_and_locality():
+    assert score(row(90, 60, 30)) == 60.0
+    assert score(row(90, 60, 30, status="error")) == float("-inf")
+    assert score(row(90, None, 30)) == float("-inf") and score(None) == float("-inf")
+
+
+def test_trials_start_with_the_shipped_file_and_are_reproducible_distinct_grid_points():
+    space = {"lr": [1, 2, 3], "steps": [10, 20]}
+    trials = trial_settings(space, 4, seed=0)
+    assert trials[0] == {} and len(trials) == 4
+    assert all(t in [{"lr": a, "steps": b} for a in (1, 2, 3) for b in (10, 20)] for t in trials[1:])
+    assert len({json.dumps(t, sort_keys=True) for t in trials}) == 4
+    assert trials == trial_settings(space, 4, seed=0) != trial_settings(space, 4, seed=1)
+    assert len(trial_settings(space, 50)) == 7                  # the whole grid, once, when the budget exceeds it
+    with pytest.raises(CompareError):
+        trial_settings(space, 0)
+    for method, space in SEARCH_SPACES.items():                  # every space is a non-empty grid
+        assert space and all(isinstance(v, list) and v for v in space.values()), method
+
+
+def test_select_best_prefers_the_higher_mean_and_the_earlier_trial_on_ties():
+    results = [({}, row(100, 50, 90)), ({"lr": 1}, row(100, 80, 60)), ({"lr": 2}, row(100, 100, 50)),
+               ({"lr": 3}, None)]                                 # 80.0, 80.0, 83.3, failed
+    assert select_best(results)[0] == 2
+    results[2] = ({"lr": 2}, row(100, 100, 40))                  # 80.0: a tie with trials 0 and 1
+    index, settings, best = select_best(results)
+    assert index == 0 and settings == {}
+    results[1] = ({"lr": 1}, row(100, 90, 60))                   # 83.3 beats 80.0
+    assert select_best(results)[:2] == (1, {"lr": 1})
+
+
+def test_tune_runs_each_trial_on_the_dev_split_and_writes_the_winner(tmp_path):
+    seen = []
+
+    def fake_compare(argv, **_):
+        """Scores a trial by its lr: the closer to 5e-4, the better (FT-L's shipped file has lr 5e-4)."""
+        seen.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        sets = {}
+        for i, a in enumerate(argv):
+            if a == "--set":
+                key, value = argv[i + 1].split("=", 1)
+                sets[key.split(".", 1)[1]] = json.loads(value)
+        lr = sets.get("lr", 5e-4)
+        steps = sets.get("num_steps", 25)
+        generality = 100 - abs(lr - 1e-3) * 1e4 - abs(steps - 50) * 0.1
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps([row(100.0, generality, 90.0)]))
+        return 0
+    assert tune(["--methods", "FT-L", "--trials", "6", "--out", str(tmp_path), "--stats-text", "x.txt"],
+                compare_main=fake_compare) == 0
+    assert len(seen) == 6 and all("--split" in a and a[a.index("--split") + 1] == "dev" for a in seen)
+    assert all("--stats-text" in a for a in seen)                # other options go to memoe-compare
+    trials = [json.loads((tmp_path / "trials" / "FT-L" / f"{i:02d}" / "trial.json").read_text()) for i in range(6)]
+    scores = [100 - abs(t.get("lr", 5e-4) - 1e-3) * 1e4 - abs(t.get("num_steps", 25) - 50) * 0.1 for t in trials]
+    best = max(range(6), key=lambda i: (scores[i], -i))
+    tuned = (tmp_path / "tuned" / "FT-L.yaml").read_text()
+    config = yaml.safe_load(tuned)
+    for key, value in trials[best].items():
+        assert config[key] == value
+    assert config["alg_name"] == "FT" and config["objective_optimization"] == "prompt_last"
+    assert "tuned by memoe-tune on the dev split" in tuned and "Criterion: mean of reliability" in tuned
+    assert f"| {best} (best) |" in (tmp_path / "tuning.md").read_text()
+    with pytest.raises(CompareError, match="no search space"):
+        tune(["--methods", "MEND", "--out", str(tmp_path)], compare_main=fake_compare)
