@@ -85,6 +85,10 @@ def test_request_kwargs_pass_same_subject_prompts_as_relation_specificity_lists(
     assert rs["ground_truth"] == [["baker", "1900"], None]
     assert kwargs["locality_inputs"]["neighborhood"]["prompt"] == ["Who wrote Hamlet?", "Who?"]
     assert "Relation_Specificity" not in request_kwargs([records[1]], ["y"])["locality_inputs"]
+    assert "portability_inputs" not in kwargs
+    records[0]["portability"] = {"Reasoning": [("Person0's town is in", "Wales")]}
+    assert request_kwargs(records, ["x", "y"])["portability_inputs"] == {
+        "Reasoning": {"prompt": [["Person0's town is in"], None], "ground_truth": [["Wales"], None]}}
 
 
 def metric(rewrite, rephrase, neighborhood=None, same=None):

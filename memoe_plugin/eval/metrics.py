@@ -51,6 +51,11 @@ def aggregate(metrics: list[dict]) -> dict:
     """Mean scores in % over edits, and their average (None where a score is absent)."""
     scores = [case_scores(m) for m in metrics]
     out = {}
+    portability = [flat_mean([flat_mean(v) for k, v in (m.get("post", {}).get("portability") or {}).items()
+                              if k.endswith("_acc")]) for m in metrics]
+    portability = [p for p in portability if p is not None]
+    # KnowEdit's portability (answers that follow from the edit), reported beside the average, not in it.
+    out["portability"] = 100.0 * sum(portability) / len(portability) if portability else None
     for key, (prompt, score) in GENERATION_SCORES.items():
         values = [m["generation"][prompt][score] for m in metrics if prompt in (m.get("generation") or {})]
         out[key] = 100.0 * sum(values) / len(values) if values else None

@@ -205,12 +205,17 @@ def load_records(easyeditor, dataset: str, path: Path) -> list[dict]:
     return records
 
 
+# KnowEdit's portability kinds, as KnowEditDataset names their fields.
+PORTABILITY_FIELDS = {"Reasoning": "portability_r", "Subject_Aliasing": "portability_s",
+                      "Logical_Generalization": "portability_l"}
+
+
 def _knowedit_records(easyeditor, path: Path) -> list[dict]:
     """KnowEdit records through EasyEdit's KnowEditDataset, which drops two things its own KnowEdit
     runs take from the raw file: ``rephrase_prompt`` (ZsRE's) and the ground truths as plain strings.
 
     ``same_subject`` is the record's ``Relation_Specificity`` list as (prompt, answer) pairs: other
-    facts about the edited subject. KnowEdit records have no unrelated locality prompt; the
+    facts about the edited subject; ``portability`` maps each portability kind to its pairs. KnowEdit records have no unrelated locality prompt; the
     protocol gives each one from the records it does not edit.
     """
     data = easyeditor.KnowEditDataset(str(path))
@@ -220,10 +225,16 @@ def _knowedit_records(easyeditor, path: Path) -> list[dict]:
         record = data[i]
         first = lambda value: value[0] if isinstance(value, list) and value else value   # noqa: E731
         same = [(case.get("prompt"), first(case.get("ground_truth"))) for case in record.get("locality_rs") or []]
+        portability = {}
+        for key, field in PORTABILITY_FIELDS.items():
+            cases = [(c.get("prompt"), first(c.get("ground_truth"))) for c in record.get(field) or []]
+            cases = [(p, a) for p, a in cases if p and a]
+            if cases:
+                portability[key] = cases
         records.append({"case_id": i, "prompt": record["prompt"], "target_new": record["target_new"],
                         "subject": record["subject"], "ground_truth": first(record["ground_truth"]),
                         "rephrase_prompt": raw[i].get("rephrase_prompt"),
-                        "same_subject": [(p, a) for p, a in same if p and a]})
+                        "same_subject": [(p, a) for p, a in same if p and a], "portability": portability})
     return records
 
 

@@ -133,11 +133,20 @@ def request_kwargs(records: list[dict], loc_prompts: list[str]) -> dict:
         locality["Relation_Specificity"] = {
             "prompt": [[p for p, _ in r["same_subject"]] if r.get("same_subject") else None for r in records],
             "ground_truth": [[a for _, a in r["same_subject"]] if r.get("same_subject") else None for r in records]}
-    return dict(prompts=[r["prompt"] for r in records], target_new=[r["target_new"] for r in records],
-                ground_truth=[r.get("ground_truth") for r in records],
-                subject=[r["subject"] for r in records],
-                rephrase_prompts=[r.get("rephrase_prompt") for r in records],
-                locality_inputs=locality, loc_prompts=list(loc_prompts))
+    kwargs = dict(prompts=[r["prompt"] for r in records], target_new=[r["target_new"] for r in records],
+                  ground_truth=[r.get("ground_truth") for r in records],
+                  subject=[r["subject"] for r in records],
+                  rephrase_prompts=[r.get("rephrase_prompt") for r in records],
+                  locality_inputs=locality, loc_prompts=list(loc_prompts))
+    kinds = list(dict.fromkeys(kind for r in records for kind in (r.get("portability") or {})))
+    if kinds:     # KnowEdit's portability (Reasoning, Subject_Aliasing, ...), as EasyEdit's KnowEdit runs pass it
+        def cases(r, kind, part):
+            pairs = (r.get("portability") or {}).get(kind)
+            return [pair[part] for pair in pairs] if pairs else None
+        kwargs["portability_inputs"] = {kind: {"prompt": [cases(r, kind, 0) for r in records],
+                                               "ground_truth": [cases(r, kind, 1) for r in records]}
+                                        for kind in kinds}
+    return kwargs
 
 
 def chunk_ranges(n: int, size: int) -> list[tuple[int, int]]:

@@ -133,11 +133,11 @@ def combine_seeds(rows: list[dict]) -> list[dict]:
             continue
         group.sort(key=lambda r: (r["seed"] is None, r["seed"]))
         row = dict(group[0], seeds=[r["seed"] for r in group], cases=sum(r["cases"] for r in group))
-        for key in SCORES + tuple(GENERATION_SCORES) + ("average", "edit_seconds", "seconds_per_edit"):
-            values = [r[key] for r in group if r[key] is not None]
+        for key in SCORES + tuple(GENERATION_SCORES) + ("average", "portability", "edit_seconds", "seconds_per_edit"):
+            values = [r.get(key) for r in group if r.get(key) is not None]
             row[key] = statistics.fmean(values) if values else None
             row[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else None
-            row[f"{key}_seeds"] = [r[key] for r in group]
+            row[f"{key}_seeds"] = [r.get(key) for r in group]
         bad = [r for r in group if r["status"] != "complete"]
         row["status"] = bad[0]["status"] if bad else "complete"
         row["error"] = "; ".join(f"seed {r['seed']}: {r['error']}" for r in group if r["error"])
@@ -154,7 +154,8 @@ def _fmt(value, digits=1, sd=None) -> str:
 
 
 CSV_FIELDS = ("dataset", "split", "seed", "protocol", "batch_size", "num_edits", "method", "status", "cases",
-              "reliability", "generality", "locality", "same_subject", "average", *GENERATION_SCORES, "edit_seconds",
+              "reliability", "generality", "locality", "same_subject", "average", "portability", *GENERATION_SCORES,
+              "edit_seconds",
               "seconds_per_edit", "rollback", "skipped_records", "note", "error")
 
 
@@ -210,7 +211,10 @@ def markdown_summary(rows: list[dict], commands: Optional[list[str]] = None) -> 
     lines += ["Reliability = EasyEdit `rewrite_acc`, Generality = `rephrase_acc`, Locality = `neighborhood_acc` "
               "(prompts about other subjects), Same-subj. = `Relation_Specificity_acc` (KnowEdit: other facts "
               "about the edited subject), all post-edit, in %, mean over edits; Average = the mean of the "
-              "columns a dataset scores. With several seeds, a cell is the mean over seeds ± their standard "
+              "columns a dataset scores (Rel., Gen., Loc., Same-subj.). Port. = EasyEdit `portability_acc` "
+              "(KnowEdit's Reasoning / Subject_Aliasing / Logical_Generalization prompts), beside the average. "
+              "EM and F1 (with --generation) = greedy generation of the answer from the edit prompt (Gen. EM/F1: "
+              "from the rephrasing), as long as the target, scored by exact match and token F1. With several seeds, a cell is the mean over seeds ± their standard "
               "deviation; each seed draws its own records from the split. Edit time = seconds spent in the "
               "method's apply function (EasyEdit's `time`), over all edits, and per edit.", ""]
     notes: list[str] = []
@@ -229,6 +233,7 @@ def markdown_summary(rows: list[dict], commands: Optional[list[str]] = None) -> 
         columns = {d: [("reliability", "Rel."), ("generality", "Gen."), ("locality", "Loc.")]
                    + ([("same_subject", "Same-subj.")] if scored(d, "same_subject") else [])
                    + [("average", "Avg.")]
+                   + ([("portability", "Port.")] if scored(d, "portability") else [])
                    + [(key, label) for key, label in GENERATION_LABELS.items() if scored(d, key)] for d in datasets}
         head = ["Method"]
         for d in datasets:
