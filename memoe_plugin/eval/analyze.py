@@ -39,7 +39,7 @@ from .overrides import parse_assignments
 from .records import load_requests
 
 DEFAULT_HPARAMS = memoe_hparams("smollm2-135m")
-DATASETS = ("zsre", "counterfact")
+DATASETS = ("zsre", "counterfact", "zsre-knowedit", "counterfact-knowedit")
 
 
 # ----------------------------------------------------------------------------- statistics (pure)
@@ -136,19 +136,21 @@ def analyze(model, tokenizer, requests: list[dict], hparams: MEMoEHyperParams, c
     tokens = [e for r in requests for e in all_token_experts(model, tokenizer, r["prompt"])]
     states = layer_input_states(model, tokenizer, [r["prompt"] for r in requests], hparams.layer)
     groups = kmeans(states, clusters, seed=seed).tolist()
-    same = [edit[i] == e for i, e in rephrased]
+    # A rephrasing the bypass leaves alone (-1: out of scope or guarded) is not routed like its edit.
+    same = [edit[i] == e and e >= 0 for i, e in rephrased]
+    experts = int(get_adapter(model).bypass.experts.shape[0])     # grows with edits_per_expert
     return {
-        "num_edits": len(requests), "num_experts": hparams.num_experts, "layer": hparams.layer,
+        "num_edits": len(requests), "num_experts": experts, "layer": hparams.layer,
         "routing_input": hparams.routing_input, "clusters": len(set(groups)),
         "same_knowledge": {"pairs": len(same), "same_top1_expert": sum(same) / len(same) if same else math.nan,
-                           "chance": sum(p * p for p in utilisation(edit, hparams.num_experts)["shares"])},
+                           "chance": sum(p * p for p in utilisation(edit, experts)["shares"])},
         "similar_knowledge": {"within_cluster_agreement": agreement(groups, edit),
                               "random_cluster_agreement": chance_agreement(groups, edit, seed=seed),
                               "cluster_sizes": sorted(Counter(groups).values(), reverse=True)},
-        "utilisation": {"edit_last": utilisation(edit, hparams.num_experts),
-                        "rephrase_last": utilisation([e for _, e in rephrased], hparams.num_experts),
-                        "locality_last": utilisation(local, hparams.num_experts),
-                        "edit_all_tokens": utilisation(tokens, hparams.num_experts)},
+        "utilisation": {"edit_last": utilisation(edit, experts),
+                        "rephrase_last": utilisation([e for _, e in rephrased], experts),
+                        "locality_last": utilisation(local, experts),
+                        "edit_all_tokens": utilisation(tokens, experts)},
         "experts": {"edit": edit, "rephrase": [e for _, e in rephrased], "cluster": groups},
     }
 
@@ -183,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", choices=DATASETS, default="zsre")
     parser.add_argument("--data-file", help="default: the dataset's file in $MEMOE_DATA or the EasyEdit checkout")
     parser.add_argument("--num-edits", type=int, default=30)
+    parser.add_argument("--split", choices=("all", "dev", "test"), default="all",
+                        help="which records (memoe_plugin.eval.splits); default all, in file order")
     parser.add_argument("--batch-size", type=int, default=30, help="edits per MEMoE call (chunks accumulate)")
     parser.add_argument("--clusters", type=int, help="k for k-means (default: num_experts)")
     parser.add_argument("--seed", type=int, default=0)
@@ -205,7 +209,8 @@ def main(argv: Optional[Sequence[str]] = None, model_and_tokenizer=None) -> int:
     except DataNotFoundError as err:
         print(f"memoe-analyze: error: {err}", file=sys.stderr)
         return 2
-    requests = load_requests(path, args.num_edits)
+    from .splits import select
+    requests = select(load_requests(path), args.split)[:args.num_edits]
     if model_and_tokenizer is None:
         from ..assets.models import load_model
         model_and_tokenizer = load_model(str(Path(hparams.model_name).expanduser()))
