@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 import pytest
@@ -238,7 +239,7 @@ def test_shipped_hparams_fit_smollm2(method):
     for key, value in METHODS[method].fixed:
         assert config[key] == value
     layers = list(config.get("layers", [])) + [config[k] for k in ("layer", "v_loss_layer") if k in config]
-    layers += [int(p.split("[")[1].split("]")[0]) for p in config.get("inner_params", [])]
+    layers += [int(n) for p in config.get("inner_params", []) for n in re.findall(r"layers[.\[](\d+)", p)]
     assert all(0 <= layer < 30 for layer in layers), layers
 
 
@@ -494,6 +495,41 @@ TINY_HPARAMS = {
                   mlp_module_tmp="model.layers.{}.mlp", attn_module_tmp="model.layers.{}.self_attn",
                   ln_f_module="model.norm", lm_head_module="lm_head", mom2_dataset="wikipedia",
                   mom2_n_samples=8, mom2_dtype="float32"),
+    "UltraEdit": dict(alg_name="ULTRAEDIT", model_class="AutoModelForCausalLM", tokenizer_class="AutoTokenizer",
+                      tokenizer_name="unused",
+                      inner_params=["model.layers.1.mlp.gate_proj", "model.layers.2.mlp.up_proj"], dropout=0.0,
+                      no_grad_layers=None, lr=1e-6, token="mask", batch_size=2, batch_size_once=1,
+                      editor_batch_size=16, silent=True, half=False, results_dir="results"),
+    "AlphaEdit": dict(alg_name="AlphaEdit", layers=[1, 2], clamp_norm_factor=0.75, layer_selection="all",
+                      fact_token="subject_last", v_num_grad_steps=3, v_lr=1e-1, v_loss_layer=3, v_weight_decay=0.5,
+                      kl_factor=0.0625, mom2_adjustment=True, mom2_update_weight=15000,
+                      rewrite_module_tmp="model.layers.{}.mlp.down_proj", layer_module_tmp="model.layers.{}",
+                      mlp_module_tmp="model.layers.{}.mlp", attn_module_tmp="model.layers.{}.self_attn",
+                      ln_f_module="model.norm", lm_head_module="lm_head", mom2_dataset="wikipedia",
+                      mom2_n_samples=8, mom2_dtype="float32", nullspace_threshold=2e-2, L2=1),
+    "EMMET": dict(alg_name="EMMET", layers=[2], clamp_norm_factor=4, layer_selection="all", fact_token="subject_last",
+                  v_num_grad_steps=3, v_lr=5e-1, v_loss_layer=3, v_weight_decay=1e-3, kl_factor=0.0625,
+                  mom2_adjustment=True, mom2_update_weight=100000, rewrite_module_tmp="model.layers.{}.mlp.down_proj",
+                  layer_module_tmp="model.layers.{}", mlp_module_tmp="model.layers.{}.mlp",
+                  attn_module_tmp="model.layers.{}.self_attn", ln_f_module="model.norm", lm_head_module="lm_head",
+                  mom2_dataset="wikipedia", mom2_n_samples=8, mom2_dtype="float32", update_norm_lambda=0,
+                  emmet_lambda=0.1),
+    "R-ROME": dict(alg_name="R-ROME", layers=[1], fact_token="subject_last", v_num_grad_steps=3, v_lr=5e-1,
+                   v_loss_layer=3, v_weight_decay=1e-3, clamp_norm_factor=4, kl_factor=0.0625, mom2_adjustment=False,
+                   context_template_length_params=[[5, 5]], rewrite_module_tmp="model.layers.{}.mlp.down_proj",
+                   layer_module_tmp="model.layers.{}", mlp_module_tmp="model.layers.{}.mlp",
+                   attn_module_tmp="model.layers.{}.self_attn", ln_f_module="model.norm", lm_head_module="lm_head",
+                   mom2_dataset="wikipedia", mom2_n_samples=8, mom2_dtype="float32", fp16=False),
+    "PMET": dict(alg_name="PMET", layers=[1, 2], clamp_norm_factor=1, layer_selection="all", fact_token="subject_last",
+                 v_num_grad_steps=3, v_lr=5e-1, v_loss_layer=3, v_weight_decay=0.5, kl_factor=0.0625,
+                 mom2_adjustment=True, mom2_update_weight=15000, nll_loss_factor=1,
+                 rewrite_module_tmp="model.layers.{}.mlp.down_proj",
+                 rewrite_module_tmps=["model.layers.{}.mlp.down_proj"], layer_module_tmp="model.layers.{}",
+                 mlp_module_tmp="model.layers.{}.mlp.down_proj",
+                 attn_module_tmp="model.layers.{}.self_attn.o_proj", ln_f_module="model.norm",
+                 lm_head_module="lm_head", mom2_dataset="wikipedia", mom2_n_samples=8, mom2_dtype="float32"),
+    "DEFER": dict(alg_name="DEFER", inner_params=["model.layers[2].mlp.down_proj.weight"], edit_lr=7e-5, n_iter=5,
+                  threshold=0.5),
 }
 
 
@@ -550,6 +586,68 @@ def test_easyedit_batch_protocol_on_a_tiny_llama(tiny_setup):
     assert sorted(p.name for p in stats) == [f"model.layers.{i}.mlp.down_proj_float32_mom2_8.npz" for i in (1, 2)]
     assert all("tiny-llama/wikipedia_stats" in str(p) for p in stats)
     assert time.perf_counter() - start < 300
+
+
+NEWER_BASELINES = ("UltraEdit", "AlphaEdit", "EMMET", "R-ROME", "PMET", "DEFER")
+
+
+@easyedit
+def test_easyedit_newer_baselines_on_a_tiny_llama(tiny_setup, monkeypatch, capsys):
+    """EasyEdit's newer baselines (those registered as runnable) through the batch protocol: 2 chunks of 2,
+    covariance statistics from local text, a bit-exact rollback after each chunk; the others reported
+    unavailable with their reason; the shipped SmolLM2 files load into EasyEdit's hparams classes."""
+    import re
+    tmp_path, hdir, data, text = tiny_setup
+    monkeypatch.chdir(tmp_path)       # AlphaEdit saves its projection P as ./null_space_project.pt
+    runnable = [m for m in NEWER_BASELINES if not METHODS[m].unavailable]
+    unavailable = [m for m in NEWER_BASELINES + ("MELO", "SimIE") if METHODS[m].unavailable]
+    assert {"AlphaEdit", "R-ROME", "DEFER"} <= set(runnable) and {"MELO", "SimIE"} <= set(unavailable)
+    p_loc = tmp_path / "stats" / "tiny-llama" / "AlphaEdit_null_space_project.pt"
+    for name in runnable:
+        values = yaml.safe_load((hdir / f"{name}.yaml").read_text())
+        if "mom2_dataset" in values:
+            values["stats_dir"] = str(tmp_path / "stats")
+        if name == "AlphaEdit":
+            values["P_loc"] = str(p_loc)
+        (hdir / f"{name}.yaml").write_text(yaml.safe_dump(values))
+    start = time.perf_counter()
+    argv = ["--easyedit", EASYEDIT_PATH, "--data", "counterfact", "--data-file", str(data), "--methods",
+            ",".join(runnable + unavailable), "--hparams-dir", str(hdir), "--num-edits", "4", "--batch-size", "2",
+            "--stats-text", str(text), "--out", str(tmp_path / "out"), "--no-progress"]
+    assert compare.main(argv) == 0
+    rows = rows_by_method(tmp_path)
+    for method in runnable:
+        assert rows[method]["status"] == "complete", (method, rows[method]["error"])
+        assert rows[method]["cases"] == 4 and rows[method]["rollback"] == "exact", method
+        assert rows[method]["batchable"] is (method in ("UltraEdit", "AlphaEdit", "EMMET", "PMET")), method
+    for method in unavailable:
+        assert rows[method]["status"] == "unavailable offline" and METHODS[method].unavailable in rows[method]["error"]
+    if "AlphaEdit" in runnable:      # P from this model's statistics, written where EasyEdit writes it, not at P_loc
+        assert (tmp_path / "null_space_project.pt").is_file() and not p_loc.exists()
+    stats = sorted(p.name for p in (tmp_path / "stats").rglob("*.npz"))
+    assert stats == [f"model.layers.{i}.mlp.down_proj_float32_mom2_8.npz" for i in (1, 2)]
+    assert time.perf_counter() - start < 180
+    # the shipped SmolLM2 files, also of the methods not runnable yet
+    import easyeditor
+    for name in NEWER_BASELINES:
+        config = build_config(name, compare.hparams_path_for(name, None, {}), {}, None)
+        assert config["device"] == "cpu" and config["model_name"].endswith("smollm2-135m-llama")
+        if "stats_dir" in config:
+            assert config["stats_dir"].endswith("memoe_plugin/stats") and not config["stats_dir"].startswith("~")
+        if name == "AlphaEdit":
+            assert config["P_loc"].startswith(config["stats_dir"] + "/")
+        layers = list(config.get("layers", [])) + [config[k] for k in ("v_loss_layer",) if k in config]
+        layers += [int(n) for p in config.get("inner_params", []) for n in re.findall(r"layers[.\[](\d+)", p)]
+        assert layers and all(0 <= layer < 30 for layer in layers), (name, layers)
+        path = tmp_path / "shipped" / f"{name}.yaml"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(yaml.safe_dump(config))
+        getattr(easyeditor, METHODS[name].hparams_class).from_hparams(str(path))
+    capsys.readouterr()
+    assert compare.main(["--list-methods"]) == 0
+    listed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    for name in NEWER_BASELINES + ("MELO", "SimIE"):
+        assert ("unavailable: " in listed[name]) is bool(METHODS[name].unavailable), listed[name]
 
 
 @easyedit
@@ -638,7 +736,8 @@ def test_easyedit_knowedit_records_score_same_subject_locality(tiny_setup):
                                                         "ground_truth": ["nobody"]},
                                                        {"prompt": f"The colour of {r['subject']} is",
                                                         "ground_truth": ["red"]}]},
-                 "portability": {}} for r in flat]
+                 "portability": {"Reasoning": [{"prompt": f"The language of {r['target_new']} is",
+                                                "ground_truth": "Polish"}]}} for r in flat]
     path = tmp_path / "knowedit.json"
     path.write_text(json.dumps(knowedit))
     argv = ["--easyedit", EASYEDIT_PATH, "--data", "zsre-knowedit", "--data-file", str(path), "--methods", "MEMoE",
@@ -655,6 +754,9 @@ def test_easyedit_knowedit_records_score_same_subject_locality(tiny_setup):
         unrelated = request["locality"]["neighborhood"]["prompt"]
         assert not any(knowedit[i]["subject"] in unrelated for i in range(3))    # about a record not edited
         assert len(case["metric"]["post"]["locality"]["Relation_Specificity_acc"]) == 2
+        assert request["portability"]["Reasoning"]["prompt"] == [f"The language of {request['target_new']} is"]
+        assert len(case["metric"]["post"]["portability"]["Reasoning_acc"]) == 1
     row = rows_by_method(tmp_path)["MEMoE"]
-    assert row["same_subject"] is not None and row["locality"] is not None
-    assert "Same-subj." in (tmp_path / "out" / "summary.md").read_text()
+    assert row["same_subject"] is not None and row["locality"] is not None and row["portability"] is not None
+    assert "Same-subj." in (tmp_path / "out" / "summary.md").read_text() and "Port." in (
+        tmp_path / "out" / "summary.md").read_text()

@@ -143,7 +143,7 @@ def main(argv: Optional[list[str]] = None, backend_factory: Optional[Callable[..
         for name, spec in METHODS.items():
             path = hparams_path_for(name, None, {})
             state = f"unavailable: {spec.unavailable}" if spec.unavailable else str(path)
-            print(f"{name:8s} EasyEdit {spec.alg_name:6s} {state}")
+            print(f"{name:10s} EasyEdit {spec.alg_name:10s} {state}")
         return 0
     try:
         return _main(args, argv, backend_factory)

@@ -81,6 +81,10 @@ class EasyEditBackend:
                                   self.records(run.dataset, run.num_edits, run.split, run.seed))
         if run.method == "WISE":
             hparams.sequential_edit = True    # WISE.py: reuse the side memory across the requests of a chunk
+        if hparams.alg_name == "PMET":
+            # BaseEditor pads on the right only for the ROME family it lists (ROME, MEMIT, EMMET, R-ROME,
+            # AlphaEdit, ...); PMET's compute_zs finds the subject token as if unpadded, too
+            editor.tok.padding_side = "right"
         if hparams.alg_name in STATS_ALGS and getattr(hparams, "mom2_adjustment", True):
             ensure_stats(editor, hparams, self.stats_text)
         return session
@@ -113,8 +117,35 @@ class EasyEditSession:
 
     def batch_edit(self, kwargs: dict) -> list[dict]:
         self.editor.hparams.batch_size = len(kwargs["prompts"])
-        metrics, _, _ = self.editor.batch_edit(**kwargs, sequential_edit=False, verbose=False)
+        self._start_on_unedited_model()
+        own = self._own_copy()
+        try:
+            metrics, _, _ = self.editor.batch_edit(**kwargs, sequential_edit=False, verbose=False)
+        finally:
+            if own:
+                self._utils.restore_after_edit(self.editor, self.editor.model, own)
         return metrics
+
+    def _own_copy(self) -> dict:
+        """Copies of the weights ULTRAEDIT and EMMET change, which EasyEdit does not give back: ULTRAEDIT looks
+        parameter names up in inner_params after stripping '.weight' from them, and apply_emmet_to_model drops its
+        copy unless keep_original_weight=True, which BaseEditor.batch_edit never passes."""
+        hp = self.editor.hparams
+        if self.alg_name == "ULTRAEDIT":
+            names = [n if n.endswith(".weight") else f"{n}.weight" for n in hp.inner_params]
+        elif self.alg_name == "EMMET":
+            names = [f"{hp.rewrite_module_tmp.format(layer)}.weight" for layer in hp.layers]
+        else:
+            return {}
+        params = dict(self.editor.model.named_parameters())
+        return {name: params[name].detach().clone() for name in names}
+
+    def _start_on_unedited_model(self) -> None:
+        """AlphaEdit keeps the keys of all earlier edits (module global cache_c) to protect them; edits that
+        were rolled back (batch protocol) or belong to another run must not constrain this one."""
+        if self.alg_name == "AlphaEdit":
+            from easyeditor.models.alphaedit import AlphaEdit_main
+            AlphaEdit_main.cache_c_new = False
 
     def prepare(self, kwargs: dict) -> list[dict]:
         kwargs = dict(kwargs)
@@ -131,6 +162,13 @@ class EasyEditSession:
     def apply(self, requests: list[dict], handle):
         """Edit ``editor.model`` with ``requests`` as EasyEdit's batch_edit (batchable) or edit (one by one) does."""
         editor, seconds, edited = self.editor, 0.0, None
+        if handle is None:
+            self._start_on_unedited_model()
+        own = self._own_copy()
+        if own:
+            handle = combine_restore(handle, own, self._utils.CALLABLE_RESTORE_ALGS, self.alg_name)
+        if self.alg_name == "ULTRAEDIT":
+            editor.hparams.batch_size = len(requests)   # it edits requests[:batch_size] and needs that many
         groups = [requests] if self.batchable else [[r] for r in requests]
         for group in groups:
             start = time.perf_counter()

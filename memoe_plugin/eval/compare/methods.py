@@ -42,6 +42,22 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("MEMIT", "MEMIT", "MEMITHyperParams", "v_num_grad_steps"),
     MethodSpec("GRACE", "GRACE", "GraceHyperParams", "n_iter"),
     MethodSpec("WISE", "WISE", "WISEHyperParams", "n_iter"),
+    MethodSpec("UltraEdit", "ULTRAEDIT", "UltraEditHyperParams", None),
+    MethodSpec("AlphaEdit", "AlphaEdit", "AlphaEditHyperParams", "v_num_grad_steps"),
+    MethodSpec("EMMET", "EMMET", "EMMETHyperParams", "v_num_grad_steps"),
+    MethodSpec("R-ROME", "R-ROME", "R_ROMEHyperParams", "v_num_grad_steps"),
+    MethodSpec("PMET", "PMET", "PMETHyperParams", "v_num_grad_steps"),
+    MethodSpec("DEFER", "DEFER", "DeferHyperParams", "n_iter"),
+    MethodSpec("MELO", "MELO", "MELOHyperParams", None, unavailable=(
+        "EasyEdit's MELO loads a DistilBERT tokenizer from the Hub (hparams lora.cls_name), which is not available "
+        "offline, and restore_after_edit keeps MELO's edited model (KEEP_EDITED_MODEL_ALGS; apply_melo_to_model "
+        "returns no weights copy and wraps the model in its own LoRA and GRACE layers in place), so no edit can "
+        "be rolled back: measured on a tiny Llama with a local tokenizer. EasyEdit ships MELO settings for "
+        "GPT-2 XL only")),
+    MethodSpec("SimIE", "SimIE", "SimIEHyperParams", None, unavailable=(
+        "EasyEdit's SimIEHyperParams.from_hparams reads its base method's settings from the settings file's path "
+        "with '/SimIE/' replaced by '/ROME/'; memoe-compare hands EasyEdit <out>/hparams/SimIE.yaml, so the base "
+        "file is the SimIE file itself and ROMEHyperParams rejects it (AssertionError)")),
     MethodSpec("MEND", "MEND", "MENDHyperParams", None, unavailable=(
         "needs a MEND hypernetwork checkpoint (hparams 'archive') trained for this model with EasyEdit's "
         "EditTrainer on the ZsRE/CounterFact train splits; none exists for SmolLM2 here")),
