@@ -19,7 +19,7 @@ import yaml
 from memoe_plugin.eval import compare
 from memoe_plugin.assets import compare_hparams_dir
 from memoe_plugin.eval.compare import (METHODS, CompareError, ResultStore, RunSpec, Runner, build_config,
-                                       chunk_ranges, combine_restore, parse_overrides, prepare_records, split_records,
+                                       chunk_ranges, combine_restore, parse_overrides, prepare_records,
                                        summarise)
 from memoe_plugin.eval.state import state_fingerprint
 
@@ -180,12 +180,13 @@ def test_chunk_ranges():
         chunk_ranges(3, 0)
 
 
-def test_split_records_takes_wise_loc_prompts_from_records_after_the_edits():
-    edits, loc = split_records(fake_records(5), 3)
+def test_prepare_records_takes_wise_loc_prompts_from_records_after_the_edits():
+    prepared = prepare_records(fake_records(5), 3)
+    edits, loc = prepared.edits, prepared.loc_prompts
     assert [r["case_id"] for r in edits] == [100, 101, 102]
     assert loc == ["Other3 lives in Town3", "Other4 lives in Town4", "Other3 lives in Town3"]
     with pytest.raises(CompareError, match="usable records"):
-        split_records(fake_records(2), 3)
+        prepare_records(fake_records(2), 3)
 
 
 def test_combine_restore_keeps_the_first_callable_and_the_first_copy_of_each_tensor():

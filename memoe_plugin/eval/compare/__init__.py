@@ -11,12 +11,12 @@ from .easyedit_backend import EasyEditBackend, EasyEditSession, load_records
 from .errors import CompareError, MethodUnavailable, RollbackError
 from .methods import DEFAULT_METHODS, METHODS, MethodSpec, build_config, hparams_path_for, parse_methods, parse_overrides
 from .protocol import (PreparedRecords, RunSpec, Runner, chunk_ranges, combine_restore, prepare_records,
-                       request_kwargs, split_records)
+                       request_kwargs)
 from .report import markdown_summary, summarise, write_summary
 from .store import ResultStore
 
 __all__ = ["main", "build_parser", "EasyEditBackend", "EasyEditSession", "load_records", "CompareError",
            "MethodUnavailable", "RollbackError", "DEFAULT_METHODS", "METHODS", "MethodSpec", "build_config",
            "hparams_path_for", "parse_methods", "parse_overrides", "RunSpec", "Runner", "chunk_ranges",
-           "combine_restore", "prepare_records", "PreparedRecords", "request_kwargs", "split_records", "markdown_summary", "summarise", "write_summary",
+           "combine_restore", "prepare_records", "PreparedRecords", "request_kwargs", "markdown_summary", "summarise", "write_summary",
            "ResultStore"]

@@ -42,22 +42,6 @@ from .store import ResultStore
 DEFAULT_BATCH_SIZE = {"batch": 30, "sequential": 10}
 
 
-def split_records(records: list[dict], num_edits: int) -> tuple[list[dict], list[str]]:
-    """First ``num_edits`` records to edit, and one irrelevant text per edit for WISE's ``loc_prompts``.
-
-    The texts are the locality prompt + answer of the records *after* the edited ones
-    (EasyEdit's WISE example takes them from the ZsRE train split), cycling if short.
-    """
-    if num_edits <= 0:
-        raise CompareError("--num-edits must be positive")
-    edits = records[:num_edits]
-    if len(edits) < num_edits:
-        raise CompareError(f"the data file has {len(records)} usable records; --num-edits asks for {num_edits}")
-    rest = records[num_edits:] or records
-    loc = [f"{r['locality_prompt']} {r['locality_ground_truth']}" for r in rest]
-    return edits, [loc[i % len(loc)] for i in range(num_edits)]
-
-
 @dataclass
 class PreparedRecords:
     """The records a run edits, WISE's irrelevant texts, and the records the check turned away."""
