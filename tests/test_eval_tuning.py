@@ -35,6 +35,14 @@ def test_trials_start_with_the_shipped_file_and_are_reproducible_distinct_grid_p
         assert space and all(isinstance(v, list) and v for v in space.values()), method
 
 
+def test_every_searched_key_is_a_key_of_the_methods_shipped_file():
+    """A misspelt knob would be added to the YAML, ignored by EasyEdit, and 'tuned' without effect."""
+    from memoe_plugin.eval.compare.methods import hparams_path_for
+    for method, space in SEARCH_SPACES.items():
+        shipped = yaml.safe_load(hparams_path_for(method, None, {}).read_text())
+        assert set(space) <= set(shipped), (method, set(space) - set(shipped))
+
+
 def test_select_best_prefers_the_higher_mean_and_the_earlier_trial_on_ties():
     results = [({}, row(100, 50, 90)), ({"lr": 1}, row(100, 80, 60)), ({"lr": 2}, row(100, 100, 50)),
                ({"lr": 3}, None)]                                 # 80.0, 80.0, 83.3, failed
@@ -78,5 +86,9 @@ def test_tune_runs_each_trial_on_the_dev_split_and_writes_the_winner(tmp_path):
     assert config["alg_name"] == "FT" and config["objective_optimization"] == "prompt_last"
     assert "tuned by memoe-tune on the dev split" in tuned and "Criterion: mean of reliability" in tuned
     assert f"| {best} (best) |" in (tmp_path / "tuning.md").read_text()
+    # A second memoe-tune run into the same folder (another method, e.g. in parallel): the report keeps both.
+    assert tune(["--methods", "FT-M", "--trials", "2", "--out", str(tmp_path)], compare_main=fake_compare) == 0
+    report = (tmp_path / "tuning.md").read_text()
+    assert "## FT-L: trial" in report and "## FT-M: trial" in report
     with pytest.raises(CompareError, match="no search space"):
         tune(["--methods", "MEND", "--out", str(tmp_path)], compare_main=fake_compare)

@@ -45,6 +45,21 @@ SEARCH_SPACES: dict[str, dict[str, list]] = {
     "WISE": {"inner_params": [[f"model.layers[{n}].mlp.down_proj.weight"] for n in (18, 25)],
              "act_ratio": [0.7, 0.88], "mask_ratio": [0.2, 0.5], "edit_lr": [0.5, 1.0],
              "act_margin": [[5.0, 20.0, 10.0], [2.5, 10.0, 5.0]], "n_iter": [10, 30]},
+    "AlphaEdit": {"layers": [[2, 3, 4, 5, 6], [4, 5, 6, 7, 8], [8, 9, 10, 11, 12]], "v_lr": [1e-1, 5e-1],
+                  "v_num_grad_steps": [12, 25], "nullspace_threshold": [1e-2, 2e-2]},
+    "UltraEdit": {"inner_params": [
+        [f"model.layers.{n}.mlp.{p}" for n, p in [(10, "gate_proj"), (11, "gate_proj"), (12, "gate_proj"), (13, "gate_proj"),
+                                                   (14, "gate_proj"), *((n, "up_proj") for n in range(16, 23))]],
+        [f"model.layers.{n}.mlp.up_proj" for n in range(16, 26)],
+        [f"model.layers.{n}.mlp.down_proj" for n in range(18, 28)]],
+        "lr": [1e-6, 1e-5, 1e-4, 1e-3, 1e-2]},
+    "EMMET": {"layers": [[5], [8], [4, 5, 6, 7, 8]], "v_lr": [1e-1, 5e-1], "emmet_lambda": [0.1, 1.0],
+              "mom2_update_weight": [15000, 100000]},
+    "R-ROME": {"layers": [[3], [5], [8], [12]], "v_lr": [1e-1, 5e-1], "v_num_grad_steps": [12, 25]},
+    "PMET": {"layers": [[2, 3, 4, 5, 6], [4, 5, 6, 7, 8], [8, 9, 10, 11, 12]], "v_lr": [1e-1, 5e-1],
+             "v_num_grad_steps": [10, 20]},
+    "DEFER": {"inner_params": [[f"model.layers[{n}].mlp.down_proj.weight"] for n in (18, 25)],
+              "edit_lr": [7e-5, 1e-4, 1e-3], "n_iter": [50, 100], "threshold": [0.3, 0.5, 0.7]},
 }
 CRITERION = ("reliability", "generality", "locality")
 
@@ -86,6 +101,35 @@ def tuned_yaml(method: str, base: Path, settings: dict, row: Optional[dict], tri
     return header + yaml.safe_dump(config, sort_keys=False)
 
 
+def read_trials(folder: Path) -> list[tuple[dict, Optional[dict]]]:
+    """One method's finished trials under ``<out>/trials/<METHOD>``, in trial order: ``(settings, row)``."""
+    results = []
+    for trial in sorted(p for p in folder.iterdir() if (p / "trial.json").is_file()):
+        summary = trial / "summary.json"
+        rows = json.loads(summary.read_text()) if summary.is_file() else []
+        results.append((json.loads((trial / "trial.json").read_text()), rows[0] if rows else None))
+    return results
+
+
+def tuning_report(out: Path, args) -> str:
+    """``tuning.md``: every method tuned into ``out`` so far (also by other memoe-tune runs), every trial."""
+    lines = ["# memoe-tune", "", f"Criterion: mean of {', '.join(CRITERION)} on the dev split of {args.data} "
+             f"({args.num_edits} edits, chunks of {args.batch_size}, rolled back).", ""]
+    for folder in sorted(p for p in (out / "trials").iterdir() if p.is_dir()):
+        results = read_trials(folder)
+        if not results:
+            continue
+        best = select_best(results)[0]
+        lines += [f"## {folder.name}: trial {best} wins", "", "| trial | settings | Rel. | Gen. | Loc. | criterion |",
+                  "|---|---|---|---|---|---|"]
+        for i, (s, r) in enumerate(results):
+            cells = [f"{r[k]:.1f}" if r and r.get(k) is not None else "–" for k in CRITERION]
+            lines.append(f"| {i}{' (best)' if i == best else ''} | {json.dumps(s) if s else 'shipped'} | "
+                         + " | ".join(cells) + f" | {score(r):.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def tune(argv: Optional[list[str]] = None, compare_main: Optional[Callable[..., int]] = None,
          backend_factory: Any = None) -> int:
     parser = argparse.ArgumentParser(prog="memoe-tune", description=__doc__.split("\n\n")[0])
@@ -104,8 +148,6 @@ def tune(argv: Optional[list[str]] = None, compare_main: Optional[Callable[..., 
     methods = parse_methods(args.methods)
     out = Path(args.out).expanduser()
     (out / "tuned").mkdir(parents=True, exist_ok=True)
-    report = ["# memoe-tune", "", f"Criterion: mean of {', '.join(CRITERION)} on the dev split of {args.data} "
-              f"({args.num_edits} edits).", ""]
     for method in methods:
         if method not in SEARCH_SPACES:
             raise CompareError(f"{method}: no search space in memoe_plugin.eval.compare.tuning.SEARCH_SPACES")
@@ -135,15 +177,9 @@ def tune(argv: Optional[list[str]] = None, compare_main: Optional[Callable[..., 
         (out / "tuned" / f"{method}.yaml").write_text(text)
         if args.install:
             base.write_text(text)
-        report += [f"## {method}: trial {best} wins", "", "| trial | settings | Rel. | Gen. | Loc. | criterion |",
-                   "|---|---|---|---|---|---|"]
-        for i, (s, r) in enumerate(results):
-            cells = [f"{r[k]:.1f}" if r and r.get(k) is not None else "–" for k in CRITERION]
-            report.append(f"| {i}{' (best)' if i == best else ''} | {json.dumps(s) if s else 'shipped'} | "
-                          + " | ".join(cells) + f" | {score(r):.1f} |")
-        report.append("")
-    (out / "tuning.md").write_text("\n".join(report))
-    print("\n".join(report))
+    report = tuning_report(out, args)
+    (out / "tuning.md").write_text(report)
+    print(report)
     return 0
 
 
