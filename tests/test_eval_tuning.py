@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from memoe_plugin.eval.compare import CompareError
-from memoe_plugin.eval.compare.tuning import SEARCH_SPACES, score, select_best, trial_settings, tune
+from memoe_plugin.eval.compare.tuning import (SEARCH_SPACES, replace_top_level, score, select_best, trial_settings,
+                                              tune, tuned_yaml)
 
 
 def row(rel, gen, loc, status="complete"):
@@ -92,3 +93,19 @@ def test_tune_runs_each_trial_on_the_dev_split_and_writes_the_winner(tmp_path):
     assert "## FT-L: trial" in report and "## FT-M: trial" in report
     with pytest.raises(CompareError, match="no search space"):
         tune(["--methods", "MEND", "--out", str(tmp_path)], compare_main=fake_compare)
+
+
+def test_the_tuned_file_keeps_the_shipped_comments_and_changes_only_the_tuned_keys(tmp_path):
+    base = tmp_path / "X.yaml"
+    base.write_text("# why these settings\nalg_name: X\nlayers:\n- 4\n- 5   # mapped from 32 layers\n"
+                    "lr: 1e-6  # EasyEdit's\n\n# Output\nresults_dir: ./results\n")
+    args = type("A", (), {"data": "zsre", "num_edits": 30, "batch_size": 30})()
+    text = tuned_yaml("X", base, {"layers": [8], "lr": 1e-4, "new_key": True}, row(90.0, 60.0, 99.0), 12, args)
+    assert yaml.safe_load(text) == {"alg_name": "X", "layers": [8], "lr": 1e-4, "results_dir": "./results",
+                                    "new_key": True}
+    assert "# why these settings" in text and "# Output" in text and "EasyEdit's" not in text
+    assert text.startswith("# X, tuned by memoe-tune") and "reliability 90.0" in text
+    base.write_text(text)                                        # tuning a tuned file: one header, not two
+    again = tuned_yaml("X", base, {}, row(91.0, 60.0, 99.0), 12, args)
+    assert again.count("tuned by memoe-tune") == 1 and yaml.safe_load(again) == yaml.safe_load(text)
+    assert replace_top_level("a: 1\nb: 2\n", "a", [1, 2]) == "a:\n- 1\n- 2\nb: 2\n"

@@ -90,15 +90,43 @@ def select_best(results: list[tuple[dict, Optional[dict]]]) -> tuple[int, dict, 
     return best, results[best][0], results[best][1]
 
 
+TUNED_MARK = "tuned by memoe-tune"
+
+
+def replace_top_level(text: str, key: str, value: Any) -> str:
+    """``text`` with the top-level ``key:`` entry (its line and its indented or ``-`` continuation lines)
+    replaced by ``key: value``; comments and every other line are kept. Appended when ``key`` is absent."""
+    lines = text.splitlines()
+    entry = yaml.safe_dump({key: value}, sort_keys=False, default_flow_style=False).rstrip("\n").splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(f"{key}:"):
+            end = i + 1
+            while end < len(lines) and lines[end][:1] in (" ", "\t", "-") and lines[end].strip():
+                end += 1
+            return "\n".join(lines[:i] + entry + lines[end:]) + "\n"
+    return text.rstrip("\n") + "\n" + "\n".join(entry) + "\n"
+
+
 def tuned_yaml(method: str, base: Path, settings: dict, row: Optional[dict], trials: int, args) -> str:
-    config = yaml.safe_load(base.read_text())
-    config.update(settings)
+    """The shipped file, its comments kept, with the winning settings in place and a header saying how."""
+    text = "\n".join(line for line in base.read_text().splitlines()
+                     if not (line.startswith("# ") and (TUNED_MARK in line or line.startswith("# Criterion: mean"))))
+    text += "\n"
+    for key, value in settings.items():
+        text = replace_top_level(text, key, value)
+    expected = {**yaml.safe_load(base.read_text()), **settings}
+    try:
+        kept = yaml.safe_load(text) == expected
+    except yaml.YAMLError:
+        kept = False
+    if not kept:                                     # a layout the line edit cannot handle: plain YAML instead
+        text = yaml.safe_dump(expected, sort_keys=False)
     scores = ", ".join(f"{k} {row[k]:.1f}" for k in CRITERION) if row else "no complete trial"
-    header = (f"# {method}, tuned by memoe-tune on the dev split ({args.data}, {args.num_edits} edits, chunks of "
+    header = (f"# {method}, {TUNED_MARK} on the dev split ({args.data}, {args.num_edits} edits, chunks of "
               f"{args.batch_size}, rolled back): {trials} trials from memoe_plugin.eval.compare.tuning.SEARCH_SPACES, "
               f"trial 0 being {base.name} as shipped before.\n# Criterion: mean of reliability, generality and "
               f"locality. Best: {json.dumps(settings) if settings else 'the shipped settings'} ({scores}).\n")
-    return header + yaml.safe_dump(config, sort_keys=False)
+    return header + text
 
 
 def read_trials(folder: Path) -> list[tuple[dict, Optional[dict]]]:
