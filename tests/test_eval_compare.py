@@ -71,7 +71,7 @@ class FakeSession:
         return self.model, {"w": torch.zeros(8)}
 
     def describe(self):
-        return {"file": "fake.yaml"}
+        return {"file": "fake.yaml", "origin": "tuned by memoe-tune (2 trials, 30 zsre dev edits)"}
 
     def prepare(self, kwargs):
         return [{"prompt": p, "target_new": t, "rephrase_prompt": r,
@@ -265,6 +265,7 @@ def test_batch_protocol_chunks_and_rolls_back_between_chunks(tmp_path, method, p
     for name in ("summary.md", "summary.csv", "summary.json", "summary.png", "commands.txt"):
         assert (out / name).exists(), name
     assert f"| {method} | 100.0 | 100.0 | 100.0 | 100.0 |" in (out / "summary.md").read_text()
+    assert "hparams tuned by memoe-tune (2 trials" in (out / "summary.md").read_text()   # how it was tuned
 
 
 def test_a_rollback_that_does_not_restore_stops_the_method(tmp_path):

@@ -109,3 +109,15 @@ def test_the_tuned_file_keeps_the_shipped_comments_and_changes_only_the_tuned_ke
     again = tuned_yaml("X", base, {}, row(91.0, 60.0, 99.0), 12, args)
     assert again.count("tuned by memoe-tune") == 1 and yaml.safe_load(again) == yaml.safe_load(text)
     assert replace_top_level("a: 1\nb: 2\n", "a", [1, 2]) == "a:\n- 1\n- 2\nb: 2\n"
+
+
+def test_the_summary_says_how_each_file_was_chosen(tmp_path):
+    from memoe_plugin.eval.compare.methods import hparams_origin
+    args = type("A", (), {"data": "zsre-knowedit", "num_edits": 30, "batch_size": 30})()
+    base = tmp_path / "X.yaml"
+    base.write_text("# from EasyEdit's llama-7b.yaml\nalg_name: X\nlr: 1\n# later: tuned by memoe-tune? no\n")
+    assert hparams_origin(base) == "as shipped (not tuned by memoe-tune)"     # only the header counts
+    base.write_text(tuned_yaml("X", base, {"lr": 2}, row(90.0, 60.0, 99.0), 12, args))
+    assert hparams_origin(base) == "tuned by memoe-tune (12 trials, 30 zsre-knowedit dev edits)"
+    base.write_text("# Chosen on the dev split only\nalg_name: X\n")
+    assert hparams_origin(base).startswith("chosen on the dev split")

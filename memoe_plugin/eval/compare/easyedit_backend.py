@@ -19,7 +19,7 @@ from typing import Optional
 import yaml
 
 from .errors import CompareError
-from .methods import METHODS, STATS_ALGS, build_config
+from .methods import METHODS, STATS_ALGS, build_config, hparams_origin
 from .protocol import DATASET_NEEDS, PreparedRecords, RunSpec, combine_restore, prepare_records
 from .stats import ensure_stats
 
@@ -78,7 +78,8 @@ class EasyEditBackend:
         if not self.verbose:
             _quiet_easyedit_logging()
         session = EasyEditSession(self.ee, editor, run, path,
-                                  self.records(run.dataset, run.num_edits, run.split, run.seed))
+                                  self.records(run.dataset, run.num_edits, run.split, run.seed),
+                                  origin=hparams_origin(self.hparams_paths[run.method]))
         if run.method == "WISE":
             hparams.sequential_edit = True    # WISE.py: reuse the side memory across the requests of a chunk
         if hparams.alg_name == "PMET":
@@ -93,12 +94,13 @@ class EasyEditBackend:
 class EasyEditSession:
     """One method on one BaseEditor: thin calls into EasyEdit."""
 
-    def __init__(self, easyeditor, editor, run: RunSpec, hparams_path: Path, prepared: PreparedRecords):
+    def __init__(self, easyeditor, editor, run: RunSpec, hparams_path: Path, prepared: PreparedRecords,
+                 origin: str = ""):
         from easyeditor.editors import utils as editor_utils
         from easyeditor.editors.batch_editor import BatchEditor
         from easyeditor.editors.editor import finalize_locality_metrics
         from easyeditor.evaluate import compute_edit_quality
-        self.editor, self.run, self.hparams_path = editor, run, hparams_path
+        self.editor, self.run, self.hparams_path, self.origin = editor, run, hparams_path, origin
         self.records, self.skipped = (prepared.edits, prepared.loc_prompts), prepared.skipped
         self._utils, self._compute, self._finalize = editor_utils, compute_edit_quality, finalize_locality_metrics
         self.alg_name = editor.alg_name
@@ -113,7 +115,7 @@ class EasyEditSession:
         return self.editor.model
 
     def describe(self) -> dict:
-        return {"file": str(self.hparams_path), "alg_name": self.alg_name}
+        return {"file": str(self.hparams_path), "alg_name": self.alg_name, "origin": self.origin}
 
     def batch_edit(self, kwargs: dict) -> list[dict]:
         self.editor.hparams.batch_size = len(kwargs["prompts"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -93,6 +94,27 @@ def parse_overrides(items: Iterable[str], methods: Iterable[str]) -> dict[str, d
     if unused:
         raise CompareError(f"--set names {sorted(unused)}, which are not in --methods")
     return out
+
+
+TUNED_MARK = "tuned by memoe-tune"
+
+
+def hparams_origin(path: Path) -> str:
+    """How a file's settings were chosen, read from its header comment: memoe-tune's line, another
+    choice on the dev split (MEMoE's files say so), or neither."""
+    header = []
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            break
+        header.append(line)
+    for line in header:
+        if TUNED_MARK in line:
+            found = re.search(r"on the dev split \(([^,]+), (\d+) edits.*?: (\d+) trials", line)
+            return (f"tuned by memoe-tune ({found[3]} trials, {found[2]} {found[1]} dev edits)" if found
+                    else TUNED_MARK)
+    if "dev split" in " ".join(header):
+        return "chosen on the dev split (see the file's header)"
+    return "as shipped (not tuned by memoe-tune)"
 
 
 def hparams_path_for(method: str, hparams_dir: Optional[Path], explicit: dict[str, Path]) -> Path:

@@ -54,6 +54,7 @@ def _summarise_run(row: dict) -> dict:
            "num_edits": int(n.split("=")[1]) if "=" in n else None, "method": method,
            "split": extra.get("split", "all"), "seed": int(extra["seed"]) if "seed" in extra else None,
            "note": start.get("note", ""), "batchable": start.get("batchable"),
+           "hparams_origin": (start.get("hparams") or {}).get("origin", ""),
            "skipped_records": start.get("skipped_records", 0)}
     if protocol == "batch":
         chosen: dict[int, dict] = {}        # chunk -> its latest chunk record
@@ -156,7 +157,7 @@ def _fmt(value, digits=1, sd=None) -> str:
 CSV_FIELDS = ("dataset", "split", "seed", "protocol", "batch_size", "num_edits", "method", "status", "cases",
               "reliability", "generality", "locality", "same_subject", "average", "portability", *GENERATION_SCORES,
               "edit_seconds",
-              "seconds_per_edit", "rollback", "skipped_records", "note", "error")
+              "seconds_per_edit", "rollback", "skipped_records", "note", "hparams_origin", "error")
 
 
 def write_summary(out_dir: Path, rows: list[dict], method_order: Optional[list[str]] = None,
@@ -266,12 +267,14 @@ def markdown_summary(rows: list[dict], commands: Optional[list[str]] = None) -> 
         lines.append("")
         how = {r["method"]: r["note"] for r in group if r.get("note")}
         rollback = {r["method"]: r["rollback"] for r in group}
+        origin = {r["method"]: r["hparams_origin"] for r in group if r.get("hparams_origin")}
         if how:
             lines.append("How each method ran:")
             lines.append("")
             for m in methods:
                 if m in how:
-                    lines.append(f"- {m}: {how[m]}; rollback check: {rollback.get(m)}")
+                    settings = f"; hparams {origin[m]}" if m in origin else ""
+                    lines.append(f"- {m}: {how[m]}{settings}; rollback check: {rollback.get(m)}")
             lines.append("")
         steps = [(r["dataset"], r["method"], r["steps"]) for r in group if r.get("steps")]
         for d, m, per_step in steps:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 import yaml
 
 from .errors import CompareError
-from .methods import hparams_path_for, parse_methods
+from .methods import TUNED_MARK, hparams_path_for, parse_methods
 
 # The main knobs of each method. Values are YAML-able; a list value of a list is one setting.
 SEARCH_SPACES: dict[str, dict[str, list]] = {
@@ -88,9 +88,6 @@ def select_best(results: list[tuple[dict, Optional[dict]]]) -> tuple[int, dict, 
         raise CompareError("no trials to choose from")
     best = max(range(len(results)), key=lambda i: (score(results[i][1]), -i))
     return best, results[best][0], results[best][1]
-
-
-TUNED_MARK = "tuned by memoe-tune"
 
 
 def replace_top_level(text: str, key: str, value: Any) -> str:
