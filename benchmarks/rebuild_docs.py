@@ -29,8 +29,9 @@ BASELINES = "FT-L,FT-M,LoRA,MEMIT,GRACE,WISE,AlphaEdit,UltraEdit,EMMET,R-ROME,PM
 # --no-progress, --stats-text and --resume; memoe-tune passes them on to its trials (and resumes
 # them itself); ablations.py takes --threads and resumes from its own log.
 STEPS = [
-    ("tune", "compare.md: tuned baselines", ["memoe-tune", "--methods", "FT-L,FT-M,LoRA,GRACE,WISE,MEMIT",
-                                             "--trials", "12", "--data", "zsre"]),
+    ("tune", "compare.md: tuned baselines (then --install, or --hparams-dir <out>/tune/tuned)",
+     ["memoe-tune", "--methods", "ROME," + BASELINES, "--trials", "12", "--data", "zsre-knowedit",
+      "--num-edits", "30"]),
     ("compare-30", "compare.md: 30 ZsRE + 30 CounterFact test records, every method, generation, probes",
      ["memoe-compare", "--data", "zsre-knowedit,counterfact", "--split", "test", "--num-edits", "30",
       "--methods", "MEMoE," + BASELINES, "--generation", "--probes", "50"]),

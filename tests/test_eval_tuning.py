@@ -30,6 +30,8 @@ def test_trials_start_with_the_shipped_file_and_are_reproducible_distinct_grid_p
     assert len({json.dumps(t, sort_keys=True) for t in trials}) == 4
     assert trials == trial_settings(space, 4, seed=0) != trial_settings(space, 4, seed=1)
     assert len(trial_settings(space, 50)) == 7                  # the whole grid, once, when the budget exceeds it
+    big = {"a": list(range(10)), "b": list(range(10))}          # 100 points: every budget a prefix of a larger one
+    assert all(trial_settings(big, k) == trial_settings(big, 40)[:k] for k in (1, 2, 6, 7, 12, 30))
     with pytest.raises(CompareError):
         trial_settings(space, 0)
     for method, space in SEARCH_SPACES.items():                  # every space is a non-empty grid
@@ -91,6 +93,12 @@ def test_tune_runs_each_trial_on_the_dev_split_and_writes_the_winner(tmp_path):
     assert tune(["--methods", "FT-M", "--trials", "2", "--out", str(tmp_path)], compare_main=fake_compare) == 0
     report = (tmp_path / "tuning.md").read_text()
     assert "## FT-L: trial" in report and "## FT-M: trial" in report
+    # A smaller budget resumes the same trials; a folder drawn with other settings is refused, not resumed.
+    assert tune(["--methods", "FT-L", "--trials", "3", "--out", str(tmp_path)], compare_main=fake_compare) == 0
+    assert all("--resume" not in a for a in seen[:6])
+    (tmp_path / "trials" / "FT-L" / "01" / "trial.json").write_text(json.dumps({"lr": 123}))
+    with pytest.raises(CompareError, match="other settings"):
+        tune(["--methods", "FT-L", "--trials", "3", "--out", str(tmp_path)], compare_main=fake_compare)
     with pytest.raises(CompareError, match="no search space"):
         tune(["--methods", "MEND", "--out", str(tmp_path)], compare_main=fake_compare)
 

@@ -72,13 +72,24 @@ def score(row: Optional[dict]) -> float:
 
 
 def trial_settings(space: dict[str, list], trials: int, seed: int = 0) -> list[dict]:
-    """Trial 0 is ``{}`` (the shipped file); then ``trials - 1`` distinct points of the grid, drawn reproducibly."""
+    """Trial 0 is ``{}`` (the shipped file); then ``trials - 1`` distinct points of the grid, drawn reproducibly.
+
+    The draw is prefix-stable: the first k trials are the same for every ``trials >= k``, so a smaller
+    budget is a prefix of a larger one and a search can be extended (or cut) and resumed. (The draw is
+    the partial Fisher-Yates shuffle of ``random.sample``'s pool method, which is prefix-stable itself,
+    whereas ``random.sample`` switches methods with the sample size.)"""
     if trials < 1:
         raise CompareError("--trials must be at least 1")
     keys = sorted(space)
     grid = [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
-    rng = random.Random(seed)
-    chosen = grid if len(grid) <= trials - 1 else rng.sample(grid, trials - 1)
+    if len(grid) <= trials - 1:
+        return [{}] + grid
+    rng, pool = random.Random(seed), list(grid)
+    chosen = []
+    for i in range(trials - 1):
+        j = rng.randrange(len(pool) - i)
+        chosen.append(pool[j])
+        pool[j] = pool[len(pool) - i - 1]
     return [{}] + chosen
 
 
@@ -186,9 +197,12 @@ def tune(argv: Optional[list[str]] = None, compare_main: Optional[Callable[..., 
                        "--no-progress", *passthrough]
             for key, value in setting.items():
                 command += ["--set", f"{method}.{key}={json.dumps(value)}"]
+            if (folder / "trial.json").exists() and json.loads((folder / "trial.json").read_text()) != setting:
+                raise CompareError(f"{folder} holds a trial with other settings (another --seed or search space); "
+                                   "use another --out, or delete that folder")
             if (folder / "results.jsonl").exists():
                 command.append("--resume")
-            (folder).mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
             (folder / "trial.json").write_text(json.dumps(setting))
             kwargs = {"backend_factory": backend_factory} if backend_factory is not None else {}
             code = compare_main(command, **kwargs)
