@@ -34,7 +34,7 @@ STEPS = [
       "--num-edits", "30"]),
     ("compare-30", "compare.md: 30 ZsRE + 30 CounterFact test records, every method, generation, probes",
      ["memoe-compare", "--data", "zsre-knowedit,counterfact", "--split", "test", "--num-edits", "30",
-      "--methods", "MEMoE," + BASELINES, "--generation", "--probes", "50"]),
+      "--methods", "MEMoE," + BASELINES, "--generation", "--probes", "20"]),
     ("scope-dev", "results.md: quality table on dev", ["python", "benchmarks/quality/scope_table.py",
                                                         "--split", "dev", "--num-edits", "120"]),
     ("scope-test", "results.md: quality table on test, 3 seeds", ["python", "benchmarks/quality/scope_table.py",
