@@ -49,8 +49,8 @@ class ResultStore:
         return out
 
     def append(self, *records: dict) -> None:
+        text = "".join(json.dumps(record, default=_jsonable) + "\n" for record in records)
         with self.path.open("a") as handle:
-            for record in records:
-                handle.write(json.dumps(record, default=_jsonable) + "\n")
+            handle.write(text)                  # one write: the records land together, or (crash) cut at the end
             handle.flush()
             os.fsync(handle.fileno())
