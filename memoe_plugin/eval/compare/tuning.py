@@ -153,12 +153,21 @@ def tuning_report(out: Path, args) -> str:
     """``tuning.md``: every method tuned into ``out`` so far (also by other memoe-tune runs), every trial."""
     lines = ["# memoe-tune", "", f"Criterion: mean of {', '.join(CRITERION)} on the dev split of {args.data} "
              f"({args.num_edits} edits, chunks of {args.batch_size}, rolled back).", ""]
-    for folder in sorted(p for p in (out / "trials").iterdir() if p.is_dir()):
-        results = read_trials(folder)
-        if not results:
-            continue
+    methods = [(p.name, read_trials(p)) for p in sorted((out / "trials").iterdir()) if p.is_dir()]
+    methods = [(name, results) for name, results in methods if results]
+
+    def scores(r):
+        return " / ".join(f"{r[k]:.1f}" for k in CRITERION) + f" ({score(r):.1f})" if r else "–"
+    lines += ["| method | trials | shipped: Rel. / Gen. / Loc. (criterion) | tuned | winning settings |",
+              "|---|---|---|---|---|"]
+    for name, results in methods:
+        best, setting, row = select_best(results)
+        lines.append(f"| {name} | {len(results)} | {scores(results[0][1])} | {scores(row)} | "
+                     f"{json.dumps(setting) if setting else 'the shipped file'} |")
+    lines.append("")
+    for name, results in methods:
         best = select_best(results)[0]
-        lines += [f"## {folder.name}: trial {best} wins", "", "| trial | settings | Rel. | Gen. | Loc. | criterion |",
+        lines += [f"## {name}: trial {best} wins", "", "| trial | settings | Rel. | Gen. | Loc. | criterion |",
                   "|---|---|---|---|---|---|"]
         for i, (s, r) in enumerate(results):
             cells = [f"{r[k]:.1f}" if r and r.get(k) is not None else "–" for k in CRITERION]
