@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from memoe_plugin.eval.compare import CompareError
-from memoe_plugin.eval.compare.tuning import (SEARCH_SPACES, replace_top_level, score, select_best, trial_settings,
+from memoe_plugin.eval.compare.tuning import (SEARCH_SPACES, brief, replace_top_level, score, select_best, trial_settings,
                                               tune, tuned_yaml)
 
 
@@ -129,3 +129,11 @@ def test_the_summary_says_how_each_file_was_chosen(tmp_path):
     assert hparams_origin(base) == "tuned by memoe-tune (12 trials, 30 zsre-knowedit dev edits)"
     base.write_text("# Chosen on the dev split only\nalg_name: X\n")
     assert hparams_origin(base).startswith("chosen on the dev split")
+
+
+def test_module_lists_are_shortened_in_the_report():
+    names = [f"model.layers.{n}.mlp.gate_proj" for n in (10, 11, 12)] + [f"model.layers.{n}.mlp.up_proj" for n in (16, 17, 19)]
+    assert json.loads(brief({"inner_params": names, "lr": 1e-4})) == {
+        "inner_params": ["model.layers.{10..12}.mlp.gate_proj", "model.layers.{16..17}.mlp.up_proj",
+                         "model.layers.19.mlp.up_proj"], "lr": 1e-4}
+    assert brief({"layers": [4, 5, 6, 7]}) == '{"layers": [4, 5, 6, 7]}' and brief({}) == "shipped"

@@ -21,6 +21,7 @@ import argparse
 import itertools
 import json
 import random
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -139,6 +140,26 @@ def tuned_yaml(method: str, base: Path, settings: dict, row: Optional[dict], tri
     return header + text
 
 
+def brief(settings: dict) -> str:
+    """Settings for a table cell: a list of module names that differ only in a layer number is shortened to
+    its runs (``model.layers.{16..25}.mlp.up_proj``)."""
+    def runs(names: list) -> list:
+        out: list = []
+        for name in names:
+            found = re.fullmatch(r"(.*?)(\d+)(\D*)", name) if isinstance(name, str) else None
+            if not found:
+                return names
+            head, number, tail = found[1], int(found[2]), found[3]
+            if out and out[-1][0] == head and out[-1][3] == tail and out[-1][2] == number - 1:
+                out[-1][2] = number
+            else:
+                out.append([head, number, number, tail])
+        return [f"{h}{{{a}..{b}}}{t}" if a != b else f"{h}{a}{t}" for h, a, b, t in out]
+    if not settings:
+        return "shipped"
+    return json.dumps({k: runs(v) if isinstance(v, list) and len(v) > 2 else v for k, v in settings.items()})
+
+
 def read_trials(folder: Path) -> list[tuple[dict, Optional[dict]]]:
     """One method's finished trials under ``<out>/trials/<METHOD>``, in trial order: ``(settings, row)``."""
     results = []
@@ -163,7 +184,7 @@ def tuning_report(out: Path, args) -> str:
     for name, results in methods:
         best, setting, row = select_best(results)
         lines.append(f"| {name} | {len(results)} | {scores(results[0][1])} | {scores(row)} | "
-                     f"{json.dumps(setting) if setting else 'the shipped file'} |")
+                     f"{brief(setting) if setting else 'the shipped file'} |")
     lines.append("")
     for name, results in methods:
         best = select_best(results)[0]
@@ -171,7 +192,7 @@ def tuning_report(out: Path, args) -> str:
                   "|---|---|---|---|---|---|"]
         for i, (s, r) in enumerate(results):
             cells = [f"{r[k]:.1f}" if r and r.get(k) is not None else "–" for k in CRITERION]
-            lines.append(f"| {i}{' (best)' if i == best else ''} | {json.dumps(s) if s else 'shipped'} | "
+            lines.append(f"| {i}{' (best)' if i == best else ''} | {brief(s)} | "
                          + " | ".join(cells) + f" | {score(r):.1f} |")
         lines.append("")
     return "\n".join(lines)
