@@ -129,6 +129,11 @@ def test_the_summary_says_how_each_file_was_chosen(tmp_path):
     assert hparams_origin(base) == "tuned by memoe-tune (12 trials, 30 zsre-knowedit dev edits)"
     base.write_text("# Chosen on the dev split only\nalg_name: X\n")
     assert hparams_origin(base).startswith("chosen on the dev split")
+    from types import SimpleNamespace
+    from memoe_plugin.eval.compare.easyedit_backend import EasyEditBackend
+    backend = SimpleNamespace(overrides={"X": {"lr": 1, "layers": [2]}}, hparams_paths={"X": base, "Y": base})
+    assert EasyEditBackend.origin(backend, "X").endswith(", with --set layers, lr")      # --set is said too
+    assert "--set" not in EasyEditBackend.origin(backend, "Y")
 
 
 def test_module_lists_are_shortened_in_the_report():

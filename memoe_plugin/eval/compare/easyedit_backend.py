@@ -70,6 +70,11 @@ class EasyEditBackend:
                         + yaml.safe_dump(config, sort_keys=False))
         return cls.from_hparams(str(path)), path
 
+    def origin(self, method: str) -> str:
+        """How the method's settings were chosen (the file's header), and which --set changed them."""
+        changed = sorted(self.overrides.get(method, {}))
+        return hparams_origin(self.hparams_paths[method]) + (f", with --set {', '.join(changed)}" if changed else "")
+
     def open_method(self, run: RunSpec) -> "EasyEditSession":
         hparams, path = self.hparams(run.method, run.seed)
         _seed(42 if run.seed is None else run.seed)
@@ -79,7 +84,7 @@ class EasyEditBackend:
             _quiet_easyedit_logging()
         session = EasyEditSession(self.ee, editor, run, path,
                                   self.records(run.dataset, run.num_edits, run.split, run.seed),
-                                  origin=hparams_origin(self.hparams_paths[run.method]))
+                                  origin=self.origin(run.method))
         if run.method == "WISE":
             hparams.sequential_edit = True    # WISE.py: reuse the side memory across the requests of a chunk
         if hparams.alg_name == "PMET":
