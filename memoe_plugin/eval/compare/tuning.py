@@ -120,12 +120,13 @@ def replace_top_level(text: str, key: str, value: Any) -> str:
 
 def tuned_yaml(method: str, base: Path, settings: dict, row: Optional[dict], trials: int, args) -> str:
     """The shipped file, its comments kept, with the winning settings in place and a header saying how."""
-    text = "\n".join(line for line in base.read_text().splitlines()
+    shipped = base.read_text()
+    text = "\n".join(line for line in shipped.splitlines()
                      if not (line.startswith("# ") and (TUNED_MARK in line or line.startswith("# Criterion: mean"))))
     text += "\n"
     for key, value in settings.items():
         text = replace_top_level(text, key, value)
-    expected = {**yaml.safe_load(base.read_text()), **settings}
+    expected = {**yaml.safe_load(shipped), **settings}
     try:
         kept = yaml.safe_load(text) == expected
     except yaml.YAMLError:
@@ -160,14 +161,17 @@ def brief(settings: dict) -> str:
     return json.dumps({k: runs(v) if isinstance(v, list) and len(v) > 2 else v for k, v in settings.items()})
 
 
+def trial_row(folder: Path) -> Optional[dict]:
+    """The summary row of one trial's memoe-compare folder (None before it has one)."""
+    summary = folder / "summary.json"
+    rows = json.loads(summary.read_text()) if summary.is_file() else []
+    return rows[0] if rows else None
+
+
 def read_trials(folder: Path) -> list[tuple[dict, Optional[dict]]]:
     """One method's finished trials under ``<out>/trials/<METHOD>``, in trial order: ``(settings, row)``."""
-    results = []
-    for trial in sorted(p for p in folder.iterdir() if (p / "trial.json").is_file()):
-        summary = trial / "summary.json"
-        rows = json.loads(summary.read_text()) if summary.is_file() else []
-        results.append((json.loads((trial / "trial.json").read_text()), rows[0] if rows else None))
-    return results
+    return [(json.loads((trial / "trial.json").read_text()), trial_row(trial))
+            for trial in sorted(p for p in folder.iterdir() if (p / "trial.json").is_file())]
 
 
 def tuning_report(out: Path, args) -> str:
@@ -175,19 +179,17 @@ def tuning_report(out: Path, args) -> str:
     lines = ["# memoe-tune", "", f"Criterion: mean of {', '.join(CRITERION)} on the dev split of {args.data} "
              f"({args.num_edits} edits, chunks of {args.batch_size}, rolled back).", ""]
     methods = [(p.name, read_trials(p)) for p in sorted((out / "trials").iterdir()) if p.is_dir()]
-    methods = [(name, results) for name, results in methods if results]
+    methods = [(name, results, select_best(results)) for name, results in methods if results]
 
     def scores(r):
         return " / ".join(f"{r[k]:.1f}" for k in CRITERION) + f" ({score(r):.1f})" if r else "–"
     lines += ["| method | trials | shipped: Rel. / Gen. / Loc. (criterion) | tuned | winning settings |",
               "|---|---|---|---|---|"]
-    for name, results in methods:
-        best, setting, row = select_best(results)
+    for name, results, (best, setting, row) in methods:
         lines.append(f"| {name} | {len(results)} | {scores(results[0][1])} | {scores(row)} | "
                      f"{brief(setting) if setting else 'the shipped file'} |")
     lines.append("")
-    for name, results in methods:
-        best = select_best(results)[0]
+    for name, results, (best, _, _) in methods:
         lines += [f"## {name}: trial {best} wins", "", "| trial | settings | Rel. | Gen. | Loc. | criterion |",
                   "|---|---|---|---|---|---|"]
         for i, (s, r) in enumerate(results):
@@ -238,8 +240,7 @@ def tune(argv: Optional[list[str]] = None, compare_main: Optional[Callable[..., 
             (folder / "trial.json").write_text(json.dumps(setting))
             kwargs = {"backend_factory": backend_factory} if backend_factory is not None else {}
             code = compare_main(command, **kwargs)
-            rows = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else []
-            row = rows[0] if rows and code == 0 else None
+            row = trial_row(folder) if code == 0 else None
             results.append((setting, row))
             print(f"[memoe-tune] {method} trial {i}: {json.dumps(setting) or 'shipped'} -> "
                   f"{score(row):.1f}", file=sys.stderr)
