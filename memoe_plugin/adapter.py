@@ -94,7 +94,7 @@ class MEMoEAdapter:
         self.scope = None
         if hparams.scope_keys:
             self.scope = KeyScope(projection_shape(self.base_module)[0], hparams.scope_threshold,
-                                  self.base_module.weight.device)
+                                  self.base_module.weight.device, snap=hparams.scope_snap)
             self.bypass.scope = self.scope
         if hparams.expert_routing == "key":
             self.bypass.expert_of = torch.zeros(0, dtype=torch.long, device=self.base_module.weight.device)
@@ -157,6 +157,8 @@ class MEMoEAdapter:
         if self.scope is not None:
             tensors.update({"scope.center": self.scope.center, "scope.keys": self.scope.keys,
                             "scope.edit_ids": self.scope.edit_ids})
+            if self.scope.snap > 0:
+                tensors["scope.inputs"] = self.scope.inputs
             info["scope"] = {"calibrated": self.scope.calibrated}
         if bypass.expert_of is not None:
             tensors["expert_of"] = bypass.expert_of
@@ -188,6 +190,12 @@ class MEMoEAdapter:
             self.scope.center.copy_(tensors["scope.center"].to(device))
             self.scope.keys = tensors["scope.keys"].to(device)
             self.scope.edit_ids = tensors["scope.edit_ids"].to(device)
+            if self.scope.snap > 0:
+                if "scope.inputs" not in tensors:
+                    raise ValueError("this adapter was saved without the keys' layer inputs (scope_snap: 0), "
+                                     "and its hparams ask for scope_snap > 0; load it with the scope_snap it "
+                                     "was edited with")
+                self.scope.inputs = tensors["scope.inputs"].to(device)
             self.scope.calibrated = bool(info.get("scope", {}).get("calibrated", True))
         if bypass.expert_of is not None and "expert_of" in tensors:
             bypass.expert_of = tensors["expert_of"].to(device)

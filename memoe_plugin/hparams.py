@@ -114,6 +114,10 @@ class MEMoEHyperParams:
         "`scope_threshold`, after centring) to the input at a position that predicts an edited target. Keeps "
         "other questions about an edited subject out of the edit (see below)")
     scope_threshold: float = option(0.5, "cosine similarity a position needs to a key to be in scope")
+    scope_snap: float = option(0.0,
+        "**extension**, with `scope_keys`: an in-scope position's expert reads its layer input moved this share "
+        "of the way to the input of the key it matched (0: its own input, as the paper; 1: the edit's own), so "
+        "a rewording gets the correction the edit was trained to. Keeps each key's input (2 bytes per feature)")
     scope_positions: str = option("targets",
         "which positions of an edit become keys: `targets` (those that predict a target token) or `after_anchor` "
         "(every position after the anchor's last token up to those, which needs `locality_guard`)")
@@ -216,6 +220,8 @@ class MEMoEHyperParams:
         need(self.memory_weight >= 0, "memory_weight", "a number >= 0")
         need(self.memory_batch >= 1, "memory_batch", "an integer >= 1")
         need(-1.0 <= self.scope_threshold <= 1.0, "scope_threshold", "a cosine similarity in [-1, 1]")
+        need(0.0 <= self.scope_snap <= 1.0, "scope_snap", "a share in [0, 1]")
+        need(self.scope_snap == 0 or self.scope_keys, "scope_snap", "0 unless scope_keys is true")
         need(self.scope_positions in SCOPE_POSITIONS, "scope_positions", f"one of {SCOPE_POSITIONS}")
         need(self.expert_routing in EXPERT_ROUTINGS, "expert_routing", f"one of {EXPERT_ROUTINGS}")
         need(self.expert_routing != "key" or self.scope_keys, "expert_routing",

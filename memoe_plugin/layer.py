@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .losses import switch_load_balancing_loss
+from .routing.scope import Match
 
 
 def projection_shape(module: nn.Module) -> tuple[int, int]:
@@ -90,11 +91,12 @@ class MoEBypass(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """scale * sum_e G_e W_e x, computed for the selected experts only."""
-        active, matched = self._active_mask(x)
+        active, match = self._active_mask(x)
         if active is not None and not bool(active.any()):
             return self._silent(x)   # the locality guard keeps every position out: no gate, no expert
+        expert_input = x if match is None else self.scope.snap_inputs(x, match.key, active)
         if self.expert_of is not None:
-            return self._expert_sum(x, *self._key_routing(active, matched))
+            return self._expert_sum(expert_input, *self._key_routing(active, match.edit))
         gate_input = self._gate_input(x)
         logits = self.gate(gate_input)
         if self.training and self.gate_noise > 0:
@@ -106,7 +108,7 @@ class MoEBypass(nn.Module):
         self.last_routing = chosen.detach()
         if self.training:
             self.aux_loss = self._balance_loss(probs, chosen)
-        return self._expert_sum(x, chosen, weights)
+        return self._expert_sum(expert_input, chosen, weights)
 
     def _key_routing(self, active: torch.Tensor, matched: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """expert_routing: key. Each position goes to the expert of the edit whose key it matches best,
@@ -168,9 +170,9 @@ class MoEBypass(nn.Module):
             self.gate_shift[in_features:] = feature_mean
             self.gate_scale[in_features:] = 1.0 / max(feature_rms, 1e-8)
 
-    def _active_mask(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def _active_mask(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[Match]]:
         """Where the bypass acts (the guard's positions, narrowed to the key scope's; None = everywhere),
-        and, with the key scope, the edit whose key each position matches best (-1: none)."""
+        and, with the key scope, the key each position matches best (:class:`routing.scope.Match`)."""
         active = self.context.active
         if active is not None:
             if active.shape != x.shape[:-1]:
@@ -184,8 +186,8 @@ class MoEBypass(nn.Module):
             allowed = self.context.allowed
             if allowed is not None and allowed.shape[:-1] != x.shape[:-1]:
                 allowed = None
-            similarity, matched = self.scope.match(x, allowed)
-            keyed = similarity >= self.scope.threshold
+            matched = self.scope.match(x, allowed)
+            keyed = matched.similarity >= self.scope.threshold
             active = keyed if active is None else active & keyed
         return active, matched
 

@@ -385,11 +385,12 @@ CALLS = [EDITS[:2], EDITS[2:] + [{"prompt": "Marie Curie was born in", "target_n
          [{"prompt": "Watts Humphrey attended", "target_new": "Paris", "subject": "Watts Humphrey"}]]
 
 
-def test_a_saved_adapter_keeps_editing_exactly_as_if_never_saved(tokenizer, tmp_path):
-    """Keys, key routing with grown experts, guard owners and the output memory all come back, so a run
-    interrupted after its second call and resumed from the file ends bit for bit where an uninterrupted
-    run ends."""
-    hp = make_hparams(**STATEFUL)
+@pytest.mark.parametrize("snap", [0.0, 0.5])
+def test_a_saved_adapter_keeps_editing_exactly_as_if_never_saved(snap, tokenizer, tmp_path):
+    """Keys (and, with scope_snap, their inputs), key routing with grown experts, guard owners and the
+    output memory all come back, so a run interrupted after its second call and resumed from the file
+    ends bit for bit where an uninterrupted run ends."""
+    hp = make_hparams(**STATEFUL, scope_snap=snap)
     straight = tiny_llama(len(tokenizer))
     for call in CALLS:
         apply_memoe_to_model(straight, tokenizer, call, hp)
@@ -400,6 +401,7 @@ def test_a_saved_adapter_keeps_editing_exactly_as_if_never_saved(tokenizer, tmp_
     meta = read_adapter_metadata(path)
     assert meta["format_version"] == FORMAT_VERSION == 3
     assert {"scope.keys", "scope.edit_ids", "expert_of", "memory.x", "memory.delta"} <= set(meta["tensors"])
+    assert ("scope.inputs" in meta["tensors"]) == (snap > 0)
     resumed = tiny_llama(len(tokenizer))
     load_adapter(resumed, tokenizer, path)
     apply_memoe_to_model(resumed, tokenizer, CALLS[2], hp)
@@ -414,3 +416,14 @@ def test_a_saved_adapter_keeps_editing_exactly_as_if_never_saved(tokenizer, tmp_
         assert torch.equal(straight(**probe).logits, resumed(**probe).logits)
     remove_memoe(straight)
     remove_memoe(resumed)
+
+
+def test_snapping_scope_refuses_a_file_saved_without_key_inputs(tokenizer, tmp_path):
+    model = tiny_llama(len(tokenizer))
+    apply_memoe_to_model(model, tokenizer, EDITS[:2], make_hparams(**STATEFUL))
+    path = save_adapter(model, tmp_path / "plain.safetensors")
+    assert "scope.inputs" not in read_adapter_metadata(path)["tensors"]
+    rewrite(path, tmp_path / "snap.safetensors",
+            change_document=lambda document: document["hparams"].update(scope_snap=0.5))
+    with pytest.raises(ValueError, match="scope_snap"):
+        load_adapter(tiny_llama(len(tokenizer)), tokenizer, tmp_path / "snap.safetensors")

@@ -106,3 +106,57 @@ def test_a_failed_call_takes_its_keys_owners_and_experts_back(tokenizer, monkeyp
 def test_key_routing_needs_the_key_scope():
     with pytest.raises(ValueError, match="expert_routing"):
         make_hparams(expert_routing="key")
+
+
+def test_snap_moves_in_scope_rows_toward_their_keys_input_only():
+    from memoe_plugin.routing.scope import KeyScope
+    scope = KeyScope(3, threshold=0.5, snap=0.25)
+    scope.calibrate(torch.zeros(1, 3))
+    scope.add(torch.tensor([[4.0, 0.0, 0.0], [0.0, 8.0, 0.0]]), torch.tensor([0, 1]))
+    x = torch.tensor([[[2.0, 0.5, 0.0], [0.0, 0.0, 1.0], [0.3, 4.0, 0.0]]])
+    match = scope.match(x)
+    assert match.key[0].tolist() == [0, 0, 1] and match.edit[0].tolist() == [0, 0, 1]
+    where = match.similarity >= scope.threshold
+    assert where[0].tolist() == [True, False, True]
+    snapped = scope.snap_inputs(x, match.key, where)
+    assert torch.allclose(snapped[0, 0], torch.lerp(x[0, 0], torch.tensor([4.0, 0, 0]), 0.25))
+    assert torch.equal(snapped[0, 1], x[0, 1])                                  # out of scope: untouched
+    assert torch.allclose(snapped[0, 2], torch.lerp(x[0, 2], torch.tensor([0, 8.0, 0]), 0.25))
+    plain = KeyScope(3, threshold=0.5)
+    plain.add(torch.ones(1, 3), torch.tensor([0]))
+    assert len(plain.inputs) == 0                                                # snap 0 keeps no inputs
+
+
+def _last_position(model, adapter, ids):
+    """(bypass input, bypass output minus the base's) at the last position of ``ids``."""
+    got = {}
+    hook = adapter.bypass.register_forward_hook(lambda m, a, out: got.update(x=a[0], d=out - m.base(a[0])))
+    with torch.no_grad():
+        model(input_ids=ids)
+    hook.remove()
+    return got["x"][0, -1], got["d"][0, -1]
+
+
+@pytest.mark.parametrize("snap", [0.0, 0.5, 1.0])
+def test_the_expert_reads_the_input_moved_toward_the_matched_keys(snap, tokenizer):
+    request = EDITS[0]
+    reworded = torch.tensor([tokenizer(request["prompt"].replace(" is", " was") + " really")["input_ids"]])
+    model = tiny_llama(len(tokenizer))
+    apply_memoe_to_model(model, tokenizer, EDITS[:1], scoped(scope_threshold=-1.0, scope_snap=snap, expert_routing="key"))
+    adapter = get_adapter(model)
+    x, delta = _last_position(model, adapter, reworded)
+    key = int(adapter.scope.match(x).key)
+    assert adapter.scope.edit_ids[key] == 0
+    read = x if snap == 0 else torch.lerp(x, adapter.scope.inputs[key].float(), snap)
+    expert = adapter.bypass.experts[int(adapter.bypass.last_routing[0, -1, 0])]
+    assert torch.allclose(delta, adapter.hparams.scale * read @ expert, atol=1e-5)
+    if snap:
+        assert not torch.allclose(read, x, atol=1e-3)    # the rewording is not at its key: snapping moved it
+    remove_memoe(model)
+
+
+def test_snap_needs_the_key_scope_and_a_share():
+    with pytest.raises(ValueError, match="scope_snap"):
+        make_hparams(scope_snap=0.5)
+    with pytest.raises(ValueError, match="scope_snap"):
+        make_hparams(scope_keys=True, scope_snap=1.5)

@@ -112,9 +112,13 @@ def check_compatible(model: nn.Module, tokenizer, document: dict, tensors: dict,
         if tensors[name].dtype != torch.float32:
             raise ValueError(f"{path}: tensor {name!r} is {tensors[name].dtype}; MEMoE adapters are float32. "
                              "The file was not written by save_adapter.")
-    if hparams.scope_keys and "scope.keys" in tensors and tensors["scope.keys"].shape[-1] != in_features:
-        raise ValueError(f"{path}: the key scope's keys have {tensors['scope.keys'].shape[-1]} features but "
-                         f"{hparams.module_name} takes {in_features}; the file is corrupt.")
+    for name in ("scope.keys", "scope.inputs"):
+        if hparams.scope_keys and name in tensors and tensors[name].shape[-1] != in_features:
+            raise ValueError(f"{path}: the key scope's {name} have {tensors[name].shape[-1]} features but "
+                             f"{hparams.module_name} takes {in_features}; the file is corrupt.")
+    if "scope.inputs" in tensors and tensors["scope.inputs"].shape[0] != tensors["scope.keys"].shape[0]:
+        raise ValueError(f"{path}: the key scope has {tensors['scope.keys'].shape[0]} keys but "
+                         f"{tensors['scope.inputs'].shape[0]} key inputs; the file is corrupt.")
     weight_dtype = str(module.weight.dtype).replace("torch.", "")
     if weight_dtype == saved_module.get("weight_dtype") and module.weight.device.type != "meta" \
             and tensor_sha256(module.weight) != saved_module.get("weight_sha256"):
