@@ -54,3 +54,29 @@ def test_memory_is_dropped_with_the_adapter(tokenizer):
     restore()
     assert get_adapter(model) is None
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_the_penalty_draws_only_rows_of_the_experts_that_learn(tokenizer, monkeypatch):
+    """With frozen experts (edits_per_expert), rows on them cannot move: drawing them would dilute the
+    penalty more with every edit kept. The trainer draws from the learning experts' rows only."""
+    model = tiny_llama(len(tokenizer))
+    hp = make_hparams(steps=10, memory_rows=1000, memory_weight=1.0, locality_guard=True, scope_keys=True,
+                      scope_threshold=0.3, expert_routing="key", edits_per_expert=2, num_experts=1)
+    apply_memoe_to_model(model, tokenizer, EDITS[:2], hp)          # expert 0: full, frozen from now on
+    adapter = get_adapter(model)
+    first_rows = len(adapter.memory)
+    apply_memoe_to_model(model, tokenizer, EDITS[2:], hp)          # expert 1, not yet full
+    memory, bypass = adapter.memory, adapter.bypass
+    on_first, on_second = set(memory.rows_on(bypass, [0]).tolist()), set(memory.rows_on(bypass, [1]).tolist())
+    assert on_first and on_second and on_first.isdisjoint(on_second)
+    assert on_first | on_second == set(memory.rows_on(bypass, [0, 1]).tolist())
+    assert len(on_first & set(range(first_rows))) > len(on_first) / 2   # mostly the first call's rows
+    learning = memory.rows_on(bypass, [1]).tolist()
+    drawn = []
+    real = OutputMemory.loss
+    monkeypatch.setattr(OutputMemory, "loss", lambda self, b, c, n, rows=None: drawn.append(rows) or
+                        real(self, b, c, n, rows))
+    more = {"prompt": "Marie Curie was born in", "target_new": "Tokyo", "subject": "Marie Curie"}
+    apply_memoe_to_model(model, tokenizer, [more], hp)             # expert 1 learns again
+    assert drawn and all(rows.tolist() == learning for rows in drawn)
+    remove_memoe(model)

@@ -85,11 +85,32 @@ class OutputMemory:
             if features is not None:
                 self.features = torch.cat([self.features, features[index]])
 
-    def loss(self, bypass: MoEBypass, context: RoutingContext, batch: int) -> Optional[torch.Tensor]:
-        """Relative squared change of the bypass output on ``batch`` stored rows (None when empty)."""
-        if not len(self):
+    @torch.no_grad()
+    def rows_on(self, bypass: MoEBypass, experts: list[int], chunk: int = 4096) -> torch.Tensor:
+        """Indices of the stored rows that key routing sends to one of ``experts`` (as :meth:`loss` routes
+        them). Rows on other, frozen experts cannot move, so drawing them would only dilute the penalty:
+        the more edits were kept, the less it would defend the experts that still learn."""
+        if bypass.scope is None or bypass.expert_of is None:
+            raise ValueError("rows_on needs key routing (expert_routing: key)")
+        wanted = torch.zeros(bypass.experts.shape[0], dtype=torch.bool, device=self.x.device)
+        wanted[experts] = True
+        keep = []
+        for lo in range(0, len(self), chunk):
+            edit = bypass.scope.match(self.x[lo:lo + chunk].float()).edit
+            expert = bypass.expert_of.to(edit.device)[edit.clamp(0, len(bypass.expert_of) - 1)]
+            keep.append((edit >= 0) & wanted[expert])
+        return torch.cat(keep).nonzero().flatten() if keep else torch.zeros(0, dtype=torch.long)
+
+    def loss(self, bypass: MoEBypass, context: RoutingContext, batch: int,
+             rows: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Relative squared change of the bypass output on ``batch`` stored rows, drawn from ``rows``
+        (indices; default all). None when there is nothing to draw."""
+        pool = len(self) if rows is None else len(rows)
+        if not pool:
             return None
-        index = torch.randperm(len(self))[:batch].to(self.x.device)
+        index = torch.randperm(pool)[:batch].to(self.x.device)
+        if rows is not None:
+            index = rows.to(self.x.device)[index]
         dtype = bypass.experts.dtype
         x = self.x[index].to(dtype).unsqueeze(0)
         features = None if self.features is None else self.features[index].to(dtype).unsqueeze(0)

@@ -83,6 +83,10 @@ def train_experts(adapter, requests: list[dict], progress: bool = False,
         bar = _progress(hp.steps, progress)
         memory = adapter.memory if hp.memory_weight > 0 and adapter.memory is not None and len(adapter.memory) \
             else None
+        memory_rows = None   # with frozen experts: only the rows of the experts that learn in this call
+        if memory is not None and adapter.trainable_experts is not None and bypass.expert_of is not None:
+            memory_rows = memory.rows_on(bypass, adapter.trainable_experts)
+            memory = memory if len(memory_rows) else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hp.seed)
             bypass.train()
@@ -92,7 +96,7 @@ def train_experts(adapter, requests: list[dict], progress: bool = False,
                 if hp.aux_loss_weight and aux is not None:
                     loss = loss + hp.aux_loss_weight * aux
                 if memory is not None:
-                    loss = loss + hp.memory_weight * memory.loss(bypass, adapter.context, hp.memory_batch)
+                    loss = loss + hp.memory_weight * memory.loss(bypass, adapter.context, hp.memory_batch, memory_rows)
                 if preserved_logits is not None:
                     loss = loss + hp.preserve_weight * preservation.loss(preserved_logits()[0])
                 if not torch.isfinite(loss):
