@@ -5,7 +5,9 @@
 ``R(x)`` is ``x`` concatenated with per-position routing features (the knowledge
 anchor embedding by default); the features come from a :class:`RoutingContext`
 that the model-level injector fills before every forward pass, because EasyEdit
-and ``generate`` call the model with token ids only.
+and ``generate`` call the model with token ids only. With the key scope's
+``scope_snap`` the experts read ``x`` moved toward the input of the key it matched
+(:meth:`routing.scope.KeyScope.snap_inputs`).
 """
 from __future__ import annotations
 
@@ -90,7 +92,7 @@ class MoEBypass(nn.Module):
         return out + self.delta(x).to(out.dtype)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """scale * sum_e G_e W_e x, computed for the selected experts only."""
+        """scale * sum_e G_e W_e x, computed for the selected experts only (``x`` snapped in scope)."""
         active, match = self._active_mask(x)
         if active is not None and not bool(active.any()):
             return self._silent(x)   # the locality guard keeps every position out: no gate, no expert

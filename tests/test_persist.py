@@ -425,5 +425,8 @@ def test_snapping_scope_refuses_a_file_saved_without_key_inputs(tokenizer, tmp_p
     assert "scope.inputs" not in read_adapter_metadata(path)["tensors"]
     rewrite(path, tmp_path / "snap.safetensors",
             change_document=lambda document: document["hparams"].update(scope_snap=0.5))
+    target = tiny_llama(len(tokenizer))
+    state = state_copy(target)
     with pytest.raises(ValueError, match="scope_snap"):
-        load_adapter(tiny_llama(len(tokenizer)), tokenizer, tmp_path / "snap.safetensors")
+        load_adapter(target, tokenizer, tmp_path / "snap.safetensors")
+    assert_untouched(target, state)
