@@ -53,3 +53,20 @@ def test_by_edit_order_groups_final_cases_of_the_latest_attempt_in_edit_order():
     assert [r["edits"] for r in rows] == ["0-1", "2-3"]
     assert [r["reliability"] for r in rows] == [25.0, 100.0]
     assert [r["batch_seconds"] for r in rows] == [4.0, 8.0]
+
+
+def test_every_ablation_row_is_a_valid_setting_of_the_tuned_file():
+    """A row that the hparams reject (an option that needs another the row switches off) would only fail
+    hours into an ablation run."""
+    from memoe_plugin.eval.overrides import load_hparams
+    sys.path.insert(0, str(REPO / "benchmarks/quality"))
+    try:
+        import ablations
+    finally:
+        sys.path.pop(0)
+    for group, rows in ablations.GROUPS.items():
+        for label, change in rows:
+            if isinstance(change, dict):
+                load_hparams(ablations.TUNED, **change)
+            else:
+                assert change in ablations.FILES, (group, label)

@@ -8,8 +8,8 @@ tuned file ``hparams/MEMoE/smollm2-135m.yaml`` with one setting changed, on the 
 split by default (tune on dev; report on test with ``benchmarks/quality/scope_table.py``).
 ``--seeds 0,1,2`` gives each row its mean and standard deviation over seeds.
 Groups:
-  extensions  each mechanism of the tuned file off in turn (key scope, key routing, the
-              guard), the preservation prompts and context prefixes on, and the
+  extensions  each mechanism of the tuned file off in turn (key routing, the scope snap,
+              the key scope, the guard), the preservation prompts and context prefixes on, and the
               paper-faithful file
   experts     num_experts 1, 2, 4, 8 (with key routing: edits spread over that many experts)
   layer       layer 12, 15, 18, 21, 24
@@ -17,7 +17,7 @@ Groups:
   routing     routing_input token / sentence / anchor with the paper's gate, and the
               anchor-led gate file
 Rows already in <out>/ablations.jsonl are not run again (resume). Replay and the output memory
-act in sequential editing only: benchmarks/quality/sequential_table.py measures them.
+act in sequential editing only: ``dev_loop.py --sequential`` measures them.
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ FILES = {"paper": memoe_hparams("smollm2-135m-paper"), "routing": memoe_hparams(
 GATE = {"expert_routing": "gate"}
 GROUPS = {
     "extensions": [("tuned", {}), ("key routing off (paper's gate)", GATE),
-                   ("key scope off (guard only, gate)", {"scope_keys": False, **GATE}),
+                   ("scope snap off", {"scope_snap": 0.0}),
+                   ("key scope off (guard only, gate)", {"scope_keys": False, "scope_snap": 0.0, **GATE}),
                    ("guard off (scope keys alone)", {"locality_guard": False}),
                    ("+ preservation prompts 4", {"preserve_prompts": 4}),
                    ("+ context prefixes 2", {"context_prefixes": 2}),
