@@ -96,7 +96,7 @@ class MoEBypass(nn.Module):
         active, match = self._active_mask(x)
         if active is not None and not bool(active.any()):
             return self._silent(x)   # the locality guard keeps every position out: no gate, no expert
-        expert_input = x if match is None else self.scope.snap_inputs(x, match.key, active)
+        expert_input = self._snapped(x, active, match)
         if self.expert_of is not None:
             return self._expert_sum(expert_input, *self._key_routing(active, match.edit))
         gate_input = self._gate_input(x)
@@ -111,6 +111,18 @@ class MoEBypass(nn.Module):
         if self.training:
             self.aux_loss = self._balance_loss(probs, chosen)
         return self._expert_sum(expert_input, chosen, weights)
+
+    @torch.no_grad()
+    def expert_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input the experts read at each position: ``x``, snapped toward the matched key's input in
+        scope (``scope_snap``)."""
+        active, match = self._active_mask(x)
+        return self._snapped(x, active, match)
+
+    def _snapped(self, x: torch.Tensor, active: Optional[torch.Tensor], match: Optional[Match]) -> torch.Tensor:
+        if match is None or active is None:
+            return x
+        return self.scope.snap_inputs(x, match.key, active)
 
     def _key_routing(self, active: torch.Tensor, matched: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """expert_routing: key. Each position goes to the expert of the edit whose key it matches best,

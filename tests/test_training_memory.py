@@ -80,3 +80,21 @@ def test_the_penalty_draws_only_rows_of_the_experts_that_learn(tokenizer, monkey
     apply_memoe_to_model(model, tokenizer, [more], hp)             # expert 1 learns again
     assert drawn and all(rows.tolist() == learning for rows in drawn)
     remove_memoe(model)
+
+
+def test_with_the_snap_remembered_rows_stay_with_their_keys_when_later_keys_come(tokenizer):
+    """The memory keeps the input the experts read (snapped), so a row of an earlier edit cannot snap to a
+    later edit's key and ask the learning expert for an output it cannot give."""
+    model = tiny_llama(len(tokenizer))
+    hp = make_hparams(steps=10, memory_rows=1000, memory_weight=1.0, locality_guard=True, scope_keys=True,
+                      scope_threshold=0.3, scope_snap=1.0, expert_routing="key", edits_per_expert=2,
+                      num_experts=1)
+    apply_memoe_to_model(model, tokenizer, EDITS[:2], hp)
+    adapter = get_adapter(model)
+    first_rows = len(adapter.memory)
+    apply_memoe_to_model(model, tokenizer, EDITS[2:], hp)
+    memory, bypass = adapter.memory, adapter.bypass
+    assert set(range(first_rows)) <= set(memory.rows_on(bypass, [0]).tolist())
+    with torch.no_grad():
+        assert memory.loss(bypass, adapter.context, 10_000).item() < 1e-3   # every stored output still met
+    remove_memoe(model)

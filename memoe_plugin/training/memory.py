@@ -125,7 +125,8 @@ class OutputMemory:
 
 @torch.no_grad()
 def remember_edits(adapter, batches) -> None:
-    """Add the edited prompts' active positions (and what the bypass now gives them) to the memory."""
+    """Add the edited prompts' positions where an expert acts (the input it reads there, and what the bypass
+    now gives them) to the memory."""
     memory, bypass = adapter.memory, adapter.bypass
     if memory is None:
         return
@@ -139,6 +140,12 @@ def remember_edits(adapter, batches) -> None:
         adapter.context.set(call.features, call.token_mask, call.active, call.allowed)
         try:
             delta = bypass.delta(x)
+            # only where an expert acted: a position the key scope kept out has a zero output, and kept, it
+            # would forbid a later edit whose key lands near it to act there
+            rows &= (bypass.last_routing >= 0).any(-1).to(rows.device)
+            # with scope_snap, keep the input the experts read: a raw row could snap to another key once
+            # later edits add keys near it, and its stored output could then never be met again
+            x = bypass.expert_input(x)
         finally:
             adapter.context.clear()
         features = None if call.features is None else call.features[rows]
