@@ -109,7 +109,7 @@ class KeyScope(nn.Module):
             raise RuntimeError("scope_snap needs the keys' layer inputs, and this scope has none (it was saved "
                                "or built with scope_snap: 0). Edit again with scope_snap set.")
         where = where & (key >= 0)
-        target = self.inputs.to(x.device, x.dtype)[key.clamp_min(0)]
+        target = self.inputs[key.clamp_min(0).to(self.inputs.device)].to(x.device, x.dtype)   # rows, then cast
         return torch.where(where.unsqueeze(-1), torch.lerp(x, target, self.snap), x)
 
     def similarity(self, x: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
