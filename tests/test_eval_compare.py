@@ -762,3 +762,58 @@ def test_easyedit_knowedit_records_score_same_subject_locality(tiny_setup):
     assert row["same_subject"] is not None and row["locality"] is not None and row["portability"] is not None
     assert "Same-subj." in (tmp_path / "out" / "summary.md").read_text() and "Port." in (
         tmp_path / "out" / "summary.md").read_text()
+
+
+# ------------------------------------------- EasyEdit's generation scorer failing on portability (GRACE)
+def _session_with_scorer(scorer):
+    from types import SimpleNamespace
+    from memoe_plugin.eval.compare.easyedit_backend import EasyEditSession
+    session = object.__new__(EasyEditSession)      # no EasyEdit: only evaluate() is exercised
+    session.editor = SimpleNamespace(hparams=SimpleNamespace(device="cpu"), model_name="m", tok=None)
+    session._compute = scorer
+    return session
+
+
+def _grace_like_scorer(model, model_name, hparams, tok, request, device):
+    """Fails as EasyEdit's ``test_prediction_acc(vanilla_generation=True)`` does on a long portability answer."""
+    if request.get("portability"):
+        raise ValueError("operands could not be broadcast together with shapes (17,) (13,) ")
+    return {"rewrite_acc": [1.0], "locality": {}, "portability": {}}
+
+
+def test_an_unscorable_portability_prompt_is_left_unscored_not_the_run_stopped():
+    session = _session_with_scorer(_grace_like_scorer)
+    request = {"prompt": "p", "target_new": "t", "portability": {"Reasoning": {"prompt": ["q"], "ground_truth": ["a"]}}}
+    metric = session.evaluate(None, request)
+    assert metric["rewrite_acc"] == [1.0]
+    assert "broadcast" in metric["portability_unscored"]
+    assert "portability" in request                       # the caller's request is not changed
+    assert "portability_unscored" not in session.evaluate(None, {"prompt": "p", "target_new": "t"})
+
+
+def test_other_scorer_errors_still_stop_the_run():
+    def broken(model, model_name, hparams, tok, request, device):
+        raise ValueError("something else")
+
+    def broadcast_without_portability(model, model_name, hparams, tok, request, device):
+        raise ValueError("operands could not be broadcast together")
+
+    with pytest.raises(ValueError, match="something else"):
+        _session_with_scorer(broken).evaluate(None, {"prompt": "p", "portability": {"R": {}}})
+    with pytest.raises(ValueError, match="broadcast"):      # nothing to leave out: a real failure
+        _session_with_scorer(broadcast_without_portability).evaluate(None, {"prompt": "p"})
+
+
+def test_the_summary_counts_the_edits_whose_portability_went_unscored():
+    run = "zsre|sequential|bs=10|n=2|GRACE"
+    post = {"rewrite_acc": [1.0], "rephrase_acc": [1.0], "locality": {}, "portability": {}}
+    records = [{"type": "run_start", "run": run, "attempt": "a"},
+               {"type": "chunk", "run": run, "attempt": "a", "chunk": 0, "range": [0, 2], "edit_seconds": 1.0},
+               *[{"type": "case", "run": run, "attempt": "a", "chunk": 0, "step": 0, "index": i, "final": True,
+                  "metric": {"pre": {}, "post": dict(post, **({"portability_unscored": "why"} if i else {}))}}
+                 for i in range(2)],
+               {"type": "run_end", "run": run, "attempt": "a", "status": "complete"}]
+    rows = summarise(records)
+    assert rows[0]["portability_unscored"] == 1
+    from memoe_plugin.eval.compare.report import markdown_summary
+    assert "portability of 1 edits unscored" in markdown_summary(rows)

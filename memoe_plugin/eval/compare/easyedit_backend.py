@@ -163,8 +163,26 @@ class EasyEditSession:
                                              locality_inputs=kwargs.pop("locality_inputs"), **kwargs)
 
     def evaluate(self, model, request: dict) -> dict:
+        """EasyEdit's ``compute_edit_quality`` on one request.
+
+        EasyEdit scores GRACE by greedy generation (``vanilla_generation``), and its scorer compares
+        the target's tokens with the last ``len(target)`` tokens of prompt plus generation. When the
+        generation stops at the end-of-sequence token and prompt plus generation are shorter than a
+        long portability answer, numpy cannot broadcast the two and the whole run would stop. Then
+        the request is scored again without its portability prompts, which count as unscored
+        (``metric["portability_unscored"]`` says why); every other column is EasyEdit's own.
+        """
         hp = self.editor.hparams
-        return self._compute(model, self.editor.model_name, hp, self.editor.tok, request, hp.device)
+        try:
+            return self._compute(model, self.editor.model_name, hp, self.editor.tok, request, hp.device)
+        except ValueError as err:
+            if not request.get("portability") or "broadcast" not in str(err):
+                raise
+            reason = f"EasyEdit could not score its portability prompts: {err}"
+        metric = self._compute(model, self.editor.model_name, hp, self.editor.tok,
+                               {k: v for k, v in request.items() if k != "portability"}, hp.device)
+        metric["portability_unscored"] = reason
+        return metric
 
     def apply(self, requests: list[dict], handle):
         """Edit ``editor.model`` with ``requests`` as EasyEdit's batch_edit (batchable) or edit (one by one) does."""

@@ -83,6 +83,7 @@ def _summarise_run(row: dict) -> dict:
     out.update(aggregate([c["metric"] for c in cases]))
     out["probes"] = _probe_changes(row.get("probes", {}))
     out["cases"] = len(cases)
+    out["portability_unscored"] = sum(1 for c in cases if c["metric"].get("post", {}).get("portability_unscored"))
     out["edit_seconds"] = sum(float(r.get("edit_seconds") or 0.0) for r in chunk_recs) if chunk_recs else None
     out["seconds_per_edit"] = (out["edit_seconds"] / len(cases)) if cases and out["edit_seconds"] else None
     if not rollback or any(r is None for r in rollback):
@@ -133,7 +134,8 @@ def combine_seeds(rows: list[dict]) -> list[dict]:
             out.append(group[0])
             continue
         group.sort(key=lambda r: (r["seed"] is None, r["seed"]))
-        row = dict(group[0], seeds=[r["seed"] for r in group], cases=sum(r["cases"] for r in group))
+        row = dict(group[0], seeds=[r["seed"] for r in group], cases=sum(r["cases"] for r in group),
+                   portability_unscored=sum(r.get("portability_unscored", 0) for r in group))
         for key in SCORES + tuple(GENERATION_SCORES) + ("average", "portability", "edit_seconds", "seconds_per_edit"):
             values = [r.get(key) for r in group if r.get(key) is not None]
             row[key] = statistics.fmean(values) if values else None
@@ -157,7 +159,7 @@ def _fmt(value, digits=1, sd=None) -> str:
 CSV_FIELDS = ("dataset", "split", "seed", "protocol", "batch_size", "num_edits", "method", "status", "cases",
               "reliability", "generality", "locality", "same_subject", "average", "portability", *GENERATION_SCORES,
               "edit_seconds",
-              "seconds_per_edit", "rollback", "skipped_records", "note", "hparams_origin", "error")
+              "seconds_per_edit", "rollback", "skipped_records", "portability_unscored", "note", "hparams_origin", "error")
 
 
 def write_summary(out_dir: Path, rows: list[dict], method_order: Optional[list[str]] = None,
@@ -259,6 +261,10 @@ def markdown_summary(rows: list[dict], commands: Optional[list[str]] = None) -> 
                 if r.get("skipped_records"):
                     notes.append(f"- {d} / {m}: {r['skipped_records']} records of the split skipped by the record "
                                  "check (listed in results.jsonl, type `skipped`)")
+                if r.get("portability_unscored"):
+                    notes.append(f"- {d} / {m} ({protocol}): portability of {r['portability_unscored']} edits "
+                                 "unscored: EasyEdit's generation scorer failed on them (`portability_unscored` "
+                                 "in results.jsonl)")
                 if r["error"]:
                     notes.append(f"- {d} / {m} ({protocol}): **{r['status']}**: {r['error']}")
                 if r["rollback"] == "DIFFERS":
