@@ -11,7 +11,8 @@ and ``generate`` call the model with token ids only. With the key scope's
 """
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -84,6 +85,8 @@ class MoEBypass(nn.Module):
         self.enabled = True      # False: behave exactly like the base module
         self.aux_loss: Optional[torch.Tensor] = None
         self.last_routing: Optional[torch.Tensor] = None   # [batch, seq, top_k] expert ids
+        self._learning: Optional[nn.Parameter] = None      # inside learning_only: the learning experts
+        self._learning_slot: dict[int, int] = {}           # expert id -> row of _learning
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -119,16 +122,35 @@ class MoEBypass(nn.Module):
         active, match = self._active_mask(x)
         return self._snapped(x, active, match)
 
+    @torch.no_grad()
+    def key_routes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """expert_routing: key. For each row of ``x``: the input the experts read (snapped in scope) and the
+        expert it goes to (``[..., top_k]``, -1 for none), as :meth:`delta` routes it when no guard mask is
+        set. With the keys fixed, :meth:`routed_delta` on these gives what ``delta(x)`` gives."""
+        if self.scope is None or self.expert_of is None:
+            raise ValueError("key_routes needs key routing (expert_routing: key)")
+        active, match = self._active_mask(x)
+        return self._snapped(x, active, match), self._key_experts(active, match.edit)
+
+    def routed_delta(self, expert_input: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """scale * W_e x for rows already routed by :meth:`key_routes` (weight 1, as key routing gives)."""
+        return self._expert_sum(expert_input, chosen, torch.ones(chosen.shape, dtype=self.experts.dtype,
+                                                                 device=chosen.device))
+
     def _snapped(self, x: torch.Tensor, active: Optional[torch.Tensor], match: Optional[Match]) -> torch.Tensor:
         if match is None or active is None:
             return x
         return self.scope.snap_inputs(x, match.key, active)
 
+    def _key_experts(self, active: torch.Tensor, matched: torch.Tensor) -> torch.Tensor:
+        """The expert of the edit whose key each position matches best (``[..., 1]``; -1 out of scope)."""
+        expert = self.expert_of.to(matched.device)[matched.clamp(0, len(self.expert_of) - 1)]
+        return expert.masked_fill(~active | (matched < 0), -1).unsqueeze(-1)
+
     def _key_routing(self, active: torch.Tensor, matched: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """expert_routing: key. Each position goes to the expert of the edit whose key it matches best,
         with weight 1 (the scope already decided that it matches one)."""
-        expert = self.expert_of.to(matched.device)[matched.clamp(0, len(self.expert_of) - 1)]
-        chosen = expert.masked_fill(~active | (matched < 0), -1).unsqueeze(-1)
+        chosen = self._key_experts(active, matched)
         self.last_routing = chosen.detach()
         if self.training:   # no gate to balance; keeps the graph connected for backward
             self.aux_loss = self.gate.weight.sum() * 0.0
@@ -142,14 +164,14 @@ class MoEBypass(nn.Module):
         if self.top_k == 1:
             first = flat_chosen[0, 0]
             if bool((flat_chosen == first).all()) and int(first) >= 0:   # one expert for every position
-                out = (flat_x @ self.experts[first]) * flat_weights
+                out = (flat_x @ self.expert_weight(int(first))) * flat_weights
                 return (self.scale * out).reshape(*x.shape[:-1], -1)
         out = flat_x.new_zeros(flat_x.shape[0], self.experts.shape[-1])
         for e in range(self.experts.shape[0]):
             rows, slot = (flat_chosen == e).nonzero(as_tuple=True)
             if rows.numel() == 0:
                 continue
-            contribution = (flat_x[rows] @ self.experts[e]) * flat_weights[rows, slot].unsqueeze(-1)
+            contribution = (flat_x[rows] @ self.expert_weight(e)) * flat_weights[rows, slot].unsqueeze(-1)
             out = out.index_add(0, rows, contribution)
         return (self.scale * out).reshape(*x.shape[:-1], -1)
 
@@ -229,6 +251,34 @@ class MoEBypass(nn.Module):
         self.experts = nn.Parameter(experts.clone(), requires_grad=False)
         self.gate.weight = nn.Parameter(gate.clone(), requires_grad=False)
         self.gate.out_features = self.num_experts = count
+
+    def expert_weight(self, e: int) -> torch.Tensor:
+        """W_e ``[in, out]``: from the learning parameter inside :meth:`learning_only`, else from ``experts``."""
+        slot = self._learning_slot.get(e)
+        return self.experts[e] if slot is None else self._learning[slot]
+
+    @contextmanager
+    def learning_only(self, ids: Optional[list[int]]) -> Iterator[nn.Parameter]:
+        """Within, only the experts ``ids`` (None: all) can learn, and the parameter to optimise is yielded.
+
+        With ``ids``, those experts are read from a parameter of their own; ``experts`` gets no gradient
+        and no optimizer state. One expert per block of edits (``edits_per_expert``) would otherwise make
+        every step's backward and Adam update cost grow with every expert kept, for experts that never
+        change. On a normal exit the learned weights are written into ``experts``; after an exception
+        ``experts`` is left as it was.
+        """
+        if ids is None or sorted(ids) == list(range(self.experts.shape[0])):
+            yield self.experts
+            return
+        index = torch.tensor(ids, dtype=torch.long, device=self.experts.device)
+        learning = nn.Parameter(self.experts.detach()[index].clone())
+        self._learning, self._learning_slot = learning, {int(e): i for i, e in enumerate(ids)}
+        try:
+            yield learning
+            with torch.no_grad():
+                self.experts[index] = learning.detach()
+        finally:
+            self._learning, self._learning_slot = None, {}
 
     @property
     def trainable_parameters(self) -> list[nn.Parameter]:

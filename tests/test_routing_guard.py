@@ -57,3 +57,24 @@ def test_guard_generate_matches_teacher_forcing(tokenizer):
             teacher = model(input_ids=generated).logits[0].argmax(-1)
         assert teacher[n - 1:-1].tolist() == generated[0, n:].tolist()
     remove_memoe(model)
+
+
+def test_guard_compiles_its_pattern_once_per_use_and_forgets_restored_keys(tokenizer, monkeypatch):
+    """Keys arrive edit by edit; the pattern is built when a match needs it, not at every add (that cost
+    grew with every edit kept). A restore drops what the removed keys matched, even to no key at all."""
+    from memoe_plugin.routing import guard as guard_module
+    guard = guard_module.LocalityGuard(tokenizer)
+    compiled = []
+    real = guard_module.re.compile
+    monkeypatch.setattr(guard_module.re, "compile", lambda *a: compiled.append(a) or real(*a))
+    empty = guard.state()
+    for edit, key in enumerate(["Danielle Darrieux", "Toko Yasuda", "Watts Humphrey"]):
+        guard.add([key], edit)
+    assert compiled == []
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    assert guard.active(ids)[-1] and guard.edits_in_sight(ids)[-1] == {0}
+    assert len(compiled) == 1
+    guard.active(tokenizer(PROMPTS[2])["input_ids"])
+    assert len(compiled) == 1                          # keys unchanged: the same pattern
+    guard.restore(empty)
+    assert not any(guard.active(ids))                  # not the cached answer of the dropped key

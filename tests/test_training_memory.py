@@ -74,11 +74,49 @@ def test_the_penalty_draws_only_rows_of_the_experts_that_learn(tokenizer, monkey
     learning = memory.rows_on(bypass, [1]).tolist()
     drawn = []
     real = OutputMemory.loss
-    monkeypatch.setattr(OutputMemory, "loss", lambda self, b, c, n, rows=None: drawn.append(rows) or
-                        real(self, b, c, n, rows))
+    monkeypatch.setattr(OutputMemory, "loss", lambda self, b, c, n, routes=None: drawn.append(routes) or
+                        real(self, b, c, n, routes))
     more = {"prompt": "Marie Curie was born in", "target_new": "Tokyo", "subject": "Marie Curie"}
     apply_memoe_to_model(model, tokenizer, [more], hp)             # expert 1 learns again
-    assert drawn and all(rows.tolist() == learning for rows in drawn)
+    assert drawn and all(routes.rows.tolist() == learning for routes in drawn)
+    remove_memoe(model)
+
+
+def test_rows_routed_once_per_call_give_what_routing_every_step_gives(tokenizer, monkeypatch):
+    """The trainer routes the memory's rows once per edit call (the keys do not change within one), so
+    that a training step does not match its drawn rows against every key kept so far. The outputs and the
+    penalty must be those of routing the rows afresh through ``delta``."""
+    model = tiny_llama(len(tokenizer))
+    hp = make_hparams(steps=10, memory_rows=1000, memory_weight=1.0, locality_guard=True, scope_keys=True,
+                      scope_threshold=0.3, scope_snap=1.0, expert_routing="key", edits_per_expert=2,
+                      num_experts=1)
+    apply_memoe_to_model(model, tokenizer, EDITS[:2], hp)
+    apply_memoe_to_model(model, tokenizer, EDITS[2:], hp)
+    adapter = get_adapter(model)
+    memory, bypass = adapter.memory, adapter.bypass
+    routes = memory.routes_on(bypass, [0, 1])
+    assert 0 < len(routes.rows) <= len(memory) and routes.chosen.min() >= 0
+    with torch.no_grad():
+        fresh = bypass.delta(memory.x[routes.rows].float().unsqueeze(0))[0]
+        assert torch.equal(bypass.routed_delta(routes.inputs, routes.chosen), fresh)
+        assert fresh.abs().sum() > 0
+        with torch.no_grad():
+            bypass.experts.add_(0.01)                   # now the stored outputs are no longer met
+        torch.manual_seed(0)
+        cached = memory.loss(bypass, adapter.context, 10_000, routes)
+        old = memory.delta[routes.rows].float()
+        now = bypass.delta(memory.x[routes.rows].float().unsqueeze(0))[0]
+        expected = (now - old).pow(2).sum(-1).mean() / old.pow(2).sum(-1).mean()
+    assert cached.item() > 0 and torch.allclose(cached, expected, rtol=1e-5), (cached, expected)
+    calls, stored, learning = [], len(memory), len(memory.rows_on(bypass, [1]))
+    real = type(bypass.scope).match
+    monkeypatch.setattr(type(bypass.scope), "match", lambda self, x, allowed=None: calls.append(tuple(x.shape))
+                        or real(self, x, allowed))
+    more = {"prompt": "Marie Curie was born in", "target_new": "Tokyo", "subject": "Marie Curie"}
+    apply_memoe_to_model(model, tokenizer, [more], hp)   # expert 1 learns again, for 10 steps
+    dim = memory.x.shape[-1]
+    assert calls.count((stored, dim)) == 1, calls       # the memory is routed once in the call ...
+    assert (1, learning, dim) not in calls, calls       # ... and no step routes its drawn rows again
     remove_memoe(model)
 
 
@@ -97,4 +135,27 @@ def test_with_the_snap_remembered_rows_stay_with_their_keys_when_later_keys_come
     assert set(range(first_rows)) <= set(memory.rows_on(bypass, [0]).tolist())
     with torch.no_grad():
         assert memory.loss(bypass, adapter.context, 10_000).item() < 1e-3   # every stored output still met
+    remove_memoe(model)
+
+
+def test_only_the_learning_experts_get_gradients_and_optimizer_state(tokenizer, monkeypatch):
+    """With one expert per block of edits, the optimizer steps the learning experts alone: stepping
+    every expert kept (and resetting the frozen ones) made each step cost more with every block."""
+    model = tiny_llama(len(tokenizer))
+    hp = make_hparams(steps=5, locality_guard=True, scope_keys=True, scope_threshold=0.3,
+                      expert_routing="key", edits_per_expert=1, num_experts=1)
+    stepped = []
+    real = torch.optim.Adam
+    monkeypatch.setattr(torch.optim, "Adam", lambda groups, **kw: stepped.append(
+        [tuple(p.shape) for g in groups for p in g["params"]]) or real(groups, **kw))
+    for request in EDITS:
+        apply_memoe_to_model(model, tokenizer, [request], hp)
+    bypass = get_adapter(model).bypass
+    experts = bypass.experts.shape
+    assert experts[0] == len(EDITS) and len(stepped) == len(EDITS)
+    assert all(shapes[0] == (1, *experts[1:]) for shapes in stepped), stepped
+    frozen = bypass.experts.detach().clone()
+    apply_memoe_to_model(model, tokenizer, [dict(EDITS[0], target_new="Tokyo")], hp)   # a new expert learns
+    assert torch.equal(bypass.experts[:len(EDITS)], frozen)                              # the others kept exactly
+    assert not bypass.experts.requires_grad and bypass.expert_weight(0) is not None
     remove_memoe(model)

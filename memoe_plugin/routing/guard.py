@@ -26,7 +26,7 @@ class LocalityGuard:
         self.keys: set[str] = set()
         self.owners: dict[str, set[int]] = {}
         self.edit_count = 0          # 1 + the largest edit id that owns a key
-        self._pattern = None
+        self._pattern = None         # compiled on first use after keys change (see _compiled)
         self._cache = LRU(cache_size)
 
     def add(self, keys: Iterable[str], edit_id: Optional[int] = None) -> None:
@@ -39,9 +39,8 @@ class LocalityGuard:
         new = keys - self.keys
         if new:
             self.keys |= new
-            longest_first = sorted(self.keys, key=len, reverse=True)
-            self._pattern = re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, longest_first)) + r")(?!\w)")
-            self._cache.clear()
+            self._pattern = None     # one edit call adds keys edit by edit; compiling once, at use, keeps
+            self._cache.clear()      # a call's cost flat where recompiling at each add grew with every edit
 
     def state(self) -> tuple:
         """A copy of the keys and their owners (for :meth:`restore` after a failed edit)."""
@@ -50,6 +49,7 @@ class LocalityGuard:
     def restore(self, state: tuple) -> None:
         keys, owners = state
         self.keys, self.owners, self._pattern = set(), {}, None
+        self._cache.clear()          # also when no key is left: cached matches name keys that are gone
         self.add(keys)
         self.owners = {key: set(ids) for key, ids in owners.items()}
         self.edit_count = 1 + max((i for ids in self.owners.values() for i in ids), default=-1)
@@ -60,7 +60,7 @@ class LocalityGuard:
         cached = self._cache.lookup(ids)
         if cached is not None:
             return cached
-        if self._pattern is None:
+        if not self.keys:
             return [frozenset()] * len(ids)
         parent = self._cache.lookup(ids[:-1]) if len(ids) > 1 else None
         if parent is not None:
@@ -80,6 +80,12 @@ class LocalityGuard:
         """For each position: the edits whose anchors are in the prefix."""
         return [frozenset().union(*(self.owners.get(k, ()) for k in keys)) for keys in self.matched(ids)]
 
+    def _compiled(self) -> re.Pattern:
+        if self._pattern is None:
+            longest_first = sorted(self.keys, key=len, reverse=True)
+            self._pattern = re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, longest_first)) + r")(?!\w)")
+        return self._pattern
+
     def _matches(self, ids) -> frozenset:
         text = self.tokenizer.decode(list(ids), skip_special_tokens=True).lower()
-        return frozenset(match.group(0) for match in self._pattern.finditer(text))
+        return frozenset(match.group(0) for match in self._compiled().finditer(text))

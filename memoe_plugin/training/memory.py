@@ -16,12 +16,19 @@ loaded adapter or a resumed run keeps editing exactly as it would have.
 from __future__ import annotations
 
 import random
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from ..layer import MoEBypass, RoutingContext
 from .capture import run_batches
+
+
+class MemoryRoutes(NamedTuple):
+    """Stored rows routed once for one edit call (:meth:`OutputMemory.routes_on`)."""
+    rows: torch.Tensor     # [n] indices into the memory
+    inputs: torch.Tensor   # [n, in] the input the experts read at each row (snapped in scope)
+    chosen: torch.Tensor   # [n, 1] the expert each row goes to
 
 
 class OutputMemory:
@@ -86,39 +93,55 @@ class OutputMemory:
                 self.features = torch.cat([self.features, features[index]])
 
     @torch.no_grad()
-    def rows_on(self, bypass: MoEBypass, experts: list[int], chunk: int = 4096) -> torch.Tensor:
-        """Indices of the stored rows that key routing sends to one of ``experts`` (as :meth:`loss` routes
-        them). Rows on other, frozen experts cannot move, so drawing them would only dilute the penalty:
-        the more edits were kept, the less it would defend the experts that still learn."""
+    def routes_on(self, bypass: MoEBypass, experts: list[int], chunk: int = 4096) -> MemoryRoutes:
+        """The stored rows that key routing sends to one of ``experts``, with the input the experts read
+        there and the expert each goes to. Rows on other, frozen experts cannot move, so drawing them
+        would only dilute the penalty: the more edits were kept, the less it would defend the experts
+        that still learn. Within one edit call neither the rows nor the keys change, so the trainer
+        routes them once here; matching the drawn rows against every key at every step instead cost
+        time that grew with the number of edits kept."""
         if bypass.scope is None or bypass.expert_of is None:
-            raise ValueError("rows_on needs key routing (expert_routing: key)")
+            raise ValueError("routes_on needs key routing (expert_routing: key)")
         wanted = torch.zeros(bypass.experts.shape[0], dtype=torch.bool, device=self.x.device)
         wanted[experts] = True
-        keep = []
+        rows, inputs, chosen = [], [], []
         for lo in range(0, len(self), chunk):
-            edit = bypass.scope.match(self.x[lo:lo + chunk].float()).edit
-            expert = bypass.expert_of.to(edit.device)[edit.clamp(0, len(bypass.expert_of) - 1)]
-            keep.append((edit >= 0) & wanted[expert])
-        return torch.cat(keep).nonzero().flatten() if keep else torch.zeros(0, dtype=torch.long)
+            x, expert = bypass.key_routes(self.x[lo:lo + chunk].to(bypass.experts.dtype))
+            keep = (expert[:, 0] >= 0) & wanted[expert[:, 0].clamp_min(0).to(wanted.device)]
+            rows.append(keep.nonzero().flatten() + lo)
+            inputs.append(x[keep])
+            chosen.append(expert[keep])
+        if not rows:
+            return MemoryRoutes(torch.zeros(0, dtype=torch.long), self.x[:0].to(bypass.experts.dtype),
+                                torch.zeros(0, 1, dtype=torch.long))
+        return MemoryRoutes(torch.cat(rows), torch.cat(inputs), torch.cat(chosen))
+
+    def rows_on(self, bypass: MoEBypass, experts: list[int]) -> torch.Tensor:
+        """Indices of the stored rows that key routing sends to one of ``experts`` (:meth:`routes_on`)."""
+        return self.routes_on(bypass, experts).rows
 
     def loss(self, bypass: MoEBypass, context: RoutingContext, batch: int,
-             rows: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-        """Relative squared change of the bypass output on ``batch`` stored rows, drawn from ``rows``
-        (indices; default all). None when there is nothing to draw."""
-        pool = len(self) if rows is None else len(rows)
+             routes: Optional[MemoryRoutes] = None) -> Optional[torch.Tensor]:
+        """Relative squared change of the bypass output on ``batch`` stored rows, drawn from ``routes``
+        (:meth:`routes_on`; default: all rows, routed afresh). None when there is nothing to draw."""
+        pool = len(self) if routes is None else len(routes.rows)
         if not pool:
             return None
-        index = torch.randperm(pool)[:batch].to(self.x.device)
-        if rows is not None:
-            index = rows.to(self.x.device)[index]
+        pick = torch.randperm(pool)[:batch].to(self.x.device)
         dtype = bypass.experts.dtype
-        x = self.x[index].to(dtype).unsqueeze(0)
-        features = None if self.features is None else self.features[index].to(dtype).unsqueeze(0)
-        context.set(features, None, None)
-        try:
-            now = bypass.delta(x)[0]
-        finally:
-            context.clear()
+        if routes is not None:
+            now = bypass.routed_delta(routes.inputs[pick.to(routes.inputs.device)],
+                                      routes.chosen[pick.to(routes.chosen.device)])
+            index = routes.rows.to(self.x.device)[pick]
+        else:
+            index = pick
+            x = self.x[index].to(dtype).unsqueeze(0)
+            features = None if self.features is None else self.features[index].to(dtype).unsqueeze(0)
+            context.set(features, None, None)
+            try:
+                now = bypass.delta(x)[0]
+            finally:
+                context.clear()
         old = self.delta[index].to(now.dtype)
         return (now - old).pow(2).sum(-1).mean() / old.pow(2).sum(-1).mean().clamp_min(1e-12)
 

@@ -46,89 +46,34 @@ def train_experts(adapter, requests: list[dict], progress: bool = False,
     hp, model, bypass = adapter.hparams, adapter.model, adapter.bypass
     device = bypass.experts.device
     batches = build_edit_batches(adapter.tokenizer, requests, device)
-    targets = torch.cat([b.targets for b in batches])
-    snapshot = [p.detach().clone() for p in bypass.trainable_parameters]
+    learning_ids = adapter.trainable_experts    # None: every expert learns in this call
+    learning = torch.arange(bypass.experts.shape[0], device=device) if learning_ids is None else \
+        torch.tensor(learning_ids, dtype=torch.long, device=device)
+    snapshot = (bypass.experts.detach()[learning].clone(), bypass.gate.weight.detach().clone())
     was_training = model.training
     model.eval()   # dropout off: the frozen model computes exactly what it computes at test time
     # by name, not by object: accelerate replaces offloaded parameters on every forward
     grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in bypass.trainable_parameters:
-        p.requires_grad_(True)
     if hp.gate_norm == "center" and not adapter.gate_calibrated:
         calibrate_gate(adapter, batches)
-    optimizer = torch.optim.Adam([{"params": [bypass.experts]},
-                                  {"params": [bypass.gate.weight], "lr": hp.lr * hp.gate_lr_scale}],
-                                 lr=hp.lr, weight_decay=hp.weight_decay)
-    steps_done, loss_value, stopped_early, accuracy = 0, math.nan, False, 0.0
     scope = adapter.scope
     keys_before = None if scope is None else len(scope)
-    frozen = None
-    if adapter.trainable_experts is not None:
-        frozen = torch.ones(bypass.experts.shape[0], dtype=torch.bool, device=device)
-        frozen[adapter.trainable_experts] = False
     try:
         if scope is not None:
             register_keys(adapter, batches, requests, len(adapter.edits))
-        target_logits, cached = target_logits_function(adapter, batches)
-        preservation, preserved_logits = None, None
-        if hp.preserve_prompts and hp.preserve_weight > 0:
-            preservation = Preservation(adapter, subjects_of or requests, hp.preserve_prompts, hp.seed)
-            if len(preservation):
-                with capture_bypass(adapter, enabled=False):
-                    preservation.set_reference(torch.cat([full_target_logits(adapter, b)
-                                                          for b in preservation.batches]))
-                preserved_logits, _ = target_logits_function(adapter, preservation.batches)
-        bar = _progress(hp.steps, progress)
-        memory = adapter.memory if hp.memory_weight > 0 and adapter.memory is not None and len(adapter.memory) \
-            else None
-        memory_rows = None   # with frozen experts: only the rows of the experts that learn in this call
-        if memory is not None and adapter.trainable_experts is not None and bypass.expert_of is not None:
-            memory_rows = memory.rows_on(bypass, adapter.trainable_experts)
-            memory = memory if len(memory_rows) else None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hp.seed)
-            bypass.train()
-            for step in range(hp.steps):
-                logits, aux = target_logits()
-                loss = target_loss = F.cross_entropy(logits, targets)
-                if hp.aux_loss_weight and aux is not None:
-                    loss = loss + hp.aux_loss_weight * aux
-                if memory is not None:
-                    loss = loss + hp.memory_weight * memory.loss(bypass, adapter.context, hp.memory_batch, memory_rows)
-                if preserved_logits is not None:
-                    loss = loss + hp.preserve_weight * preservation.loss(preserved_logits()[0])
-                if not torch.isfinite(loss):
-                    raise TrainingDivergedError(
-                        f"MEMoE training diverged at step {step} (loss {loss.item()}); the edit was not kept. "
-                        f"Lower lr (now {hp.lr}) or scale (now {hp.scale}).")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if frozen is not None:   # experts of earlier calls keep their weights exactly
-                    with torch.no_grad():
-                        bypass.experts[frozen] = snapshot[0][frozen]
-                steps_done, loss_value = step + 1, target_loss.item()
-                accuracy = (logits.argmax(-1) == targets).float().mean().item()
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{accuracy:.2f}")
-                margin_ok = hp.early_stop_loss == 0 or target_loss.item() <= hp.early_stop_loss
-                if hp.early_stop and accuracy == 1.0 and margin_ok:
-                    stopped_early = step + 1 < hp.steps
-                    break
-        if bar is not None:
-            bar.close()
-        if not all(torch.isfinite(p).all() for p in bypass.trainable_parameters):
-            raise TrainingDivergedError(f"MEMoE training left non-finite expert weights; the edit was not kept. "
-                                        f"Lower lr (now {hp.lr}) or scale (now {hp.scale}).")
+        with bypass.learning_only(learning_ids) as experts:   # earlier experts: no gradient, no Adam state
+            report = _fit(adapter, batches, experts, subjects_of or requests, progress)
+            if not all(torch.isfinite(p).all() for p in (experts, bypass.gate.weight)):
+                raise TrainingDivergedError(f"MEMoE training left non-finite expert weights; the edit was not "
+                                            f"kept. Lower lr (now {hp.lr}) or scale (now {hp.scale}).")
         bypass.eval()
         remember_edits(adapter, batches)
     except BaseException:
         with torch.no_grad():
-            for p, saved in zip(bypass.trainable_parameters, snapshot):
-                p.copy_(saved)
+            bypass.experts[learning] = snapshot[0]
+            bypass.gate.weight.copy_(snapshot[1])
         if scope is not None:
             scope.truncate(keys_before)
         raise
@@ -140,6 +85,65 @@ def train_experts(adapter, requests: list[dict], progress: bool = False,
         for p in bypass.trainable_parameters:
             p.requires_grad_(False)
         model.train(was_training)
+    return report
+
+
+def _fit(adapter, batches, experts: torch.nn.Parameter, subjects_of: list[dict], progress: bool) -> TrainReport:
+    """The optimisation loop of :func:`train_experts` on ``experts`` (the learning ones) and the gate."""
+    hp, bypass = adapter.hparams, adapter.bypass
+    targets = torch.cat([b.targets for b in batches])
+    for p in (experts, bypass.gate.weight):
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam([{"params": [experts]},
+                                  {"params": [bypass.gate.weight], "lr": hp.lr * hp.gate_lr_scale}],
+                                 lr=hp.lr, weight_decay=hp.weight_decay)
+    target_logits, cached = target_logits_function(adapter, batches)
+    preservation, preserved_logits = None, None
+    if hp.preserve_prompts and hp.preserve_weight > 0:
+        preservation = Preservation(adapter, subjects_of, hp.preserve_prompts, hp.seed)
+        if len(preservation):
+            with capture_bypass(adapter, enabled=False):
+                preservation.set_reference(torch.cat([full_target_logits(adapter, b)
+                                                      for b in preservation.batches]))
+            preserved_logits, _ = target_logits_function(adapter, preservation.batches)
+    memory = adapter.memory if hp.memory_weight > 0 and adapter.memory is not None and len(adapter.memory) \
+        else None
+    memory_routes = None   # with frozen experts: only the rows of the experts that learn in this call
+    if memory is not None and adapter.trainable_experts is not None and bypass.expert_of is not None:
+        memory_routes = memory.routes_on(bypass, adapter.trainable_experts)
+        memory = memory if len(memory_routes.rows) else None
+    steps_done, loss_value, stopped_early, accuracy = 0, math.nan, False, 0.0
+    bar = _progress(hp.steps, progress)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(hp.seed)
+        bypass.train()
+        for step in range(hp.steps):
+            logits, aux = target_logits()
+            loss = target_loss = F.cross_entropy(logits, targets)
+            if hp.aux_loss_weight and aux is not None:
+                loss = loss + hp.aux_loss_weight * aux
+            if memory is not None:
+                loss = loss + hp.memory_weight * memory.loss(bypass, adapter.context, hp.memory_batch, memory_routes)
+            if preserved_logits is not None:
+                loss = loss + hp.preserve_weight * preservation.loss(preserved_logits()[0])
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"MEMoE training diverged at step {step} (loss {loss.item()}); the edit was not kept. "
+                    f"Lower lr (now {hp.lr}) or scale (now {hp.scale}).")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps_done, loss_value = step + 1, target_loss.item()
+            accuracy = (logits.argmax(-1) == targets).float().mean().item()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{accuracy:.2f}")
+            margin_ok = hp.early_stop_loss == 0 or target_loss.item() <= hp.early_stop_loss
+            if hp.early_stop and accuracy == 1.0 and margin_ok:
+                stopped_early = step + 1 < hp.steps
+                break
+    if bar is not None:
+        bar.close()
     return TrainReport(steps_done, loss_value, stopped_early, cached, accuracy)
 
 
