@@ -63,7 +63,7 @@ class MEMoEHyperParams:
 
     # --- the mixture-of-experts bypass ------------------------------------
     num_experts: int = option(4, "number of experts")
-    top_k: int = option(1, "experts per token; the paper uses 1")
+    top_k: int = option(1, "experts per token; the paper uses 1 (key routing needs 1)")
     scale: float = option(1.0, "λ, the bypass scale")
     gate_noise: float = option(0.0, "std of the Gaussian noise ε on the gate logits, during training only")
     expert_init: str = option("zeros",
@@ -226,6 +226,8 @@ class MEMoEHyperParams:
         need(self.expert_routing in EXPERT_ROUTINGS, "expert_routing", f"one of {EXPERT_ROUTINGS}")
         need(self.expert_routing != "key" or self.scope_keys, "expert_routing",
              "'gate' unless scope_keys is true: key routing needs the key scope's keys")
+        need(self.expert_routing != "key" or self.top_k == 1, "top_k",
+             "1 with expert_routing: key (each position goes to the one expert of the edit it matches)")
         need(self.edits_per_expert >= 0, "edits_per_expert", "an integer >= 0")
         need(self.preserve_prompts >= 0, "preserve_prompts", "an integer >= 0 (0: off)")
         need(self.preserve_weight >= 0, "preserve_weight", "a number >= 0")

@@ -125,7 +125,7 @@ class MoEBypass(nn.Module):
     @torch.no_grad()
     def key_routes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """expert_routing: key. For each row of ``x``: the input the experts read (snapped in scope) and the
-        expert it goes to (``[..., top_k]``, -1 for none), as :meth:`delta` routes it when no guard mask is
+        expert it goes to (``[..., 1]``, -1 for none), as :meth:`delta` routes it when no guard mask is
         set. With the keys fixed, :meth:`routed_delta` on these gives what ``delta(x)`` gives."""
         if self.scope is None or self.expert_of is None:
             raise ValueError("key_routes needs key routing (expert_routing: key)")

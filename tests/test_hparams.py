@@ -62,6 +62,7 @@ def test_scientific_notation_strings_become_floats(tmp_path):
     ({"gate_lr_scale": -1}, ["gate_lr_scale", ">= 0"]),
     ({"memory_rows": -5}, ["memory_rows", ">= 0"]),
     ({"memory_batch": 0}, ["memory_batch", ">= 1"]),
+    ({"scope_keys": True, "expert_routing": "key", "num_experts": 2, "top_k": 2}, ["top_k", "expert_routing: key"]),
 ])
 def test_bad_values_name_the_key(tmp_path, change, words):
     path = write(tmp_path, yaml.safe_dump({**BASE, **change}))
