@@ -271,7 +271,7 @@ class MoEBypass(nn.Module):
             yield self.experts
             return
         index = torch.tensor(ids, dtype=torch.long, device=self.experts.device)
-        learning = nn.Parameter(self.experts.detach()[index].clone())
+        learning = nn.Parameter(self.experts.detach()[index])   # indexing with a tensor copies
         self._learning, self._learning_slot = learning, {int(e): i for i, e in enumerate(ids)}
         try:
             yield learning

@@ -102,7 +102,7 @@ class OutputMemory:
         time that grew with the number of edits kept."""
         if bypass.scope is None or bypass.expert_of is None:
             raise ValueError("routes_on needs key routing (expert_routing: key)")
-        wanted = torch.zeros(bypass.experts.shape[0], dtype=torch.bool, device=self.x.device)
+        wanted = torch.zeros(bypass.experts.shape[0], dtype=torch.bool, device=bypass.experts.device)
         wanted[experts] = True
         rows, inputs, chosen = [], [], []
         for lo in range(0, len(self), chunk):
@@ -111,9 +111,11 @@ class OutputMemory:
             rows.append(keep.nonzero().flatten() + lo)
             inputs.append(x[keep])
             chosen.append(expert[keep])
-        if not rows:
-            return MemoryRoutes(torch.zeros(0, dtype=torch.long), self.x[:0].to(bypass.experts.dtype),
-                                torch.zeros(0, 1, dtype=torch.long))
+        if not rows:   # an empty memory
+            device = bypass.experts.device
+            return MemoryRoutes(torch.zeros(0, dtype=torch.long, device=device),
+                                bypass.experts.new_zeros(0, bypass.experts.shape[1]),
+                                torch.zeros(0, 1, dtype=torch.long, device=device))
         return MemoryRoutes(torch.cat(rows), torch.cat(inputs), torch.cat(chosen))
 
     def rows_on(self, bypass: MoEBypass, experts: list[int]) -> torch.Tensor:
@@ -128,13 +130,11 @@ class OutputMemory:
         if not pool:
             return None
         pick = torch.randperm(pool)[:batch].to(self.x.device)
-        dtype = bypass.experts.dtype
         if routes is not None:
-            now = bypass.routed_delta(routes.inputs[pick.to(routes.inputs.device)],
-                                      routes.chosen[pick.to(routes.chosen.device)])
-            index = routes.rows.to(self.x.device)[pick]
+            now = bypass.routed_delta(routes.inputs[pick], routes.chosen[pick])
+            index = routes.rows[pick]
         else:
-            index = pick
+            index, dtype = pick, bypass.experts.dtype
             x = self.x[index].to(dtype).unsqueeze(0)
             features = None if self.features is None else self.features[index].to(dtype).unsqueeze(0)
             context.set(features, None, None)

@@ -49,7 +49,7 @@ def train_experts(adapter, requests: list[dict], progress: bool = False,
     learning_ids = adapter.trainable_experts    # None: every expert learns in this call
     learning = torch.arange(bypass.experts.shape[0], device=device) if learning_ids is None else \
         torch.tensor(learning_ids, dtype=torch.long, device=device)
-    snapshot = (bypass.experts.detach()[learning].clone(), bypass.gate.weight.detach().clone())
+    snapshot = (bypass.experts.detach()[learning], bypass.gate.weight.detach().clone())   # indexing copies
     was_training = model.training
     model.eval()   # dropout off: the frozen model computes exactly what it computes at test time
     # by name, not by object: accelerate replaces offloaded parameters on every forward
