@@ -10,6 +10,10 @@ import torch
 from memoe_plugin.assets.tiny import tiny_gpt2, tiny_llama, train_tokenizer  # noqa: F401 (fixtures' helpers)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# EASYEDIT_PATH=../shared/easyedit is relative to where pytest starts; some tests change directory
+# (AlphaEdit writes its projection into the working directory), so pin it to an absolute path now.
+if os.environ.get("EASYEDIT_PATH"):
+    os.environ["EASYEDIT_PATH"] = os.path.abspath(os.environ["EASYEDIT_PATH"])
 # CI's EasyEdit stack sets this: there, an EasyEdit integration test that skips is a failure.
 REQUIRE_EASYEDIT = os.environ.get("MEMOE_REQUIRE_EASYEDIT") == "1"
 
