@@ -142,3 +142,57 @@ def test_module_lists_are_shortened_in_the_report():
         "inner_params": ["model.layers.{10..12}.mlp.gate_proj", "model.layers.{16..17}.mlp.up_proj",
                          "model.layers.19.mlp.up_proj"], "lr": 1e-4}
     assert brief({"layers": [4, 5, 6, 7]}) == '{"layers": [4, 5, 6, 7]}' and brief({}) == "shipped"
+
+
+def test_a_sequential_search_runs_the_sequential_protocol_and_installs_the_sequential_file(tmp_path, monkeypatch):
+    """Files tuned with rollback after each chunk are not files tuned without it: a sequential search runs
+    every trial under the sequential protocol (chunks of 10), starts from the sequential file where there is
+    one, installs into hparams/compare/smollm2-135m-sequential/ and leaves the batch file alone; and
+    memoe-compare --protocol sequential then reads that file first."""
+    from memoe_plugin.eval.compare import methods
+    from memoe_plugin.eval.compare.methods import hparams_origin, hparams_path_for
+
+    shipped = tmp_path / "shipped"
+    (shipped / "smollm2-135m").mkdir(parents=True)
+    batch_file = shipped / "smollm2-135m" / "UltraEdit.yaml"
+    batch_file.write_text(hparams_path_for("UltraEdit", None, {}).read_text())
+    monkeypatch.setattr(methods, "compare_hparams_dir", lambda model: shipped / model)
+    seen = []
+
+    def fake_compare(argv, **_):
+        seen.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        lr = next((json.loads(argv[i + 1].split("=", 1)[1]) for i, a in enumerate(argv)
+                   if a == "--set" and argv[i + 1].startswith("UltraEdit.lr=")), 1e-4)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps([row(100.0, 50.0, 100.0 - abs(lr - 1e-5) * 1e5)]))
+        return 0
+    before = batch_file.read_text()
+    assert tune(["--methods", "UltraEdit", "--trials", "4", "--protocol", "sequential", "--data", "zsre-knowedit",
+                 "--num-edits", "200", "--out", str(tmp_path / "runs"), "--install"], compare_main=fake_compare) == 0
+    for argv in seen:
+        assert argv[argv.index("--protocol") + 1] == "sequential" and argv[argv.index("--batch-size") + 1] == "10"
+        assert argv[argv.index("--hparams") + 1] == f"UltraEdit={batch_file}"     # no sequential file yet
+    assert batch_file.read_text() == before                                      # the batch file is untouched
+    installed = shipped / "smollm2-135m-sequential" / "UltraEdit.yaml"
+    assert installed.is_file() and "sequential chunks of 10, no rollback" in installed.read_text()
+    assert hparams_origin(installed) == "tuned by memoe-tune (4 trials, 200 zsre-knowedit dev edits, sequential)"
+    assert "sequential chunks of 10, no rollback" in (tmp_path / "runs" / "tuning.md").read_text()
+    # memoe-compare: the sequential protocol reads the sequential file, the batch protocol the batch file;
+    # --hparams-dir and --hparams still come first.
+    assert hparams_path_for("UltraEdit", None, {}, "sequential") == installed
+    assert hparams_path_for("UltraEdit", None, {}, "batch") == batch_file
+    assert hparams_path_for("UltraEdit", None, {"UltraEdit": tmp_path / "x.yaml"}, "sequential") == tmp_path / "x.yaml"
+    assert hparams_path_for("MEMoE", None, {}, "sequential").name == "smollm2-135m-sequential.yaml"
+    assert hparams_path_for("MEMoE", None, {}).name == "smollm2-135m.yaml"
+    # A second sequential search starts from the installed sequential file.
+    seen.clear()
+    assert tune(["--methods", "UltraEdit", "--trials", "2", "--protocol", "sequential",
+                 "--out", str(tmp_path / "runs2")], compare_main=fake_compare) == 0
+    assert all(a[a.index("--hparams") + 1] == f"UltraEdit={installed}" for a in seen)
+    # The batch protocol is unchanged: chunks of 30, rolled back.
+    seen.clear()
+    assert tune(["--methods", "UltraEdit", "--trials", "2", "--out", str(tmp_path / "runs3")],
+                compare_main=fake_compare) == 0
+    assert all(a[a.index("--protocol") + 1] == "batch" and a[a.index("--batch-size") + 1] == "30" for a in seen)
+    assert "chunks of 30, rolled back" in (tmp_path / "runs3" / "tuned" / "UltraEdit.yaml").read_text()

@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "$MEMOE_DATA, else in the EasyEdit checkout's data/ folder")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated, from: {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
-    parser.add_argument("--hparams-dir", help="directory with <METHOD>.yaml files that replace the shipped ones")
+    parser.add_argument("--hparams-dir", help="directory with <METHOD>.yaml files that replace the shipped ones "
+                        "(shipped: hparams/compare/smollm2-135m/, and for --protocol sequential first "
+                        "hparams/compare/smollm2-135m-sequential/ and MEMoE's smollm2-135m-sequential.yaml)")
     parser.add_argument("--hparams", action="append", default=[], metavar="METHOD=FILE",
                         help="one method's hparams file (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.key=value", dest="overrides",
@@ -182,7 +184,7 @@ def _main(args, argv, backend_factory) -> int:
         name, file = item.split("=", 1)
         explicit[parse_methods(name)[0]] = Path(file).expanduser().resolve()
     hparams_dir = Path(args.hparams_dir).expanduser().resolve() if args.hparams_dir else None
-    hparams_paths = {m: hparams_path_for(m, hparams_dir, explicit) for m in methods}
+    hparams_paths = {m: hparams_path_for(m, hparams_dir, explicit, args.protocol) for m in methods}
     batch_sizes = parse_batch_sizes(args.batch_size, args.protocol)
     runs = plan_runs(datasets, methods, args.protocol, batch_sizes, args.num_edits, args.eval_every_step,
                      args.split, parse_seeds(args.seeds))

@@ -110,19 +110,36 @@ def hparams_origin(path: Path) -> str:
     for line in header:
         if TUNED_MARK in line:
             found = re.search(r"on the dev split \(([^,]+), (\d+) edits.*?: (\d+) trials", line)
-            return (f"tuned by memoe-tune ({found[3]} trials, {found[2]} {found[1]} dev edits)" if found
-                    else TUNED_MARK)
+            if not found:
+                return TUNED_MARK
+            protocol = ", sequential" if "sequential chunks" in line else ""
+            return f"tuned by memoe-tune ({found[3]} trials, {found[2]} {found[1]} dev edits{protocol})"
     if "dev split" in " ".join(header):
         return "chosen on the dev split (see the file's header)"
     return "as shipped (not tuned by memoe-tune)"
 
 
-def hparams_path_for(method: str, hparams_dir: Optional[Path], explicit: dict[str, Path]) -> Path:
-    """Which YAML a method reads: --hparams METHOD=FILE, else --hparams-dir/METHOD.yaml, else the shipped one."""
+def sequential_hparams_path(method: str) -> Path:
+    """Where a method's file for the sequential protocol lives (it may not exist): MEMoE's
+    ``smollm2-135m-sequential.yaml``, a baseline's ``hparams/compare/smollm2-135m-sequential/<METHOD>.yaml``
+    (written by ``memoe-tune --protocol sequential --install``)."""
+    if method == "MEMoE":
+        return memoe_hparams("smollm2-135m").with_name("smollm2-135m-sequential.yaml")
+    return compare_hparams_dir("smollm2-135m-sequential") / f"{method}.yaml"
+
+
+def hparams_path_for(method: str, hparams_dir: Optional[Path], explicit: dict[str, Path],
+                     protocol: str = "batch") -> Path:
+    """Which YAML a method reads: --hparams METHOD=FILE, else --hparams-dir/METHOD.yaml, else the shipped
+    one. Under the sequential protocol the shipped file for that protocol comes first, where one exists
+    (:func:`sequential_hparams_path`): files tuned with rollback after each chunk are not files tuned
+    without it."""
     if method in explicit:
         return explicit[method]
     if hparams_dir is not None and (hparams_dir / f"{method}.yaml").is_file():
         return hparams_dir / f"{method}.yaml"
+    if protocol == "sequential" and sequential_hparams_path(method).is_file():
+        return sequential_hparams_path(method)
     if method == "MEMoE":
         return memoe_hparams("smollm2-135m")
     return compare_hparams_dir("smollm2-135m") / f"{method}.yaml"

@@ -1,17 +1,21 @@
 """memoe-tune: the same tuning budget for every method, on the dev split, by one stated criterion.
 
     memoe-tune --methods FT-L,FT-M,LoRA,GRACE,WISE,MEMIT --trials 12 --data zsre --num-edits 30 \\
-               --out runs/tune [--stats-text FILE] [--install]
+               --out runs/tune [--protocol batch|sequential] [--stats-text FILE] [--install]
 
 For each method, ``--trials`` settings are drawn from its search space (:data:`SEARCH_SPACES`:
 its layer, learning rate and steps, and its own key settings such as GRACE's ε or WISE's
 activation thresholds). The shipped file is always trial 0, so tuning can only keep or improve
-the dev score. Each trial is one ``memoe-compare`` batch run (chunks of 30, rolled back) on the
-**dev** split, so the records the tables report (test) are never looked at. The winner is the
+the dev score. Each trial is one ``memoe-compare`` run on the **dev** split, so the records the tables
+report (test) are never looked at: under ``--protocol batch`` (the default) chunks of 30, each rolled
+back; under ``--protocol sequential`` chunks of 10 applied one after another with no rollback, all
+scored after the last, as the sequential tables are run. The winner is the
 trial with the highest **average of reliability, generality and unrelated locality** (ties: the
 earlier trial). Its file is written to ``<out>/tuned/<METHOD>.yaml`` (with ``--install``, also
 to the shipped ``hparams/compare/smollm2-135m/``), with a header giving the search, the
-criterion and the dev scores. ``<out>/tuning.md`` lists every trial.
+criterion and the dev scores. A sequential search starts from, and installs into, the sequential
+files (``hparams/compare/smollm2-135m-sequential/``, which ``memoe-compare --protocol sequential``
+reads first), so that the batch files stay as they were tuned. ``<out>/tuning.md`` lists every trial.
 
 Trials are resumable: each has its own memoe-compare folder, rerun with ``--resume``.
 """
@@ -29,7 +33,8 @@ from typing import Any, Callable, Optional
 import yaml
 
 from .errors import CompareError
-from .methods import TUNED_MARK, hparams_path_for, parse_methods
+from .methods import TUNED_MARK, hparams_path_for, parse_methods, sequential_hparams_path
+from .protocol import DEFAULT_BATCH_SIZE
 
 # The main knobs of each method. Values are YAML-able; a list value of a list is one setting.
 SEARCH_SPACES: dict[str, dict[str, list]] = {
@@ -118,6 +123,13 @@ def replace_top_level(text: str, key: str, value: Any) -> str:
     return text.rstrip("\n") + "\n" + "\n".join(entry) + "\n"
 
 
+def protocol_phrase(args) -> str:
+    """How a trial ran, for the headers: ``chunks of 30, rolled back`` or ``sequential chunks of 10, no rollback``."""
+    if getattr(args, "protocol", "batch") == "sequential":
+        return f"sequential chunks of {args.batch_size}, no rollback"
+    return f"chunks of {args.batch_size}, rolled back"
+
+
 def tuned_yaml(method: str, base: Path, settings: dict, row: Optional[dict], trials: int, args) -> str:
     """The shipped file, its comments kept, with the winning settings in place and a header saying how."""
     shipped = base.read_text()
@@ -134,8 +146,8 @@ def tuned_yaml(method: str, base: Path, settings: dict, row: Optional[dict], tri
     if not kept:                                     # a layout the line edit cannot handle: plain YAML instead
         text = yaml.safe_dump(expected, sort_keys=False)
     scores = ", ".join(f"{k} {row[k]:.1f}" for k in CRITERION) if row else "no complete trial"
-    header = (f"# {method}, {TUNED_MARK} on the dev split ({args.data}, {args.num_edits} edits, chunks of "
-              f"{args.batch_size}, rolled back): {trials} trials from memoe_plugin.eval.compare.tuning.SEARCH_SPACES, "
+    header = (f"# {method}, {TUNED_MARK} on the dev split ({args.data}, {args.num_edits} edits, "
+              f"{protocol_phrase(args)}): {trials} trials from memoe_plugin.eval.compare.tuning.SEARCH_SPACES, "
               f"trial 0 being {base.name} as shipped before.\n# Criterion: mean of reliability, generality and "
               f"locality. Best: {json.dumps(settings) if settings else 'the shipped settings'} ({scores}).\n")
     return header + text
@@ -177,7 +189,7 @@ def read_trials(folder: Path) -> list[tuple[dict, Optional[dict]]]:
 def tuning_report(out: Path, args) -> str:
     """``tuning.md``: every method tuned into ``out`` so far (also by other memoe-tune runs), every trial."""
     lines = ["# memoe-tune", "", f"Criterion: mean of {', '.join(CRITERION)} on the dev split of {args.data} "
-             f"({args.num_edits} edits, chunks of {args.batch_size}, rolled back).", ""]
+             f"({args.num_edits} edits, {protocol_phrase(args)}).", ""]
     methods = [(p.name, read_trials(p)) for p in sorted((out / "trials").iterdir()) if p.is_dir()]
     methods = [(name, results, select_best(results)) for name, results in methods if results]
 
@@ -207,12 +219,18 @@ def tune(argv: Optional[list[str]] = None, compare_main: Optional[Callable[..., 
     parser.add_argument("--trials", type=int, default=12, help="trials per method, the shipped file included")
     parser.add_argument("--data", default="zsre")
     parser.add_argument("--num-edits", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=30)
+    parser.add_argument("--protocol", choices=("batch", "sequential"), default="batch",
+                        help="how each trial runs: batch (chunks rolled back, the default) or sequential (no "
+                        "rollback, all scored after the last chunk); a sequential search reads and --install "
+                        "writes the sequential files")
+    parser.add_argument("--batch-size", type=int, help="chunk size (default 30 for batch, 10 for sequential)")
     parser.add_argument("--seed", type=int, default=0, help="which grid points are drawn")
     parser.add_argument("--out", default="runs/tune")
     parser.add_argument("--install", action="store_true",
                         help="also write the winners into the shipped hparams/compare/smollm2-135m/")
     args, passthrough = parser.parse_known_args(argv)
+    if args.batch_size is None:
+        args.batch_size = DEFAULT_BATCH_SIZE[args.protocol]
     if compare_main is None:
         from .cli import main as compare_main
     methods = parse_methods(args.methods)
@@ -221,14 +239,15 @@ def tune(argv: Optional[list[str]] = None, compare_main: Optional[Callable[..., 
     for method in methods:
         if method not in SEARCH_SPACES:
             raise CompareError(f"{method}: no search space in memoe_plugin.eval.compare.tuning.SEARCH_SPACES")
-        base = hparams_path_for(method, None, {})
+        base = hparams_path_for(method, None, {}, args.protocol)
+        target = sequential_hparams_path(method) if args.protocol == "sequential" else base
         settings = trial_settings(SEARCH_SPACES[method], args.trials, args.seed)
         results = []
         for i, setting in enumerate(settings):
             folder = out / "trials" / method / f"{i:02d}"
             command = ["--data", args.data, "--split", "dev", "--num-edits", str(args.num_edits),
-                       "--batch-size", str(args.batch_size), "--methods", method, "--out", str(folder),
-                       "--no-progress", *passthrough]
+                       "--protocol", args.protocol, "--batch-size", str(args.batch_size), "--methods", method,
+                       "--hparams", f"{method}={base}", "--out", str(folder), "--no-progress", *passthrough]
             for key, value in setting.items():
                 command += ["--set", f"{method}.{key}={json.dumps(value)}"]
             if (folder / "trial.json").exists() and json.loads((folder / "trial.json").read_text()) != setting:
@@ -248,7 +267,8 @@ def tune(argv: Optional[list[str]] = None, compare_main: Optional[Callable[..., 
         text = tuned_yaml(method, base, setting, row, len(settings), args)
         (out / "tuned" / f"{method}.yaml").write_text(text)
         if args.install:
-            base.write_text(text)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
     report = tuning_report(out, args)
     (out / "tuning.md").write_text(report)
     print(report)
