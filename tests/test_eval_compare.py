@@ -231,9 +231,10 @@ def test_overrides_steps_alias_fixed_objective_and_paths(tmp_path):
         build_config("FT-L", compare_hparams_dir() / "GRACE.yaml", {}, None)
 
 
+@pytest.mark.parametrize("protocol", ["batch", "sequential"])
 @pytest.mark.parametrize("method", [m for m, s in METHODS.items() if not s.unavailable])
-def test_shipped_hparams_fit_smollm2(method):
-    path = compare.hparams_path_for(method, None, {})
+def test_shipped_hparams_fit_smollm2(method, protocol):
+    path = compare.hparams_path_for(method, None, {}, protocol)
     config = yaml.safe_load(path.read_text())
     assert config["alg_name"] == METHODS[method].alg_name
     assert str(config["device"]) == "cpu" and "smollm2-135m-llama" in config["model_name"]
