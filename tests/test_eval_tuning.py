@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from memoe_plugin.eval.compare import CompareError
-from memoe_plugin.eval.compare.tuning import (SEARCH_SPACES, brief, replace_top_level, score, select_best, trial_settings,
-                                              tune, tuned_yaml)
+from memoe_plugin.eval.compare.tuning import (MIN_EDIT_GAIN, SEARCH_SPACES, brief, edit_gain, edits, replace_top_level,
+                                              score, select_best, trial_settings, tune, tuned_yaml)
 
 
 def row(rel, gen, loc, status="complete"):
@@ -55,6 +55,28 @@ def test_select_best_prefers_the_higher_mean_and_the_earlier_trial_on_ties():
     assert index == 0 and settings == {}
     results[1] = ({"lr": 1}, row(100, 90, 60))                   # 83.3 beats 80.0
     assert select_best(results)[:2] == (1, {"lr": 1})
+
+
+def test_a_trial_that_leaves_the_model_unedited_does_not_win_on_locality_alone():
+    """FT-L's first search picked 10 steps at lr 1e-4 (14.5 / 18.8 / 100) over trials that edited."""
+    def with_pre(rel, gen, loc, pre):
+        return {**row(rel, gen, loc), "pre_reliability": pre}
+    no_op, edit = with_pre(14.5, 18.8, 100.0, 12.0), with_pre(60.0, 40.0, 30.0, 12.0)
+    assert score(no_op) > score(edit)                             # 44.4 against 43.3 by the criterion alone
+    assert edit_gain(no_op) == pytest.approx(2.5) and not edits(no_op) and edits(edit)
+    assert select_best([({}, no_op), ({"lr": 1}, edit)])[0] == 1
+    assert edits(with_pre(12.0 + MIN_EDIT_GAIN, 0, 0, 12.0))      # the boundary counts as an edit
+    assert select_best([({}, no_op), ({"lr": 1}, with_pre(15, 10, 90, 12.0))])[0] == 0   # none edits: best of all
+    assert edits(row(14.5, 18.8, 100.0)) and edit_gain(row(1, 1, 1)) is None   # older rows: no pre score
+
+
+def test_the_summary_row_carries_the_unedited_models_reliability():
+    from memoe_plugin.eval.metrics import aggregate
+    metrics = [{"pre": {"rewrite_acc": [0.25]}, "post": {"rewrite_acc": [1.0], "rephrase_acc": [0.5]}},
+               {"pre": {"rewrite_acc": [0.75]}, "post": {"rewrite_acc": [1.0], "rephrase_acc": [1.0]}}]
+    out = aggregate(metrics)
+    assert out["pre_reliability"] == pytest.approx(50.0) and out["reliability"] == pytest.approx(100.0)
+    assert aggregate([{"post": {"rewrite_acc": [1.0]}}])["pre_reliability"] is None
 
 
 def test_tune_runs_each_trial_on_the_dev_split_and_writes_the_winner(tmp_path):

@@ -62,6 +62,11 @@ def aggregate(metrics: list[dict]) -> dict:
     for key in SCORES:
         values = [s[key] for s in scores if s[key] is not None]
         out[key] = 100.0 * sum(values) / len(values) if values else None
+    # The unedited model's reliability on the same edits: how much of a target it already predicted, so that
+    # a run that leaves the model as it was can be told from one that edits (memoe-tune's eligibility rule).
+    pre = [flat_mean(m.get("pre", {}).get("rewrite_acc")) for m in metrics]
+    pre = [v for v in pre if v is not None]
+    out["pre_reliability"] = 100.0 * sum(pre) / len(pre) if pre else None
     parts = [out[k] for k in SCORES if out[k] is not None]
     # The paper's average is over reliability, generality and locality; where the data also
     # scores same-subject locality (KnowEdit), it is the fourth column of the mean.
