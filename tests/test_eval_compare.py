@@ -818,3 +818,16 @@ def test_the_summary_counts_the_edits_whose_portability_went_unscored():
     assert rows[0]["portability_unscored"] == 1
     from memoe_plugin.eval.compare.report import markdown_summary
     assert "portability of 1 edits unscored" in markdown_summary(rows)
+
+
+def test_ft_l_and_pmet_get_the_right_padding_their_last_token_index_assumes():
+    """EasyEdit's FT-L (prompt_last) and PMET find a prompt's last token as attention_mask.sum(1) - 1, which
+    BaseEditor's left padding breaks for every prompt shorter than the chunk's longest; FT-M's target_new
+    mask counts the pads itself and stays on the left."""
+    from types import SimpleNamespace as NS
+
+    from memoe_plugin.eval.compare.easyedit_backend import needs_right_padding
+    assert needs_right_padding(NS(alg_name="FT", objective_optimization="prompt_last"))
+    assert needs_right_padding(NS(alg_name="PMET"))
+    assert not needs_right_padding(NS(alg_name="FT", objective_optimization="target_new"))
+    assert not needs_right_padding(NS(alg_name="MEMoE")) and not needs_right_padding(NS(alg_name="GRACE"))

@@ -87,13 +87,26 @@ class EasyEditBackend:
                                   origin=self.origin(run.method))
         if run.method == "WISE":
             hparams.sequential_edit = True    # WISE.py: reuse the side memory across the requests of a chunk
-        if hparams.alg_name == "PMET":
-            # BaseEditor pads on the right only for the ROME family it lists (ROME, MEMIT, EMMET, R-ROME,
-            # AlphaEdit, ...); PMET's compute_zs finds the subject token as if unpadded, too
+        if needs_right_padding(hparams):
             editor.tok.padding_side = "right"
         if hparams.alg_name in STATS_ALGS and getattr(hparams, "mom2_adjustment", True):
             ensure_stats(editor, hparams, self.stats_text)
         return session
+
+
+def needs_right_padding(hparams) -> bool:
+    """Methods whose EasyEdit code finds a prompt's last token as ``attention_mask.sum(1) - 1``, which holds
+    only with right padding, but that BaseEditor pads on the left (it pads on the right only for the ROME
+    family it lists: ROME, MEMIT, EMMET, R-ROME, AlphaEdit, ...). EasyEdit's scorers read the padding side.
+
+    - PMET: ``compute_zs`` finds the subject token as if unpadded; with left padding every update was NaN.
+    - FT-L (``FT`` with ``objective_optimization: prompt_last``, ``ft_main.execute_ft``): with left padding
+      its loss sits on a pad or mid-prompt position of every prompt shorter than the chunk's longest. This
+      alone does not make FT-L edit SmolLM2 in chunks of 30 (docs/compare.md): its loss asks the last prompt
+      position for every target token at once, the padded targets' pads included.
+    """
+    alg = getattr(hparams, "alg_name", None)
+    return alg == "PMET" or (alg == "FT" and getattr(hparams, "objective_optimization", None) == "prompt_last")
 
 
 class EasyEditSession:

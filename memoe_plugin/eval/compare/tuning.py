@@ -13,8 +13,8 @@ scored after the last, as the sequential tables are run. The winner is the
 trial with the highest **average of reliability, generality and unrelated locality** (ties: the
 earlier trial) among the trials that edit: reliability at least :data:`MIN_EDIT_GAIN` points above the
 unedited model's on the same records. Without that rule a trial that leaves the model almost as it was
-can win on locality alone (a first FT-L search picked 10 steps at lr 1e-4: 14.5 / 18.8 / 100). Only when
-no trial edits does the best of all win. Its file is written to ``<out>/tuned/<METHOD>.yaml`` (with ``--install``, also
+can win on locality alone (a first FT-L search picked 10 steps at lr 1e-4: 14.5 / 18.8 / 100, with the
+unedited model at 14.5). When no trial edits, the shipped file stays. Its file is written to ``<out>/tuned/<METHOD>.yaml`` (with ``--install``, also
 to the shipped ``hparams/compare/smollm2-135m/``), with a header giving the search, the
 criterion and the dev scores. A sequential search starts from, and installs into, the sequential
 files (``hparams/compare/smollm2-135m-sequential/``, which ``memoe-compare --protocol sequential``
@@ -122,10 +122,12 @@ def edits(row: Optional[dict]) -> bool:
 
 
 def select_best(results: list[tuple[dict, Optional[dict]]]) -> tuple[int, dict, Optional[dict]]:
-    """``(index, settings, row)`` of the best trial by :func:`score` among the trials that :func:`edits`
-    (among all when none does); ties go to the earlier trial."""
+    """``(index, settings, row)`` of the best trial by :func:`score` among the trials that :func:`edits`;
+    ties go to the earlier trial. When no trial edits, trial 0 (the shipped file) stays."""
     if not results:
         raise CompareError("no trials to choose from")
+    if not any(edits(row) for _, row in results):
+        return 0, results[0][0], results[0][1]
     best = max(range(len(results)), key=lambda i: (edits(results[i][1]), score(results[i][1]), -i))
     return best, results[best][0], results[best][1]
 
@@ -212,7 +214,8 @@ def tuning_report(out: Path, args) -> str:
     """``tuning.md``: every method tuned into ``out`` so far (also by other memoe-tune runs), every trial."""
     lines = ["# memoe-tune", "", f"Criterion: mean of {', '.join(CRITERION)} on the dev split of {args.data} "
              f"({args.num_edits} edits, {protocol_phrase(args)}), among the trials that edit (reliability "
-             f"{MIN_EDIT_GAIN:g}+ points above the unedited model's, column 'gain'; among all when none does).", ""]
+             f"{MIN_EDIT_GAIN:g}+ points above the unedited model's, column 'gain'; when none does, the shipped file "
+             "stays).", ""]
     methods = [(p.name, read_trials(p)) for p in sorted((out / "trials").iterdir()) if p.is_dir()]
     methods = [(name, results, select_best(results)) for name, results in methods if results]
 
