@@ -115,6 +115,31 @@ def test_option_scoring_matches_a_plain_sum_of_log_probabilities(tokenizer):
         "toy": [1, 0]}
 
 
+class BatchOfOne(torch.nn.Module):
+    """A model that, like EasyEdit's DEFER layer, fails on a batch of more than one sequence."""
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None):
+        if input_ids.shape[0] != 1:
+            raise RuntimeError("The size of tensor a (2) must match the size of tensor b (11)")
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_options_scored_one_at_a_time_for_models_that_take_one_sequence(tokenizer):
+    torch.manual_seed(1)
+    model = tiny_llama(len(tokenizer)).eval()
+    prompt, options = "Is the capital of France Paris? Answer yes or no:", (" no", " yes", " Paris is")
+    wrapped = BatchOfOne(model)
+    with pytest.raises(RuntimeError):
+        option_logprobs(wrapped, tokenizer, prompt, options)
+    one = option_logprobs(wrapped, tokenizer, prompt, options, one_at_a_time=True)
+    assert one == pytest.approx(option_logprobs(model, tokenizer, prompt, options), abs=1e-4)
+    item = ProbeItem("toy", prompt, options, gold=max(range(3), key=one.__getitem__))
+    assert score_probes(wrapped, tokenizer, [item], one_at_a_time=True) == {"toy": [1]}
+
+
 def test_paired_change_and_its_interval():
     change = paired_change([1, 1, 0, 0], [1, 0, 0, 1])
     assert change["change"] == 0.0 and change["before"] == change["after"] == 50.0

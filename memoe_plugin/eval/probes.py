@@ -120,33 +120,38 @@ def load_probes(folder: os.PathLike, per_task: int = 50, tasks: Optional[list[st
 
 
 @torch.no_grad()
-def option_logprobs(model, tokenizer, prompt: str, options: tuple[str, ...]) -> list[float]:
-    """Total log-probability of each option's tokens after ``prompt`` (one batched forward)."""
+def option_logprobs(model, tokenizer, prompt: str, options: tuple[str, ...], one_at_a_time: bool = False) -> list[float]:
+    """Total log-probability of each option's tokens after ``prompt``: one batched forward, or with
+    ``one_at_a_time`` one unpadded forward per option (for models that take a batch of one sequence only)."""
     device = next(model.parameters()).device
     prompt_ids = tokenizer(prompt)["input_ids"]
     rows = [tokenizer(prompt + option)["input_ids"] for option in options]
-    width = max(len(r) for r in rows)
+    groups = [[i] for i in range(len(rows))] if one_at_a_time else [list(range(len(rows)))]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):                       # right padding: positions stay as in one sequence
-        ids[i, :len(row)] = torch.tensor(row)
-        mask[i, :len(row)] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
-    scores = []
-    for i, row in enumerate(rows):
-        start = len(prompt_ids) if row[:len(prompt_ids)] == prompt_ids else len(prompt_ids) - 1
-        start = max(1, min(start, len(row) - 1))
-        scores.append(float(sum(logprobs[i, t - 1, row[t]] for t in range(start, len(row)))))
+    scores = [0.0] * len(rows)
+    for group in groups:
+        width = max(len(rows[i]) for i in group)
+        ids = torch.full((len(group), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for j, i in enumerate(group):                    # right padding: positions stay as in one sequence
+            ids[j, :len(rows[i])] = torch.tensor(rows[i])
+            mask[j, :len(rows[i])] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        for j, i in enumerate(group):
+            row = rows[i]
+            start = len(prompt_ids) if row[:len(prompt_ids)] == prompt_ids else len(prompt_ids) - 1
+            start = max(1, min(start, len(row) - 1))
+            scores[i] = float(sum(logprobs[j, t - 1, row[t]] for t in range(start, len(row))))
     return scores
 
 
-def score_probes(model, tokenizer, items: list[ProbeItem]) -> dict[str, list[int]]:
-    """Per task, 1/0 for each item: is the most likely option the gold one?"""
+def score_probes(model, tokenizer, items: list[ProbeItem], one_at_a_time: bool = False) -> dict[str, list[int]]:
+    """Per task, 1/0 for each item: is the most likely option the gold one? (``one_at_a_time``: see
+    :func:`option_logprobs`.)"""
     out: dict[str, list[int]] = {}
     for item in items:
-        scores = option_logprobs(model, tokenizer, item.prompt, item.options)
+        scores = option_logprobs(model, tokenizer, item.prompt, item.options, one_at_a_time)
         out.setdefault(item.task, []).append(int(max(range(len(scores)), key=scores.__getitem__) == item.gold))
     return out
 

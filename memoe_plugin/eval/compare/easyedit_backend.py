@@ -231,7 +231,9 @@ class EasyEditSession:
 
     def probe(self, model, items) -> dict:
         from ..probes import score_probes
-        return score_probes(model, self.editor.tok, items)
+        # EasyEdit's DEFER layer (models/defer/DEFER.py, forward) broadcasts its (B, 1) gate against the
+        # (B, T, D) layer output, which works for a batch of one sequence only
+        return score_probes(model, self.editor.tok, items, one_at_a_time=self.alg_name == "DEFER")
 
     @property
     def can_checkpoint(self) -> bool:
