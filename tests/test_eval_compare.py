@@ -728,9 +728,12 @@ def test_easyedit_memoe_sequential_run_resumes_from_a_checkpoint_exactly(tiny_se
 
 
 @easyedit
-def test_easyedit_knowedit_records_score_same_subject_locality(tiny_setup):
+@pytest.mark.parametrize("method", ["MEMoE", "DEFER"])
+def test_easyedit_knowedit_records_score_same_subject_locality(tiny_setup, method):
     """KnowEdit files through EasyEdit's KnowEditDataset: rephrase from the raw file, same-subject
-    locality scored by EasyEdit as Relation_Specificity, unrelated locality from records not edited."""
+    locality scored by EasyEdit as Relation_Specificity, unrelated locality from records not edited.
+    DEFER: EasyEdit scores the two same-subject prompts as one batch, which its layer cannot take
+    without :func:`defer_one_row_at_a_time`."""
     tmp_path, hdir, data, text = tiny_setup
     flat = json.loads(data.read_text())
     knowedit = [{"subject": r["subject"], "prompt": r["prompt"], "target_new": r["target_new"],
@@ -743,10 +746,12 @@ def test_easyedit_knowedit_records_score_same_subject_locality(tiny_setup):
                                                 "ground_truth": "Polish"}]}} for r in flat]
     path = tmp_path / "knowedit.json"
     path.write_text(json.dumps(knowedit))
-    argv = ["--easyedit", EASYEDIT_PATH, "--data", "zsre-knowedit", "--data-file", str(path), "--methods", "MEMoE",
+    argv = ["--easyedit", EASYEDIT_PATH, "--data", "zsre-knowedit", "--data-file", str(path), "--methods", method,
             "--hparams-dir", str(hdir), "--num-edits", "3", "--batch-size", "3", "--out", str(tmp_path / "out"),
             "--no-progress"]
     assert compare.main(argv) == 0
+    row = rows_by_method(tmp_path)[method]
+    assert row["status"] == "complete" and row["rollback"] == "exact", row["error"]
     cases = [r for r in results(tmp_path) if r["type"] == "case"]
     assert len(cases) == 3
     for case in cases:
@@ -759,7 +764,6 @@ def test_easyedit_knowedit_records_score_same_subject_locality(tiny_setup):
         assert len(case["metric"]["post"]["locality"]["Relation_Specificity_acc"]) == 2
         assert request["portability"]["Reasoning"]["prompt"] == [f"The language of {request['target_new']} is"]
         assert len(case["metric"]["post"]["portability"]["Reasoning_acc"]) == 1
-    row = rows_by_method(tmp_path)["MEMoE"]
     assert row["same_subject"] is not None and row["locality"] is not None and row["portability"] is not None
     assert "Same-subj." in (tmp_path / "out" / "summary.md").read_text() and "Port." in (
         tmp_path / "out" / "summary.md").read_text()
@@ -831,3 +835,39 @@ def test_ft_l_and_pmet_get_the_right_padding_their_last_token_index_assumes():
     assert needs_right_padding(NS(alg_name="PMET"))
     assert not needs_right_padding(NS(alg_name="FT", objective_optimization="target_new"))
     assert not needs_right_padding(NS(alg_name="MEMoE")) and not needs_right_padding(NS(alg_name="GRACE"))
+
+
+class DeferAdaptor(torch.nn.Module):
+    """Shaped like EasyEdit's DEFER layer at evaluation: a (B, 1) gate and (B, D) values from the last
+    position, picked against the (B, T, D) base output, which broadcasts only for B = 1."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.original_layer, self.defer, self.predict_values = (torch.nn.Linear(4, 4), torch.nn.Linear(4, 1),
+                                                                 torch.nn.Linear(4, 4))
+
+    def forward(self, *args):
+        layer_out, query = self.original_layer(*args), args[0][:, -1, :]
+        return torch.where(torch.sigmoid(self.defer(query)) >= 0.5, self.predict_values(query), layer_out)
+
+
+def test_defer_layers_run_each_sequence_of_a_batch_on_its_own():
+    """EasyEdit scores KnowEdit's list prompts as one batch, which stops DEFER's layer; row by row, each
+    sequence gets the output it gets alone, and a batch of one is left as it was."""
+    from memoe_plugin.eval.compare.easyedit_backend import defer_one_row_at_a_time
+    model = torch.nn.Sequential(torch.nn.Identity(), DeferAdaptor())
+    batch = torch.randn(3, 5, 4)
+    with pytest.raises(RuntimeError):
+        model(batch)
+    before = state_fingerprint(model)
+    assert defer_one_row_at_a_time(model) == 1 and defer_one_row_at_a_time(model) == 0    # once per layer
+    out = model(batch)
+    assert out.shape == (3, 5, 4) and state_fingerprint(model) == before
+    for i in range(3):
+        assert torch.equal(out[i:i + 1], model(batch[i:i + 1]))
+    gates = torch.sigmoid(model[1].defer(batch[:, -1, :])).squeeze(1) >= 0.5
+    assert gates.any() and not gates.all(), "the check needs rows on both sides of the threshold"
+    for i in range(3):
+        expected = model[1].predict_values(batch[i, -1]).expand(5, 4) if gates[i] else model[1].original_layer(batch[i])
+        assert torch.allclose(out[i], expected)

@@ -109,6 +109,35 @@ def needs_right_padding(hparams) -> bool:
     return alg == "PMET" or (alg == "FT" and getattr(hparams, "objective_optimization", None) == "prompt_last")
 
 
+def defer_one_row_at_a_time(model) -> int:
+    """Make every DEFER layer in ``model`` run each sequence of a batch on its own; returns how many it wrapped.
+
+    EasyEdit's ``DeferAdaptor.forward`` (models/defer/DEFER.py) evaluates
+    ``torch.where(defer >= threshold, values, layer_out)`` with shapes (B, 1), (B, D) and (B, T, D). These
+    broadcast as DEFER means only for B = 1: with B > 1 the batch dimension meets the time dimension, and
+    EasyEdit's own scorer, which feeds KnowEdit's same-subject and portability prompts as one batch, stops
+    (``The size of tensor a (2) must match the size of tensor b (11)``). Running the rows one by one gives
+    each the output the layer gives that sequence alone (its left padding kept, so its last position is its
+    last token). The base layer and DEFER's weights are untouched, and the wrapper leaves with the layer when
+    DEFER's ``reset_layer`` puts the original back.
+    """
+    import torch
+    wrapped = 0
+    for module in model.modules():
+        if type(module).__name__ != "DeferAdaptor" or getattr(module, "_memoe_rowwise", False):
+            continue
+        forward = module.forward
+
+        def rowwise(hidden, *rest, _forward=forward):
+            if hidden.dim() != 3 or hidden.shape[0] == 1:
+                return _forward(hidden, *rest)
+            return torch.cat([_forward(hidden[i:i + 1], *rest) for i in range(hidden.shape[0])], dim=0)
+
+        module.forward, module._memoe_rowwise = rowwise, True
+        wrapped += 1
+    return wrapped
+
+
 class EasyEditSession:
     """One method on one BaseEditor: thin calls into EasyEdit."""
 
@@ -215,6 +244,8 @@ class EasyEditSession:
                                                      train_ds=None)
             seconds += time.perf_counter() - start
             handle = combine_restore(handle, weights_copy, self._utils.CALLABLE_RESTORE_ALGS, self.alg_name)
+            if self.alg_name == "DEFER":
+                defer_one_row_at_a_time(edited)
             if self.batchable:
                 editor.model = edited        # as batch_edit(sequential_edit=True)
         return edited, handle, seconds
@@ -231,8 +262,8 @@ class EasyEditSession:
 
     def probe(self, model, items) -> dict:
         from ..probes import score_probes
-        # EasyEdit's DEFER layer (models/defer/DEFER.py, forward) broadcasts its (B, 1) gate against the
-        # (B, T, D) layer output, which works for a batch of one sequence only
+        # DEFER's layer gates on the last input position; the probes pad on the right, so each option is
+        # scored unpadded, where the last position is the option's last token
         return score_probes(model, self.editor.tok, items, one_at_a_time=self.alg_name == "DEFER")
 
     @property
