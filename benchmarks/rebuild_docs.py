@@ -24,17 +24,20 @@ import time
 from pathlib import Path
 
 SEQUENTIAL_FILE = "memoe_plugin/assets/hparams/MEMoE/smollm2-135m-sequential.yaml"
-BASELINES = "FT-L,FT-M,LoRA,MEMIT,GRACE,WISE,AlphaEdit,UltraEdit,EMMET,R-ROME,PMET,DEFER"
+BASELINES = "FT-L,FT-M,LoRA,ROME,MEMIT,GRACE,WISE,AlphaEdit,UltraEdit,EMMET,R-ROME,PMET,DEFER"
 # (name, the document it feeds, command). memoe-compare and scope_table.py take --threads,
 # --no-progress, --stats-text and --resume; memoe-tune passes them on to its trials (and resumes
 # them itself); ablations.py takes --threads and resumes from its own log.
 STEPS = [
     ("tune", "compare.md: tuned baselines (then --install, or --hparams-dir <out>/tune/tuned)",
-     ["memoe-tune", "--methods", "ROME," + BASELINES, "--trials", "12", "--data", "zsre-knowedit",
+     ["memoe-tune", "--methods", BASELINES, "--trials", "12", "--data", "zsre-knowedit",
       "--num-edits", "30"]),
     ("compare-30", "compare.md: 30 ZsRE + 30 CounterFact test records, every method, generation, probes",
      ["memoe-compare", "--data", "zsre-knowedit,counterfact", "--split", "test", "--num-edits", "30",
       "--methods", "MEMoE," + BASELINES, "--generation", "--probes", "20"]),
+    ("cf-subject", "compare.md: same-subject locality on 30 KnowEdit wiki_counterfact test records",
+     ["memoe-compare", "--data", "counterfact-knowedit", "--split", "test", "--num-edits", "30",
+      "--methods", "MEMoE," + BASELINES]),
     ("scope-dev", "results.md: quality table on dev", ["python", "benchmarks/quality/scope_table.py",
                                                         "--split", "dev", "--num-edits", "120"]),
     ("scope-test", "results.md: quality table on test, 3 seeds", ["python", "benchmarks/quality/scope_table.py",
