@@ -871,3 +871,56 @@ def test_defer_layers_run_each_sequence_of_a_batch_on_its_own():
     for i in range(3):
         expected = model[1].predict_values(batch[i, -1]).expand(5, 4) if gates[i] else model[1].original_layer(batch[i])
         assert torch.allclose(out[i], expected)
+
+
+class DigestBackend(FakeBackend):
+    """A backend whose settings digest the test sets, as EasyEditBackend reads it from the method's YAML."""
+    digest = "aaaa"
+
+    def settings_digest(self, run):
+        return self.digest
+
+
+def test_resume_refuses_results_made_with_other_settings(tmp_path):
+    first = DigestBackend(interrupt_at=2)
+    assert run_main(tmp_path, first, "--methods", "FT-L", "--num-edits", "7", "--batch-size", "3") == 130
+    assert [r["settings_digest"] for r in results(tmp_path) if r["type"] == "run_start"] == ["aaaa"]
+    changed = DigestBackend()
+    changed.digest = "bbbb"               # the YAML was edited (or a tuned file installed) since
+    assert run_main(tmp_path, changed, "--methods", "FT-L", "--num-edits", "7", "--batch-size", "3",
+                    "--resume") == 2
+    assert changed.opened == [] and changed.calls == []          # nothing was run, nothing joined
+    same = DigestBackend()
+    assert run_main(tmp_path, same, "--methods", "FT-L", "--num-edits", "7", "--batch-size", "3", "--resume") == 0
+    assert rows_by_method(tmp_path)["FT-L"]["status"] == "complete"
+    # a complete run is not skipped silently under other settings either
+    assert run_main(tmp_path, changed, "--methods", "FT-L", "--num-edits", "7", "--batch-size", "3",
+                    "--resume") == 2
+
+
+def test_an_attempt_that_finished_nothing_does_not_pin_the_settings(tmp_path):
+    broken = DigestBackend(fail_methods={"FT-L"}, fail_at=0)    # fails in its first chunk: nothing finished
+    assert run_main(tmp_path, broken, "--methods", "FT-L", "--num-edits", "4", "--batch-size", "2") == 0
+    fixed = DigestBackend()
+    fixed.digest = "cccc"                 # the user fixed the file and resumes
+    assert run_main(tmp_path, fixed, "--methods", "FT-L", "--num-edits", "4", "--batch-size", "2", "--resume") == 0
+    assert rows_by_method(tmp_path)["FT-L"]["status"] == "complete"
+
+
+@easyedit
+def test_easyedit_settings_digest_follows_the_yaml_and_set(tiny_setup):
+    tmp_path, hdir, data, text = tiny_setup
+    run = RunSpec("counterfact", "GRACE", "batch", 2, 3)
+
+    def digest(overrides=None):
+        backend = compare.EasyEditBackend(EASYEDIT_PATH, {"counterfact": data}, {"GRACE": hdir / "GRACE.yaml"},
+                                          overrides or {}, None, tmp_path / "out")
+        return backend.settings_digest(run)
+    shipped = digest()
+    assert digest() == shipped                                   # the same file reads the same
+    assert digest({"GRACE": {"eps": 123.0}}) != shipped           # a --set changes it
+    config = yaml.safe_load((hdir / "GRACE.yaml").read_text())
+    (hdir / "GRACE.yaml").write_text("# a comment changes nothing\n" + yaml.safe_dump(config))
+    assert digest() == shipped
+    (hdir / "GRACE.yaml").write_text(yaml.safe_dump(dict(config, n_iter=config["n_iter"] + 1)))
+    assert digest() != shipped

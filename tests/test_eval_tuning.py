@@ -219,3 +219,11 @@ def test_a_sequential_search_runs_the_sequential_protocol_and_installs_the_seque
                 compare_main=fake_compare) == 0
     assert all(a[a.index("--protocol") + 1] == "batch" and a[a.index("--batch-size") + 1] == "30" for a in seen)
     assert "chunks of 30, rolled back" in (tmp_path / "runs3" / "tuned" / "UltraEdit.yaml").read_text()
+
+
+def test_tune_stops_on_a_usage_error_instead_of_scoring_the_trial_as_failed(tmp_path):
+    def refusing_compare(argv, **_):
+        return 2 if "--set" in argv else 0        # trial 0 runs; the first drawn trial is refused
+    with pytest.raises(CompareError, match="trial 1 .*nothing was chosen or installed"):
+        tune(["--methods", "FT-L", "--trials", "3", "--out", str(tmp_path)], compare_main=refusing_compare)
+    assert not (tmp_path / "tuned" / "FT-L.yaml").exists()

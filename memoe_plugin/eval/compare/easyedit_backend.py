@@ -19,7 +19,7 @@ from typing import Optional
 import yaml
 
 from .errors import CompareError
-from .methods import METHODS, STATS_ALGS, build_config, hparams_origin
+from .methods import METHODS, STATS_ALGS, build_config, hparams_origin, settings_digest
 from .protocol import DATASET_NEEDS, PreparedRecords, RunSpec, combine_restore, prepare_records
 from .stats import ensure_stats
 
@@ -52,7 +52,8 @@ class EasyEditBackend:
                                                  self.strict)
         return self._records[key]
 
-    def hparams(self, method: str, seed: Optional[int] = None):
+    def _config(self, method: str, seed: Optional[int] = None):
+        """``(hparams class, effective config)``: the method's YAML with --set, --model and the run's seed."""
         spec = METHODS[method]
         if method == "MEMoE":
             from ...hparams import MEMoEHyperParams as cls
@@ -63,7 +64,14 @@ class EasyEditBackend:
         overrides = dict(self.overrides.get(method, {}))
         if seed is not None and "seed" in allowed:
             overrides.setdefault("seed", seed)
-        config = build_config(method, self.hparams_paths[method], overrides, self.model, allowed)
+        return cls, build_config(method, self.hparams_paths[method], overrides, self.model, allowed)
+
+    def settings_digest(self, run: RunSpec) -> str:
+        """:func:`settings_digest` of the settings ``run`` would edit with (read from its files, nothing loaded)."""
+        return settings_digest(self._config(run.method, run.seed)[1])
+
+    def hparams(self, method: str, seed: Optional[int] = None):
+        cls, config = self._config(method, seed)
         path = self.out_dir / "hparams" / f"{method}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"# {method}: effective hparams (from {self.hparams_paths[method]})\n"

@@ -1,6 +1,8 @@
 """The methods memoe-compare runs: EasyEdit's name for each, its hparams class, and its settings file."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -143,6 +145,13 @@ def hparams_path_for(method: str, hparams_dir: Optional[Path], explicit: dict[st
     if method == "MEMoE":
         return memoe_hparams("smollm2-135m")
     return compare_hparams_dir("smollm2-135m") / f"{method}.yaml"
+
+
+def settings_digest(config: dict) -> str:
+    """A short digest of a method's effective settings (its YAML with --set and --model applied), stored with
+    each run so that ``--resume`` never continues a run with other settings than it started with."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def build_config(method: str, path: Path, overrides: dict, model: Optional[str],

@@ -244,7 +244,37 @@ class Runner:
         for run in runs:
             self.run_one(run)
 
+    def _settings_digest(self, run: RunSpec) -> Optional[str]:
+        """The digest of the settings ``run`` edits with now (None where the backend gives none). Continuing or
+        skipping a run whose finished work (chunks, checkpoints, a complete run) was made with other settings
+        (its YAML edited, another --set, a file installed by memoe-tune since) would report one experiment
+        under another's settings: refused. Attempts that stopped before finishing anything do not count."""
+        digest_of = getattr(self.backend, "settings_digest", None)
+        if digest_of is None or METHODS[run.method].unavailable:
+            return None
+        try:
+            digest = digest_of(run)
+        except CompareError:
+            raise
+        except Exception:       # open_method meets it again and records it as this method's failure
+            return None
+        if not digest:
+            return None
+        records = [rec for rec in self.store.records() if rec.get("run") == run.key]
+        worked = {rec.get("attempt") for rec in records
+                  if rec["type"] in ("chunk", "checkpoint") or (rec["type"] == "run_end"
+                                                                 and rec.get("status") == "complete")}
+        before = {rec["settings_digest"] for rec in records
+                  if rec["type"] == "run_start" and rec.get("attempt") in worked and rec.get("settings_digest")}
+        if before - {digest}:
+            raise CompareError(
+                f"{self.store.path}: {run.key} has results made with other {run.method} settings (digest "
+                f"{', '.join(sorted(before - {digest}))}, now {digest}): its hparams file or --set changed since. "
+                f"Rerun with the settings it ran with, or use another --out")
+        return digest
+
     def run_one(self, run: RunSpec) -> None:
+        digest = self._settings_digest(run)
         done, complete = self._status(run)
         n_chunks = len(chunk_ranges(run.num_edits, run.batch_size))
         if complete or (run.protocol == "batch" and len(done) >= n_chunks):
@@ -253,7 +283,8 @@ class Runner:
         base = {"run": run.key, "attempt": uuid.uuid4().hex[:12]}
         spec = METHODS[run.method]
         self.store.append({"type": "run_start", **base, **dataclasses.asdict(run), "alg_name": spec.alg_name,
-                           "time": datetime.datetime.now().isoformat(timespec="seconds")})
+                           "time": datetime.datetime.now().isoformat(timespec="seconds"),
+                           **({"settings_digest": digest} if digest else {})})
         self.current_chunk = None
         session = None
         try:

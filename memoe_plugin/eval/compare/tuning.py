@@ -287,6 +287,12 @@ def tune(argv: Optional[list[str]] = None, compare_main: Optional[Callable[..., 
             (folder / "trial.json").write_text(json.dumps(setting))
             kwargs = {"backend_factory": backend_factory} if backend_factory is not None else {}
             code = compare_main(command, **kwargs)
+            if code == 2:        # a usage error (bad settings, results made with other settings): stop here
+                raise CompareError(
+                    f"{method} trial {i} ({folder}): memoe-compare stopped with the error above, so nothing was "
+                    f"chosen or installed. (Resuming a search after --install starts from the installed "
+                    f"winner, not the file the finished trials used: restore {base}, e.g. with git checkout, "
+                    f"or use another --out.)")
             row = trial_row(folder) if code == 0 else None
             results.append((setting, row))
             print(f"[memoe-tune] {method} trial {i}: {json.dumps(setting) or 'shipped'} -> "
