@@ -9,7 +9,8 @@ import yaml
 
 from memoe_plugin.eval.compare import CompareError
 from memoe_plugin.eval.compare.tuning import (MIN_EDIT_GAIN, SEARCH_SPACES, brief, edit_gain, edits, replace_top_level,
-                                              score, select_best, trial_settings, tune, tuned_yaml)
+                                              same_setting, score, select_best, shipped_settings,
+                                              trial_settings, tune, tuned_yaml)
 
 
 def row(rel, gen, loc, status="complete"):
@@ -36,6 +37,33 @@ def test_trials_start_with_the_shipped_file_and_are_reproducible_distinct_grid_p
         trial_settings(space, 0)
     for method, space in SEARCH_SPACES.items():                  # every space is a non-empty grid
         assert space and all(isinstance(v, list) and v for v in space.values()), method
+
+
+def test_no_trial_repeats_the_shipped_file_and_other_draws_stay_as_they_were():
+    space = {"layers": [[3], [5], [8], [12]], "v_lr": [0.1, 0.5], "steps": [12, 25]}
+    plain = trial_settings(space, 16)                           # the whole 16-point grid in draw order
+    shipped_point = plain[3]
+    # the shipped file as PyYAML reads it (a float written "5e-1" stays a string); its other keys do not matter
+    shipped = {"layers": list(shipped_point["layers"]), "v_lr": f"{shipped_point['v_lr']:.0e}",
+               "steps": shipped_point["steps"], "alg_name": "ROME"}
+    kept = trial_settings(space, 6, shipped=shipped)
+    assert shipped_point not in kept and len(kept) == 6
+    assert kept == [{}] + [p for p in plain[1:] if p != shipped_point][:5]   # the rest of the draw is unchanged
+    assert trial_settings(space, 3, shipped=shipped) == plain[:3]         # a prefix that never met it: unchanged
+    assert trial_settings(space, 50, shipped=shipped) == [{}] + [p for p in
+                                                              trial_settings(space, 50)[1:] if p != shipped_point]
+    assert trial_settings(space, 6, shipped={"v_lr": 0.5}) == trial_settings(space, 6)   # a key it lacks: kept
+    assert same_setting("5e-1", 0.5) and same_setting([5], [5.0]) and not same_setting([5], [5, 6])
+    assert not same_setting(True, 1) and same_setting("x", "x") and not same_setting("x", 1)
+
+
+def test_the_tuner_reads_the_shipped_settings_it_keeps_out(tmp_path):
+    path = tmp_path / "M.yaml"
+    path.write_text("alg_name: ROME\nlayers: [5]\nv_lr: 5e-1\n")
+    assert shipped_settings(path) == {"alg_name": "ROME", "layers": [5], "v_lr": "5e-1"}
+    assert shipped_settings(tmp_path / "missing.yaml") is None
+    path.write_text("[unclosed")
+    assert shipped_settings(path) is None
 
 
 def test_every_searched_key_is_a_key_of_the_methods_shipped_file():

@@ -6,7 +6,7 @@
 For each method, ``--trials`` settings are drawn from its search space (:data:`SEARCH_SPACES`:
 its layer, learning rate and steps, and its own key settings such as GRACE's ε or WISE's
 activation thresholds). The shipped file is always trial 0, so tuning can only keep or improve
-the dev score. Each trial is one ``memoe-compare`` run on the **dev** split, so the records the tables
+the dev score, and no other trial repeats its settings. Each trial is one ``memoe-compare`` run on the **dev** split, so the records the tables
 report (test) are never looked at: under ``--protocol batch`` (the default) chunks of 30, each rolled
 back; under ``--protocol sequential`` chunks of 10 applied one after another with no rollback, all
 scored after the last, as the sequential tables are run. The winner is the
@@ -85,24 +85,59 @@ def score(row: Optional[dict]) -> float:
     return sum(row[k] for k in CRITERION) / len(CRITERION)
 
 
-def trial_settings(space: dict[str, list], trials: int, seed: int = 0) -> list[dict]:
+def same_setting(a: Any, b: Any) -> bool:
+    """Whether two hparam values are the same setting: lists element by element, numbers by value, so
+    that YAML's ``5e-1`` (which PyYAML reads as a string) equals the grid's ``0.5``."""
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b)
+                and all(same_setting(x, y) for x, y in zip(a, b)))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return a == b
+
+
+def is_shipped(point: dict, shipped: Optional[dict]) -> bool:
+    """Whether a grid point only repeats the shipped file, which trial 0 already runs."""
+    return shipped is not None and all(k in shipped and same_setting(v, shipped[k]) for k, v in point.items())
+
+
+def shipped_settings(path: Path) -> Optional[dict]:
+    """The top-level settings of a shipped hparams file (None when it cannot be read: nothing is kept out)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def trial_settings(space: dict[str, list], trials: int, seed: int = 0,
+                   shipped: Optional[dict] = None) -> list[dict]:
     """Trial 0 is ``{}`` (the shipped file); then ``trials - 1`` distinct points of the grid, drawn reproducibly.
 
-    The draw is prefix-stable: the first k trials are the same for every ``trials >= k``, so a smaller
-    budget is a prefix of a larger one and a search can be extended (or cut) and resumed. (The draw is
-    the partial Fisher-Yates shuffle of ``random.sample``'s pool method, which is prefix-stable itself,
-    whereas ``random.sample`` switches methods with the sample size.)"""
+    ``shipped`` (the shipped file's hparams) keeps out the grid point that repeats it, so that no trial
+    of the budget runs trial 0 again; the draw is otherwise the same, so a search that never met that
+    point is unchanged. The draw is prefix-stable: the first k trials are the same for every
+    ``trials >= k``, so a smaller budget is a prefix of a larger one and a search can be extended (or
+    cut) and resumed. (The draw is the partial Fisher-Yates shuffle of ``random.sample``'s pool method,
+    which is prefix-stable itself, whereas ``random.sample`` switches methods with the sample size.)"""
     if trials < 1:
         raise CompareError("--trials must be at least 1")
     keys = sorted(space)
     grid = [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
+    grid = [point for point in grid if not is_shipped(point, shipped)] if len(grid) <= trials - 1 else grid
     if len(grid) <= trials - 1:
         return [{}] + grid
     rng, pool = random.Random(seed), list(grid)
     chosen = []
-    for i in range(trials - 1):
+    for i in range(len(pool)):
+        if len(chosen) == trials - 1:
+            break
         j = rng.randrange(len(pool) - i)
-        chosen.append(pool[j])
+        if not is_shipped(pool[j], shipped):
+            chosen.append(pool[j])
         pool[j] = pool[len(pool) - i - 1]
     return [{}] + chosen
 
@@ -269,7 +304,7 @@ def tune(argv: Optional[list[str]] = None, compare_main: Optional[Callable[..., 
             raise CompareError(f"{method}: no search space in memoe_plugin.eval.compare.tuning.SEARCH_SPACES")
         base = hparams_path_for(method, None, {}, args.protocol)
         target = sequential_hparams_path(method) if args.protocol == "sequential" else base
-        settings = trial_settings(SEARCH_SPACES[method], args.trials, args.seed)
+        settings = trial_settings(SEARCH_SPACES[method], args.trials, args.seed, shipped_settings(base))
         results = []
         for i, setting in enumerate(settings):
             folder = out / "trials" / method / f"{i:02d}"
