@@ -6,9 +6,9 @@
 For each method, ``--trials`` settings are drawn from its search space (:data:`SEARCH_SPACES`:
 its layer, learning rate and steps, and its own key settings such as GRACE's ε or WISE's
 activation thresholds). The shipped file is always trial 0, so tuning can only keep or improve
-the dev score, and no other trial repeats its settings. Each trial is one ``memoe-compare`` run on the **dev** split, so the records the tables
-report (test) are never looked at: under ``--protocol batch`` (the default) chunks of 30, each rolled
-back; under ``--protocol sequential`` chunks of 10 applied one after another with no rollback, all
+the dev score, and no other trial repeats its settings. Each trial is one ``memoe-compare`` run on the
+**dev** split, so the records the tables report (test) are never looked at: under ``--protocol batch``
+(the default) chunks of 30, each rolled back; under ``--protocol sequential`` chunks of 10 applied one after another with no rollback, all
 scored after the last, as the sequential tables are run. The winner is the
 trial with the highest **average of reliability, generality and unrelated locality** (ties: the
 earlier trial) among the trials that edit: reliability at least :data:`MIN_EDIT_GAIN` points above the
@@ -127,9 +127,8 @@ def trial_settings(space: dict[str, list], trials: int, seed: int = 0,
         raise CompareError("--trials must be at least 1")
     keys = sorted(space)
     grid = [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
-    grid = [point for point in grid if not is_shipped(point, shipped)] if len(grid) <= trials - 1 else grid
     if len(grid) <= trials - 1:
-        return [{}] + grid
+        return [{}] + [point for point in grid if not is_shipped(point, shipped)]
     rng, pool = random.Random(seed), list(grid)
     chosen = []
     for i in range(len(pool)):
