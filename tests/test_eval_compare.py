@@ -443,6 +443,12 @@ def test_generation_and_probes_are_scored_on_the_edited_model_before_rollback(tm
     assert sorted(rows) == [("GRACE", 3), ("GRACE", 6), ("MEMoE", 3), ("MEMoE", 6)]
     for row in rows.values():
         assert row["status"] == "complete" and row["gen_em"] == 100.0 and row["rollback"] == "exact"
+        assert row["pre_gen_em"] == 0.0                     # the unedited model's greedy answers, before the edit
+    # Sequentially too: the unedited model's answers come from the model after its rollback.
+    assert run_main(tmp_path / "seq", FakeBackend(), "--methods", "MEMoE", "--num-edits", "6", "--protocol",
+                    "sequential", "--batch-size", "3", "--generation") == 0
+    (seq,) = json.loads((tmp_path / "seq" / "out" / "summary.json").read_text())
+    assert seq["gen_em"] == 100.0 and seq["pre_gen_em"] == 0.0
     # 3 edits do not "damage" the fake model (damage_after=2 means > 2 do): half the items flip
     assert rows[("MEMoE", 3)]["probes"]["toy"]["change"] == -50.0
     assert rows[("MEMoE", 3)]["probes"]["toy"]["before"] == 100.0

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from memoe_plugin.eval.compare import CompareError
-from memoe_plugin.eval.compare.tuning import (MIN_EDIT_GAIN, SEARCH_SPACES, brief, edit_gain, edits, replace_top_level,
+from memoe_plugin.eval.compare.tuning import (GENERATION, MIN_EDIT_GAIN, SEARCH_SPACES, brief, edit_gain, edits,
+                                              replace_top_level,
                                               same_setting, score, select_best, shipped_settings,
                                               trial_settings, tune, tuned_yaml)
 
@@ -255,3 +256,50 @@ def test_tune_stops_on_a_usage_error_instead_of_scoring_the_trial_as_failed(tmp_
     with pytest.raises(CompareError, match="trial 1 .*nothing was chosen or installed"):
         tune(["--methods", "FT-L", "--trials", "3", "--out", str(tmp_path)], compare_main=refusing_compare)
     assert not (tmp_path / "tuned" / "FT-L.yaml").exists()
+
+
+def gen_row(em, em_rephrase, loc, pre_em=0.0, rel=20.0, gen=20.0):
+    return {**row(rel, gen, loc), "gen_em": em, "gen_em_rephrase": em_rephrase, "pre_gen_em": pre_em,
+            "pre_reliability": rel}
+
+
+def test_the_generation_criterion_scores_greedy_exact_match_and_its_edit_rule_uses_the_unedited_models():
+    """GRACE's and DEFER's teacher-forced reliability misses their edits: by the default criterion no trial
+    edits (the shipped file stays, whatever its exact match), by the generation criterion they are told apart."""
+    shipped, wider = gen_row(100.0, 10.0, 100.0), gen_row(90.0, 60.0, 97.0)
+    assert score(wider, GENERATION) == pytest.approx((90 + 60 + 97) / 3)
+    assert not edits(shipped) and select_best([({}, shipped), ({"eps": 50}, wider)])[0] == 0
+    assert edits(shipped, GENERATION) and select_best([({}, shipped), ({"eps": 50}, wider)], GENERATION)[0] == 1
+    unchanged = gen_row(15.0, 15.0, 100.0, pre_em=10.0)             # exact match the unedited model already had
+    assert edit_gain(unchanged, GENERATION) == pytest.approx(5.0) and not edits(unchanged, GENERATION)
+    assert score(row(90, 60, 30), GENERATION) == float("-inf")     # a trial run without --generation
+
+
+def test_a_generation_search_runs_its_trials_with_generation_and_says_so(tmp_path):
+    seen = []
+
+    def fake_compare(argv, **_):
+        """Exact match grows with GRACE's eps; teacher-forced reliability does not move."""
+        seen.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        eps = next((json.loads(argv[i + 1].split("=", 1)[1]) for i, a in enumerate(argv)
+                    if a == "--set" and argv[i + 1].startswith("GRACE.eps=")), 1.0)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps([gen_row(100.0, min(eps, 100.0), 100.0 - eps / 10)]))
+        return 0
+    assert tune(["--methods", "GRACE", "--trials", "4", "--criterion", "generation", "--out", str(tmp_path)],
+                compare_main=fake_compare) == 0
+    assert len(seen) == 4 and all(a.count("--generation") == 1 for a in seen)
+    tuned = (tmp_path / "tuned" / "GRACE.yaml").read_text()
+    assert "Criterion: mean of greedy exact match" in tuned and "(generation)" in tuned and "gen_em 100.0" in tuned
+    report = (tmp_path / "tuning.md").read_text()
+    assert "(generation criterion)" in report and "| EM | Gen. EM | Loc. |" in report
+    best = yaml.safe_load(tuned)["eps"]
+    trials = [json.loads((tmp_path / "trials" / "GRACE" / f"{i:02d}" / "trial.json").read_text()) for i in range(4)]
+    assert best == max(t.get("eps", 1.0) for t in trials if t.get("eps", 1.0) <= 100)
+    # The same folder cannot be resumed by the other criterion: its trials may lack the columns.
+    with pytest.raises(CompareError, match="generation criterion, not teacher-forced"):
+        tune(["--methods", "GRACE", "--trials", "4", "--out", str(tmp_path)], compare_main=fake_compare)
+    assert tune(["--methods", "GRACE", "--trials", "2", "--criterion", "generation", "--generation",
+                 "--out", str(tmp_path)], compare_main=fake_compare) == 0
+    assert seen[-1].count("--generation") == 1                        # given once, passed on once

@@ -67,6 +67,10 @@ def aggregate(metrics: list[dict]) -> dict:
     pre = [flat_mean(m.get("pre", {}).get("rewrite_acc")) for m in metrics]
     pre = [v for v in pre if v is not None]
     out["pre_reliability"] = 100.0 * sum(pre) / len(pre) if pre else None
+    # The same for greedy exact match on the edit prompt (memoe-tune --criterion generation).
+    pre_em = [m["pre_generation"]["rewrite"]["exact_match"] for m in metrics
+              if "rewrite" in (m.get("pre_generation") or {})]
+    out["pre_gen_em"] = 100.0 * sum(pre_em) / len(pre_em) if pre_em else None
     parts = [out[k] for k in SCORES if out[k] is not None]
     # The paper's average is over reliability, generality and locality; where the data also
     # scores same-subject locality (KnowEdit), it is the fourth column of the mean.

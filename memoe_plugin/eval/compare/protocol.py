@@ -374,6 +374,9 @@ class Runner:
         requests = session.prepare(kwargs)
         metrics = [{"case_id": i, "requested_rewrite": r, "pre": session.evaluate(session.model, r)}
                    for i, r in enumerate(requests)]
+        if self.generation:       # the unedited model's greedy answers: what exact match gains by the edit
+            for metric, request in zip(metrics, requests):
+                metric["pre_generation"] = session.generation_scores(session.model, request)
         edited, handle, seconds = session.apply(requests, None)
         for metric, request in zip(metrics, requests):
             metric["time"] = seconds
@@ -497,6 +500,10 @@ class Runner:
                 for metric, request in zip(final, requests):
                     session.finalize(metric, request)
             exact = state_fingerprint(session.model) == baseline
+            if self.generation and exact:   # the unedited model again (also after a resume): its greedy answers
+                with self._quiet():
+                    for metric, request in zip(final, requests):
+                        metric["pre_generation"] = session.generation_scores(session.model, request)
             self.store.append(*[{"type": "case", **base, "chunk": len(ranges) - 1, "step": len(ranges) - 1,
                                  "index": i, "record_id": records[i].get("case_id", i), "final": True,
                                  "metric": metric} for i, metric in enumerate(final)],

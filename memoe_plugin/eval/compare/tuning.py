@@ -20,11 +20,19 @@ criterion and the dev scores. A sequential search starts from, and installs into
 files (``hparams/compare/smollm2-135m-sequential/``, which ``memoe-compare --protocol sequential``
 reads first), so that the batch files stay as they were tuned. ``<out>/tuning.md`` lists every trial.
 
+``--criterion generation`` scores reliability and generality by greedy exact match instead (the trials
+run with ``--generation``; the edit rule then compares with the unedited model's exact match): the mean
+of exact match on the edit prompt, exact match on its rephrasing, and unrelated locality. It is for
+methods whose teacher-forced scores do not see their edits (GRACE replaces only the last position's
+activation, DEFER gates on the last input position, which under teacher forcing is the answer's last
+token), so that the default criterion would choose among their trials blindly.
+
 Trials are resumable: each has its own memoe-compare folder, rerun with ``--resume``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import random
@@ -72,17 +80,38 @@ SEARCH_SPACES: dict[str, dict[str, list]] = {
     "DEFER": {"inner_params": [[f"model.layers[{n}].mlp.down_proj.weight"] for n in (18, 25)],
               "edit_lr": [7e-5, 1e-4, 1e-3], "n_iter": [50, 100], "threshold": [0.3, 0.5, 0.7]},
 }
-CRITERION = ("reliability", "generality", "locality")
+
+
+@dataclasses.dataclass(frozen=True)
+class Criterion:
+    """What a search maximises: the mean of ``columns`` of a trial's summary row, among the trials whose
+    ``columns[0]`` (reliability) is :data:`MIN_EDIT_GAIN` points above the unedited model's (``pre``)."""
+    name: str
+    columns: tuple[str, str, str]
+    pre: str
+    labels: tuple[str, str, str]
+    words: str                          # for headers: "mean of <words>"
+    compare_flags: tuple[str, ...] = ()  # what each trial's memoe-compare run needs to fill the columns
+
+
+TEACHER_FORCED = Criterion("teacher-forced", ("reliability", "generality", "locality"), "pre_reliability",
+                           ("Rel.", "Gen.", "Loc."), "reliability, generality and locality")
+GENERATION = Criterion("generation", ("gen_em", "gen_em_rephrase", "locality"), "pre_gen_em",
+                       ("EM", "Gen. EM", "Loc."),
+                       "greedy exact match on the edit prompt, exact match on its rephrasing, and locality",
+                       ("--generation",))
+CRITERIA = {c.name: c for c in (TEACHER_FORCED, GENERATION)}
 # A trial edits when its reliability is this many points above the unedited model's (EasyEdit's "pre"
 # rewrite_acc on the same records); trials that edit are preferred to trials that do not.
 MIN_EDIT_GAIN = 10.0
 
 
-def score(row: Optional[dict]) -> float:
-    """The criterion: the mean of reliability, generality and unrelated locality (-inf if a run failed)."""
-    if not row or row.get("status") != "complete" or any(row.get(k) is None for k in CRITERION):
+def score(row: Optional[dict], criterion: Criterion = TEACHER_FORCED) -> float:
+    """The criterion: by default the mean of reliability, generality and unrelated locality (-inf if a run
+    failed or lacks one of the columns)."""
+    if not row or row.get("status") != "complete" or any(row.get(k) is None for k in criterion.columns):
         return float("-inf")
-    return sum(row[k] for k in CRITERION) / len(CRITERION)
+    return sum(row[k] for k in criterion.columns) / len(criterion.columns)
 
 
 def same_setting(a: Any, b: Any) -> bool:
@@ -141,28 +170,32 @@ def trial_settings(space: dict[str, list], trials: int, seed: int = 0,
     return [{}] + chosen
 
 
-def edit_gain(row: Optional[dict]) -> Optional[float]:
-    """Reliability minus the unedited model's on the same records, in points (None when either is missing)."""
-    if not row or row.get("reliability") is None or row.get("pre_reliability") is None:
+def edit_gain(row: Optional[dict], criterion: Criterion = TEACHER_FORCED) -> Optional[float]:
+    """Reliability (the criterion's first column) minus the unedited model's on the same records, in points
+    (None when either is missing)."""
+    column = criterion.columns[0]
+    if not row or row.get(column) is None or row.get(criterion.pre) is None:
         return None
-    return row["reliability"] - row["pre_reliability"]
+    return row[column] - row[criterion.pre]
 
 
-def edits(row: Optional[dict]) -> bool:
+def edits(row: Optional[dict], criterion: Criterion = TEACHER_FORCED) -> bool:
     """Whether a trial changed what the model answers: :func:`edit_gain` of at least :data:`MIN_EDIT_GAIN`
     (a row without the unedited score, from an older run, counts as editing)."""
-    gain = edit_gain(row)
+    gain = edit_gain(row, criterion)
     return gain is None or gain >= MIN_EDIT_GAIN
 
 
-def select_best(results: list[tuple[dict, Optional[dict]]]) -> tuple[int, dict, Optional[dict]]:
+def select_best(results: list[tuple[dict, Optional[dict]]],
+                criterion: Criterion = TEACHER_FORCED) -> tuple[int, dict, Optional[dict]]:
     """``(index, settings, row)`` of the best trial by :func:`score` among the trials that :func:`edits`;
     ties go to the earlier trial. When no trial edits, trial 0 (the shipped file) stays."""
     if not results:
         raise CompareError("no trials to choose from")
-    if not any(edits(row) for _, row in results):
+    if not any(edits(row, criterion) for _, row in results):
         return 0, results[0][0], results[0][1]
-    best = max(range(len(results)), key=lambda i: (edits(results[i][1]), score(results[i][1]), -i))
+    best = max(range(len(results)),
+               key=lambda i: (edits(results[i][1], criterion), score(results[i][1], criterion), -i))
     return best, results[best][0], results[best][1]
 
 
@@ -187,7 +220,8 @@ def protocol_phrase(args) -> str:
     return f"chunks of {args.batch_size}, rolled back"
 
 
-def tuned_yaml(method: str, base: Path, settings: dict, row: Optional[dict], trials: int, args) -> str:
+def tuned_yaml(method: str, base: Path, settings: dict, row: Optional[dict], trials: int, args,
+               criterion: Criterion = TEACHER_FORCED) -> str:
     """The shipped file, its comments kept, with the winning settings in place and a header saying how."""
     shipped = base.read_text()
     text = "\n".join(line for line in shipped.splitlines()
@@ -202,12 +236,13 @@ def tuned_yaml(method: str, base: Path, settings: dict, row: Optional[dict], tri
         kept = False
     if not kept:                                     # a layout the line edit cannot handle: plain YAML instead
         text = yaml.safe_dump(expected, sort_keys=False)
-    scores = ", ".join(f"{k} {row[k]:.1f}" for k in CRITERION) if row else "no complete trial"
+    scores = (", ".join(f"{k} {row[k]:.1f}" for k in criterion.columns if row.get(k) is not None)
+              if row else "no complete trial")
     header = (f"# {method}, {TUNED_MARK} on the dev split ({args.data}, {args.num_edits} edits, "
               f"{protocol_phrase(args)}): {trials} trials from memoe_plugin.eval.compare.tuning.SEARCH_SPACES, "
-              f"trial 0 being {base.name} as shipped before.\n# Criterion: mean of reliability, generality and "
-              f"locality, among trials that raise reliability {MIN_EDIT_GAIN:g}+ points over the unedited model. "
-              f"Best: {json.dumps(settings) if settings else 'the shipped settings'} ({scores}).\n")
+              f"trial 0 being {base.name} as shipped before.\n# Criterion: mean of {criterion.words} "
+              f"({criterion.name}), among trials that raise {criterion.columns[0]} {MIN_EDIT_GAIN:g}+ points over "
+              f"the unedited model. Best: {json.dumps(settings) if settings else 'the shipped settings'} ({scores}).\n")
     return header + text
 
 
@@ -238,6 +273,19 @@ def trial_row(folder: Path) -> Optional[dict]:
     return rows[0] if rows else None
 
 
+CRITERION_FILE = "criterion.txt"
+
+
+def recorded_criterion(folder: Path) -> Criterion:
+    """The criterion one method's trials under ``<out>/trials/<METHOD>`` were chosen by (searches made
+    before there was a choice have no file: teacher-forced)."""
+    path = folder / CRITERION_FILE
+    name = path.read_text().strip() if path.is_file() else TEACHER_FORCED.name
+    if name not in CRITERIA:
+        raise CompareError(f"{path}: unknown criterion {name!r} (one of {', '.join(CRITERIA)})")
+    return CRITERIA[name]
+
+
 def read_trials(folder: Path) -> list[tuple[dict, Optional[dict]]]:
     """One method's finished trials under ``<out>/trials/<METHOD>``, in trial order: ``(settings, row)``."""
     return [(json.loads((trial / "trial.json").read_text()), trial_row(trial))
@@ -246,30 +294,35 @@ def read_trials(folder: Path) -> list[tuple[dict, Optional[dict]]]:
 
 def tuning_report(out: Path, args) -> str:
     """``tuning.md``: every method tuned into ``out`` so far (also by other memoe-tune runs), every trial."""
-    lines = ["# memoe-tune", "", f"Criterion: mean of {', '.join(CRITERION)} on the dev split of {args.data} "
+    lines = ["# memoe-tune", "", f"Criterion: the mean of three columns on the dev split of {args.data} "
              f"({args.num_edits} edits, {protocol_phrase(args)}), among the trials that edit (reliability "
              f"{MIN_EDIT_GAIN:g}+ points above the unedited model's, column 'gain'; when none does, the shipped file "
-             "stays).", ""]
-    methods = [(p.name, read_trials(p)) for p in sorted((out / "trials").iterdir()) if p.is_dir()]
-    methods = [(name, results, select_best(results)) for name, results in methods if results]
+             f"stays). The columns: {TEACHER_FORCED.words} (teacher-forced), or, where a method's section says "
+             f"so, {GENERATION.words} (generation).", ""]
+    methods = [(p.name, read_trials(p), recorded_criterion(p)) for p in sorted((out / "trials").iterdir())
+               if p.is_dir()]
+    methods = [(name, results, crit, select_best(results, crit)) for name, results, crit in methods if results]
 
-    def scores(r):
-        return " / ".join(f"{r[k]:.1f}" for k in CRITERION) + f" ({score(r):.1f})" if r else "–"
-    lines += ["| method | trials | shipped: Rel. / Gen. / Loc. (criterion) | tuned | winning settings |",
-              "|---|---|---|---|---|"]
-    for name, results, (best, setting, row) in methods:
-        lines.append(f"| {name} | {len(results)} | {scores(results[0][1])} | {scores(row)} | "
+    def scores(r, crit):
+        return " / ".join(f"{r[k]:.1f}" if r.get(k) is not None else "–" for k in crit.columns) + \
+            f" ({score(r, crit):.1f})" if r else "–"
+    lines += ["| method | trials | criterion | shipped: three columns (mean) | tuned | winning settings |",
+              "|---|---|---|---|---|---|"]
+    for name, results, crit, (best, setting, row) in methods:
+        lines.append(f"| {name} | {len(results)} | {crit.name}: {' / '.join(crit.labels)} | "
+                     f"{scores(results[0][1], crit)} | {scores(row, crit)} | "
                      f"{brief(setting) if setting else 'the shipped file'} |")
     lines.append("")
-    for name, results, (best, _, _) in methods:
-        lines += [f"## {name}: trial {best} wins", "",
-                  "| trial | settings | Rel. | Gen. | Loc. | criterion | gain |", "|---|---|---|---|---|---|---|"]
+    for name, results, crit, (best, _, _) in methods:
+        lines += [f"## {name}: trial {best} wins ({crit.name} criterion)", "",
+                  f"| trial | settings | {' | '.join(crit.labels)} | criterion | gain |",
+                  "|---|---|---|---|---|---|---|"]
         for i, (s, r) in enumerate(results):
-            cells = [f"{r[k]:.1f}" if r and r.get(k) is not None else "–" for k in CRITERION]
-            gain = edit_gain(r)
-            gain_cell = "–" if gain is None else f"{gain:+.1f}" + ("" if edits(r) else " (no edit)")
+            cells = [f"{r[k]:.1f}" if r and r.get(k) is not None else "–" for k in crit.columns]
+            gain = edit_gain(r, crit)
+            gain_cell = "–" if gain is None else f"{gain:+.1f}" + ("" if edits(r, crit) else " (no edit)")
             lines.append(f"| {i}{' (best)' if i == best else ''} | {brief(s)} | "
-                         + " | ".join(cells) + f" | {score(r):.1f} | {gain_cell} |")
+                         + " | ".join(cells) + f" | {score(r, crit):.1f} | {gain_cell} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -287,6 +340,11 @@ def tune(argv: Optional[list[str]] = None, compare_main: Optional[Callable[..., 
                         "writes the sequential files")
     parser.add_argument("--batch-size", type=int, help="chunk size (default 30 for batch, 10 for sequential)")
     parser.add_argument("--seed", type=int, default=0, help="which grid points are drawn")
+    parser.add_argument("--criterion", choices=tuple(CRITERIA), default=TEACHER_FORCED.name,
+                        help="what the winner maximises: teacher-forced (the default: mean of reliability, "
+                        "generality and locality) or generation (exact match of the greedy answer on the edit "
+                        "prompt and on its rephrasing, and locality; the trials run with --generation), for "
+                        "methods whose teacher-forced scores miss their edits (GRACE, DEFER)")
     parser.add_argument("--out", default="runs/tune")
     parser.add_argument("--install", action="store_true",
                         help="also write the winners into the shipped hparams/compare/smollm2-135m/")
@@ -296,6 +354,8 @@ def tune(argv: Optional[list[str]] = None, compare_main: Optional[Callable[..., 
     if compare_main is None:
         from .cli import main as compare_main
     methods = parse_methods(args.methods)
+    criterion = CRITERIA[args.criterion]
+    extra = [flag for flag in criterion.compare_flags if flag not in passthrough]
     out = Path(args.out).expanduser()
     (out / "tuned").mkdir(parents=True, exist_ok=True)
     for method in methods:
@@ -304,12 +364,20 @@ def tune(argv: Optional[list[str]] = None, compare_main: Optional[Callable[..., 
         base = hparams_path_for(method, None, {}, args.protocol)
         target = sequential_hparams_path(method) if args.protocol == "sequential" else base
         settings = trial_settings(SEARCH_SPACES[method], args.trials, args.seed, shipped_settings(base))
+        method_folder = out / "trials" / method
+        if any(method_folder.glob("*/trial.json")) and recorded_criterion(method_folder) != criterion:
+            raise CompareError(f"{method_folder} holds a search by the {recorded_criterion(method_folder).name} "
+                               f"criterion, not {criterion.name}: its trials may lack the columns "
+                               f"{criterion.name} needs; use another --out")
+        method_folder.mkdir(parents=True, exist_ok=True)
+        (method_folder / CRITERION_FILE).write_text(criterion.name + "\n")
         results = []
         for i, setting in enumerate(settings):
             folder = out / "trials" / method / f"{i:02d}"
             command = ["--data", args.data, "--split", "dev", "--num-edits", str(args.num_edits),
                        "--protocol", args.protocol, "--batch-size", str(args.batch_size), "--methods", method,
-                       "--hparams", f"{method}={base}", "--out", str(folder), "--no-progress", *passthrough]
+                       "--hparams", f"{method}={base}", "--out", str(folder), "--no-progress", *extra,
+                       *passthrough]
             for key, value in setting.items():
                 command += ["--set", f"{method}.{key}={json.dumps(value)}"]
             if (folder / "trial.json").exists() and json.loads((folder / "trial.json").read_text()) != setting:
@@ -330,9 +398,9 @@ def tune(argv: Optional[list[str]] = None, compare_main: Optional[Callable[..., 
             row = trial_row(folder) if code == 0 else None
             results.append((setting, row))
             print(f"[memoe-tune] {method} trial {i}: {json.dumps(setting) or 'shipped'} -> "
-                  f"{score(row):.1f}", file=sys.stderr)
-        best, setting, row = select_best(results)
-        text = tuned_yaml(method, base, setting, row, len(settings), args)
+                  f"{score(row, criterion):.1f}", file=sys.stderr)
+        best, setting, row = select_best(results, criterion)
+        text = tuned_yaml(method, base, setting, row, len(settings), args, criterion)
         (out / "tuned" / f"{method}.yaml").write_text(text)
         if args.install:
             target.parent.mkdir(parents=True, exist_ok=True)
