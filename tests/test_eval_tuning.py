@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from memoe_plugin.eval.compare import CompareError
-from memoe_plugin.eval.compare.tuning import (GENERATION, MIN_EDIT_GAIN, SEARCH_SPACES, brief, edit_gain, edits,
+from memoe_plugin.eval.compare.tuning import (GENERATION, MIN_EDIT_GAIN, SAME_SUBJECT, SEARCH_SPACES, brief, edit_gain, edits,
                                               replace_top_level,
-                                              same_setting, score, select_best, shipped_settings,
+                                              read_trials, same_setting, score, select_best, shipped_settings,
                                               trial_settings, tune, tuned_yaml)
 
 
@@ -297,9 +297,49 @@ def test_a_generation_search_runs_its_trials_with_generation_and_says_so(tmp_pat
     best = yaml.safe_load(tuned)["eps"]
     trials = [json.loads((tmp_path / "trials" / "GRACE" / f"{i:02d}" / "trial.json").read_text()) for i in range(4)]
     assert best == max(t.get("eps", 1.0) for t in trials if t.get("eps", 1.0) <= 100)
-    # The same folder cannot be resumed by the other criterion: its trials may lack the columns.
-    with pytest.raises(CompareError, match="generation criterion, not teacher-forced"):
-        tune(["--methods", "GRACE", "--trials", "4", "--out", str(tmp_path)], compare_main=fake_compare)
     assert tune(["--methods", "GRACE", "--trials", "2", "--criterion", "generation", "--generation",
                  "--out", str(tmp_path)], compare_main=fake_compare) == 0
     assert seen[-1].count("--generation") == 1                        # given once, passed on once
+    # Trials run without --generation cannot be chosen among by exact match: they lack its columns.
+    assert tune(["--methods", "GRACE", "--trials", "2", "--out", str(tmp_path / "tf")], compare_main=fake_compare) == 0
+    with pytest.raises(CompareError, match="ran without --generation"):
+        tune(["--methods", "GRACE", "--trials", "2", "--criterion", "generation", "--out", str(tmp_path / "tf")],
+             compare_main=fake_compare)
+
+
+def test_a_finished_search_is_chosen_among_again_by_same_subject_locality_without_rerunning(tmp_path):
+    """ROME's ZsRE dev search (docs/compare.md): the shipped layer-5 file wins by the default criterion, a
+    layer-3 trial that spills less onto the subject's other facts by the tables' four-column average."""
+    rows = {None: {**row(49.9, 36.6, 77.7), "same_subject": 44.1, "pre_reliability": 14.5},
+            0.1: {**row(25.7, 20.5, 92.5), "same_subject": 80.5, "pre_reliability": 14.5}}
+    runs = []
+
+    def fake_compare(argv, **_):
+        out = Path(argv[argv.index("--out") + 1])
+        if "--resume" in argv:
+            return 0                                                  # finished: memoe-compare skips it
+        runs.append(argv)
+        v_lr = next((json.loads(argv[i + 1].split("=", 1)[1]) for i, a in enumerate(argv)
+                     if a == "--set" and argv[i + 1].startswith("ROME.v_lr=")), None)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.jsonl").write_text("")
+        (out / "summary.json").write_text(json.dumps([rows[v_lr] if v_lr in rows else row(0, 0, 0)]))
+        return 0
+    assert tune(["--methods", "ROME", "--trials", "3", "--out", str(tmp_path)], compare_main=fake_compare) == 0
+    assert len(runs) == 3 and select_best([({}, rows[None]), ({}, rows[0.1])])[0] == 0
+    assert "Criterion: mean of reliability, generality and locality (teacher-forced)" in \
+        (tmp_path / "tuned" / "ROME.yaml").read_text()
+    assert tune(["--methods", "ROME", "--trials", "3", "--criterion", "same-subject", "--out", str(tmp_path)],
+                compare_main=fake_compare) == 0
+    assert len(runs) == 3                                             # nothing rerun
+    assert select_best([({}, rows[None]), ({}, rows[0.1])], SAME_SUBJECT)[0] == 1
+    tuned = (tmp_path / "tuned" / "ROME.yaml").read_text()
+    _, winner, _ = select_best(read_trials(tmp_path / "trials" / "ROME"), SAME_SUBJECT)
+    assert winner["v_lr"] == 0.1 and "(same-subject)" in tuned
+    assert all(yaml.safe_load(tuned)[k] == v for k, v in winner.items())
+    assert "(same-subject criterion)" in (tmp_path / "tuning.md").read_text()
+    plain = tmp_path / "plain"                                       # records without same-subject prompts
+    rows[None] = row(49.9, 36.6, 77.7)
+    with pytest.raises(CompareError, match="same_subject needs KnowEdit records"):
+        tune(["--methods", "ROME", "--trials", "1", "--criterion", "same-subject", "--out", str(plain)],
+             compare_main=fake_compare)

@@ -25,7 +25,11 @@ run with ``--generation``; the edit rule then compares with the unedited model's
 of exact match on the edit prompt, exact match on its rephrasing, and unrelated locality. It is for
 methods whose teacher-forced scores do not see their edits (GRACE replaces only the last position's
 activation, DEFER gates on the last input position, which under teacher forcing is the answer's last
-token), so that the default criterion would choose among their trials blindly.
+token), so that the default criterion would choose among their trials blindly. ``--criterion
+same-subject`` adds KnowEdit's same-subject locality (``Relation_Specificity``) as a fourth column, the
+average memoe-compare's tables report on KnowEdit data: the default criterion cannot see an edit that
+spills onto the subject's other facts. Rerun into the same ``--out`` with another criterion, a search
+is chosen among again without rerunning a trial (refused when the trials lack a column it needs).
 
 Trials are resumable: each has its own memoe-compare folder, rerun with ``--resume``.
 """
@@ -87,9 +91,9 @@ class Criterion:
     """What a search maximises: the mean of ``columns`` of a trial's summary row, among the trials whose
     ``columns[0]`` (reliability) is :data:`MIN_EDIT_GAIN` points above the unedited model's (``pre``)."""
     name: str
-    columns: tuple[str, str, str]
+    columns: tuple[str, ...]
     pre: str
-    labels: tuple[str, str, str]
+    labels: tuple[str, ...]
     words: str                          # for headers: "mean of <words>"
     compare_flags: tuple[str, ...] = ()  # what each trial's memoe-compare run needs to fill the columns
 
@@ -100,7 +104,10 @@ GENERATION = Criterion("generation", ("gen_em", "gen_em_rephrase", "locality"), 
                        ("EM", "Gen. EM", "Loc."),
                        "greedy exact match on the edit prompt, exact match on its rephrasing, and locality",
                        ("--generation",))
-CRITERIA = {c.name: c for c in (TEACHER_FORCED, GENERATION)}
+SAME_SUBJECT = Criterion("same-subject", ("reliability", "generality", "locality", "same_subject"),
+                         "pre_reliability", ("Rel.", "Gen.", "Loc.", "Same subj."),
+                         "reliability, generality, locality and same-subject locality (KnowEdit data only)")
+CRITERIA = {c.name: c for c in (TEACHER_FORCED, GENERATION, SAME_SUBJECT)}
 # A trial edits when its reliability is this many points above the unedited model's (EasyEdit's "pre"
 # rewrite_acc on the same records); trials that edit are preferred to trials that do not.
 MIN_EDIT_GAIN = 10.0
@@ -273,17 +280,35 @@ def trial_row(folder: Path) -> Optional[dict]:
     return rows[0] if rows else None
 
 
-CRITERION_FILE = "criterion.txt"
+CRITERION_FILE = "criterion.txt"       # the criterion the last memoe-tune run into a method's folder chose by
+FLAGS_FILE = "trial_flags.txt"          # the memoe-compare flags that folder's trials ran with (one per line)
 
 
 def recorded_criterion(folder: Path) -> Criterion:
-    """The criterion one method's trials under ``<out>/trials/<METHOD>`` were chosen by (searches made
+    """The criterion one method's trials under ``<out>/trials/<METHOD>`` were last chosen by (searches made
     before there was a choice have no file: teacher-forced)."""
     path = folder / CRITERION_FILE
     name = path.read_text().strip() if path.is_file() else TEACHER_FORCED.name
     if name not in CRITERIA:
         raise CompareError(f"{path}: unknown criterion {name!r} (one of {', '.join(CRITERIA)})")
     return CRITERIA[name]
+
+
+def claim_method_folder(folder: Path, criterion: Criterion) -> None:
+    """Record that ``criterion`` chooses among the trials in ``folder``. Trials already there may be chosen
+    among again by another criterion (a search's trials read once more, nothing rerun) only when they ran
+    with every memoe-compare flag that criterion needs (``--generation`` for exact match)."""
+    flags_path = folder / FLAGS_FILE
+    if any(folder.glob("*/trial.json")):
+        ran_with = set(flags_path.read_text().split()) if flags_path.is_file() else set()
+        missing = sorted(set(criterion.compare_flags) - ran_with)
+        if missing:
+            raise CompareError(f"{folder}: its trials ran without {' '.join(missing)}, which the {criterion.name} "
+                               f"criterion needs for {', '.join(criterion.columns)}; use another --out")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        flags_path.write_text("".join(f"{flag}\n" for flag in criterion.compare_flags))
+    (folder / CRITERION_FILE).write_text(criterion.name + "\n")
 
 
 def read_trials(folder: Path) -> list[tuple[dict, Optional[dict]]]:
@@ -294,11 +319,11 @@ def read_trials(folder: Path) -> list[tuple[dict, Optional[dict]]]:
 
 def tuning_report(out: Path, args) -> str:
     """``tuning.md``: every method tuned into ``out`` so far (also by other memoe-tune runs), every trial."""
-    lines = ["# memoe-tune", "", f"Criterion: the mean of three columns on the dev split of {args.data} "
-             f"({args.num_edits} edits, {protocol_phrase(args)}), among the trials that edit (reliability "
-             f"{MIN_EDIT_GAIN:g}+ points above the unedited model's, column 'gain'; when none does, the shipped file "
-             f"stays). The columns: {TEACHER_FORCED.words} (teacher-forced), or, where a method's section says "
-             f"so, {GENERATION.words} (generation).", ""]
+    lines = ["# memoe-tune", "", f"Criterion: the mean of the columns each method's section names, on the dev "
+             f"split of {args.data} ({args.num_edits} edits, {protocol_phrase(args)}), among the trials that edit "
+             f"(reliability {MIN_EDIT_GAIN:g}+ points above the unedited model's, column 'gain'; when none does, "
+             "the shipped file stays). "
+             + " ".join(f"{c.name}: mean of {c.words}." for c in CRITERIA.values()), ""]
     methods = [(p.name, read_trials(p), recorded_criterion(p)) for p in sorted((out / "trials").iterdir())
                if p.is_dir()]
     methods = [(name, results, crit, select_best(results, crit)) for name, results, crit in methods if results]
@@ -306,7 +331,7 @@ def tuning_report(out: Path, args) -> str:
     def scores(r, crit):
         return " / ".join(f"{r[k]:.1f}" if r.get(k) is not None else "–" for k in crit.columns) + \
             f" ({score(r, crit):.1f})" if r else "–"
-    lines += ["| method | trials | criterion | shipped: three columns (mean) | tuned | winning settings |",
+    lines += ["| method | trials | criterion | shipped: its columns (mean) | tuned | winning settings |",
               "|---|---|---|---|---|---|"]
     for name, results, crit, (best, setting, row) in methods:
         lines.append(f"| {name} | {len(results)} | {crit.name}: {' / '.join(crit.labels)} | "
@@ -316,7 +341,7 @@ def tuning_report(out: Path, args) -> str:
     for name, results, crit, (best, _, _) in methods:
         lines += [f"## {name}: trial {best} wins ({crit.name} criterion)", "",
                   f"| trial | settings | {' | '.join(crit.labels)} | criterion | gain |",
-                  "|---|---|---|---|---|---|---|"]
+                  "|---|---|" + "---|" * len(crit.columns) + "---|---|"]
         for i, (s, r) in enumerate(results):
             cells = [f"{r[k]:.1f}" if r and r.get(k) is not None else "–" for k in crit.columns]
             gain = edit_gain(r, crit)
@@ -344,7 +369,10 @@ def tune(argv: Optional[list[str]] = None, compare_main: Optional[Callable[..., 
                         help="what the winner maximises: teacher-forced (the default: mean of reliability, "
                         "generality and locality) or generation (exact match of the greedy answer on the edit "
                         "prompt and on its rephrasing, and locality; the trials run with --generation), for "
-                        "methods whose teacher-forced scores miss their edits (GRACE, DEFER)")
+                        "methods whose teacher-forced scores miss their edits (GRACE, DEFER), or same-subject "
+                        "(teacher-forced plus KnowEdit's same-subject locality: the tables' average on KnowEdit "
+                        "data). A finished search can be chosen among again by another criterion, from the same "
+                        "--out: nothing is rerun")
     parser.add_argument("--out", default="runs/tune")
     parser.add_argument("--install", action="store_true",
                         help="also write the winners into the shipped hparams/compare/smollm2-135m/")
@@ -364,13 +392,7 @@ def tune(argv: Optional[list[str]] = None, compare_main: Optional[Callable[..., 
         base = hparams_path_for(method, None, {}, args.protocol)
         target = sequential_hparams_path(method) if args.protocol == "sequential" else base
         settings = trial_settings(SEARCH_SPACES[method], args.trials, args.seed, shipped_settings(base))
-        method_folder = out / "trials" / method
-        if any(method_folder.glob("*/trial.json")) and recorded_criterion(method_folder) != criterion:
-            raise CompareError(f"{method_folder} holds a search by the {recorded_criterion(method_folder).name} "
-                               f"criterion, not {criterion.name}: its trials may lack the columns "
-                               f"{criterion.name} needs; use another --out")
-        method_folder.mkdir(parents=True, exist_ok=True)
-        (method_folder / CRITERION_FILE).write_text(criterion.name + "\n")
+        claim_method_folder(out / "trials" / method, criterion)
         results = []
         for i, setting in enumerate(settings):
             folder = out / "trials" / method / f"{i:02d}"
@@ -399,6 +421,13 @@ def tune(argv: Optional[list[str]] = None, compare_main: Optional[Callable[..., 
             results.append((setting, row))
             print(f"[memoe-tune] {method} trial {i}: {json.dumps(setting) or 'shipped'} -> "
                   f"{score(row, criterion):.1f}", file=sys.stderr)
+        complete = [row for _, row in results if row and row.get("status") == "complete"]
+        absent = sorted({k for k in criterion.columns if complete and all(row.get(k) is None for row in complete)})
+        if absent:
+            hint = (" (same_subject needs KnowEdit records: --data zsre-knowedit or counterfact-knowedit)"
+                    if "same_subject" in absent else "")
+            raise CompareError(f"{method}: no trial has {', '.join(absent)}, which the {criterion.name} criterion "
+                               f"averages{hint}; nothing was chosen or installed")
         best, setting, row = select_best(results, criterion)
         text = tuned_yaml(method, base, setting, row, len(settings), args, criterion)
         (out / "tuned" / f"{method}.yaml").write_text(text)
