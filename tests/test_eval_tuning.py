@@ -11,7 +11,7 @@ from memoe_plugin.eval.compare import CompareError
 from memoe_plugin.eval.compare.tuning import (GENERATION, MIN_EDIT_GAIN, SAME_SUBJECT, SEARCH_SPACES, brief, edit_gain, edits,
                                               replace_top_level,
                                               read_trials, same_setting, score, select_best, shipped_settings,
-                                              trial_settings, tune, tuned_yaml)
+                                              search_space, trial_settings, tune, tuned_yaml)
 
 
 def row(rel, gen, loc, status="complete"):
@@ -343,3 +343,32 @@ def test_a_finished_search_is_chosen_among_again_by_same_subject_locality_withou
     with pytest.raises(CompareError, match="same_subject needs KnowEdit records"):
         tune(["--methods", "ROME", "--trials", "1", "--criterion", "same-subject", "--out", str(plain)],
              compare_main=fake_compare)
+
+
+def test_space_narrows_one_list_of_a_methods_grid_and_the_tuned_file_says_so(tmp_path):
+    """WISE's n_iter 30 costs about 42 min a trial on one CPU core; --space WISE.n_iter=10 keeps every trial
+    at 10 while the other lists are searched as usual."""
+    seen = []
+
+    def fake_compare(argv, **_):
+        seen.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps([row(50.0 + len(seen), 20.0, 90.0)]))
+        return 0
+    assert tune(["--methods", "WISE", "--trials", "5", "--space", "WISE.n_iter=10", "--out", str(tmp_path)],
+                compare_main=fake_compare) == 0
+    trials = [json.loads((tmp_path / "trials" / "WISE" / f"{i:02d}" / "trial.json").read_text()) for i in range(5)]
+    assert trials[0] == {} and all(t["n_iter"] == 10 for t in trials[1:])
+    assert len({json.dumps(t, sort_keys=True) for t in trials}) == 5      # still distinct points of the grid
+    space, changed = search_space("WISE", ["WISE.n_iter=10", "wise.edit_lr=[0.5]"])
+    assert changed == {"n_iter": [10], "edit_lr": [0.5]} and space["act_ratio"] == SEARCH_SPACES["WISE"]["act_ratio"]
+    header = (tmp_path / "tuned" / "WISE.yaml").read_text().splitlines()[0]
+    assert 'with --space {"n_iter": [10]}' in header
+    # Mistakes stop before trial 0 runs: a method not tuned here, a key the file lacks, an empty list, bad syntax.
+    for space_arg, message in (("GRACE.eps=[1]", "does not tune"), ("WISE.n_itr=[10]", "not a setting of WISE"),
+                               ("WISE.n_iter=[]", "at least one setting"), ("WISE=10", "expected METHOD.key")):
+        with pytest.raises(CompareError, match=message):
+            tune(["--methods", "WISE", "--trials", "2", "--space", space_arg, "--out", str(tmp_path / "bad")],
+                 compare_main=fake_compare)
+    assert len(seen) == 5

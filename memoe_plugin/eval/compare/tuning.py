@@ -47,6 +47,7 @@ from typing import Any, Callable, Optional
 
 import yaml
 
+from ..overrides import OverrideError, parse_method_assignments
 from .errors import CompareError
 from .methods import TUNED_MARK, hparams_path_for, parse_methods, sequential_hparams_path
 from .protocol import DEFAULT_BATCH_SIZE
@@ -177,6 +178,25 @@ def trial_settings(space: dict[str, list], trials: int, seed: int = 0,
     return [{}] + chosen
 
 
+def search_space(method: str, items: list[str]) -> tuple[dict[str, list], dict[str, list]]:
+    """``(space, changed)``: ``method``'s grid in :data:`SEARCH_SPACES` with the ``--space METHOD.key=[v1, v2]``
+    items that name it in place of (or beside) its own lists, and those changed lists alone (for the headers).
+
+    A value is a YAML list of settings; a plain value is one setting (``WISE.n_iter=10``), so a setting that
+    is itself a list needs its own brackets (``GRACE.inner_params=[[model.layers[12].mlp.down_proj.weight]]``).
+    A narrowed space is a different grid, so its draw differs from the full space's."""
+    try:
+        by_method = parse_method_assignments(items, SEARCH_SPACES)
+    except OverrideError as err:
+        raise CompareError(f"--space {err}") from None
+    changed = {key: value if isinstance(value, list) else [value]
+               for key, value in by_method.get(method, {}).items()}
+    for key, values in changed.items():
+        if not values:
+            raise CompareError(f"--space {method}.{key}: give at least one setting, e.g. {method}.{key}=[1, 2]")
+    return {**SEARCH_SPACES[method], **changed}, changed
+
+
 def edit_gain(row: Optional[dict], criterion: Criterion = TEACHER_FORCED) -> Optional[float]:
     """Reliability (the criterion's first column) minus the unedited model's on the same records, in points
     (None when either is missing)."""
@@ -228,7 +248,7 @@ def protocol_phrase(args) -> str:
 
 
 def tuned_yaml(method: str, base: Path, settings: dict, row: Optional[dict], trials: int, args,
-               criterion: Criterion = TEACHER_FORCED) -> str:
+               criterion: Criterion = TEACHER_FORCED, changed: Optional[dict] = None) -> str:
     """The shipped file, its comments kept, with the winning settings in place and a header saying how."""
     shipped = base.read_text()
     text = "\n".join(line for line in shipped.splitlines()
@@ -246,7 +266,8 @@ def tuned_yaml(method: str, base: Path, settings: dict, row: Optional[dict], tri
     scores = (", ".join(f"{k} {row[k]:.1f}" for k in criterion.columns if row.get(k) is not None)
               if row else "no complete trial")
     header = (f"# {method}, {TUNED_MARK} on the dev split ({args.data}, {args.num_edits} edits, "
-              f"{protocol_phrase(args)}): {trials} trials from memoe_plugin.eval.compare.tuning.SEARCH_SPACES, "
+              f"{protocol_phrase(args)}): {trials} trials from memoe_plugin.eval.compare.tuning.SEARCH_SPACES"
+              f"{' with --space ' + json.dumps(changed) if changed else ''}, "
               f"trial 0 being {base.name} as shipped before.\n# Criterion: mean of {criterion.words} "
               f"({criterion.name}), among trials that raise {criterion.columns[0]} {MIN_EDIT_GAIN:g}+ points over "
               f"the unedited model. Best: {json.dumps(settings) if settings else 'the shipped settings'} ({scores}).\n")
@@ -373,6 +394,9 @@ def tune(argv: Optional[list[str]] = None, compare_main: Optional[Callable[..., 
                         "(teacher-forced plus KnowEdit's same-subject locality: the tables' average on KnowEdit "
                         "data). A finished search can be chosen among again by another criterion, from the same "
                         "--out: nothing is rerun")
+    parser.add_argument("--space", action="append", default=[], metavar="METHOD.key=[v1, v2]",
+                        help="replace one list of a method's search space (repeatable), e.g. WISE.n_iter=10 to "
+                        "keep a slow method's trials within a time budget; the tuned file's header records it")
     parser.add_argument("--out", default="runs/tune")
     parser.add_argument("--install", action="store_true",
                         help="also write the winners into the shipped hparams/compare/smollm2-135m/")
@@ -389,9 +413,23 @@ def tune(argv: Optional[list[str]] = None, compare_main: Optional[Callable[..., 
     for method in methods:
         if method not in SEARCH_SPACES:
             raise CompareError(f"{method}: no search space in memoe_plugin.eval.compare.tuning.SEARCH_SPACES")
+    spaces = {method: search_space(method, args.space) for method in methods}
+    tuned_here = {m.lower() for m in methods}
+    stray = sorted({item.partition(".")[0] for item in args.space if item.partition(".")[0].lower() not in tuned_here})
+    if stray:
+        raise CompareError(f"--space names {', '.join(stray)}, which --methods ({', '.join(methods)}) does not tune")
+    for method, (_, changed) in spaces.items():    # an unknown key would fail only at trial 1, after trial 0 ran
+        known = set(SEARCH_SPACES[method]) | set(shipped_settings(hparams_path_for(method, None, {}, args.protocol))
+                                                 or {})
+        unknown = sorted(set(changed) - known)
+        if unknown:
+            raise CompareError(f"--space {method}.{unknown[0]}: not a setting of {method}'s hparams file; its "
+                               f"search space has {', '.join(sorted(SEARCH_SPACES[method]))}")
+    for method in methods:
+        space, changed = spaces[method]
         base = hparams_path_for(method, None, {}, args.protocol)
         target = sequential_hparams_path(method) if args.protocol == "sequential" else base
-        settings = trial_settings(SEARCH_SPACES[method], args.trials, args.seed, shipped_settings(base))
+        settings = trial_settings(space, args.trials, args.seed, shipped_settings(base))
         claim_method_folder(out / "trials" / method, criterion)
         results = []
         for i, setting in enumerate(settings):
@@ -429,7 +467,7 @@ def tune(argv: Optional[list[str]] = None, compare_main: Optional[Callable[..., 
             raise CompareError(f"{method}: no trial has {', '.join(absent)}, which the {criterion.name} criterion "
                                f"averages{hint}; nothing was chosen or installed")
         best, setting, row = select_best(results, criterion)
-        text = tuned_yaml(method, base, setting, row, len(settings), args, criterion)
+        text = tuned_yaml(method, base, setting, row, len(settings), args, criterion, changed)
         (out / "tuned" / f"{method}.yaml").write_text(text)
         if args.install:
             target.parent.mkdir(parents=True, exist_ok=True)
