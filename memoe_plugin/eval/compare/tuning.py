@@ -197,6 +197,23 @@ def search_space(method: str, items: list[str]) -> tuple[dict[str, list], dict[s
     return {**SEARCH_SPACES[method], **changed}, changed
 
 
+def checked_spaces(methods: list[str], items: list[str], protocol: str) -> dict[str, tuple[dict, dict]]:
+    """:func:`search_space` of each method, refusing before any trial runs (an unknown key would only fail at
+    trial 1, after trial 0 ran) an item that names a method not tuned here or a key its hparams file lacks."""
+    spaces = {method: search_space(method, items) for method in methods}
+    tuned_here = {m.lower() for m in methods}
+    stray = sorted({item.partition(".")[0] for item in items if item.partition(".")[0].lower() not in tuned_here})
+    if stray:
+        raise CompareError(f"--space names {', '.join(stray)}, which --methods ({', '.join(methods)}) does not tune")
+    for method, (_, changed) in spaces.items():
+        known = set(SEARCH_SPACES[method]) | set(shipped_settings(hparams_path_for(method, None, {}, protocol)) or {})
+        unknown = sorted(set(changed) - known)
+        if unknown:
+            raise CompareError(f"--space {method}.{unknown[0]}: not a setting of {method}'s hparams file; its "
+                               f"search space has {', '.join(sorted(SEARCH_SPACES[method]))}")
+    return spaces
+
+
 def edit_gain(row: Optional[dict], criterion: Criterion = TEACHER_FORCED) -> Optional[float]:
     """Reliability (the criterion's first column) minus the unedited model's on the same records, in points
     (None when either is missing)."""
@@ -413,18 +430,7 @@ def tune(argv: Optional[list[str]] = None, compare_main: Optional[Callable[..., 
     for method in methods:
         if method not in SEARCH_SPACES:
             raise CompareError(f"{method}: no search space in memoe_plugin.eval.compare.tuning.SEARCH_SPACES")
-    spaces = {method: search_space(method, args.space) for method in methods}
-    tuned_here = {m.lower() for m in methods}
-    stray = sorted({item.partition(".")[0] for item in args.space if item.partition(".")[0].lower() not in tuned_here})
-    if stray:
-        raise CompareError(f"--space names {', '.join(stray)}, which --methods ({', '.join(methods)}) does not tune")
-    for method, (_, changed) in spaces.items():    # an unknown key would fail only at trial 1, after trial 0 ran
-        known = set(SEARCH_SPACES[method]) | set(shipped_settings(hparams_path_for(method, None, {}, args.protocol))
-                                                 or {})
-        unknown = sorted(set(changed) - known)
-        if unknown:
-            raise CompareError(f"--space {method}.{unknown[0]}: not a setting of {method}'s hparams file; its "
-                               f"search space has {', '.join(sorted(SEARCH_SPACES[method]))}")
+    spaces = checked_spaces(methods, args.space, args.protocol)
     for method in methods:
         space, changed = spaces[method]
         base = hparams_path_for(method, None, {}, args.protocol)
