@@ -67,7 +67,7 @@ SEARCH_SPACES: dict[str, dict[str, list]] = {
     "WISE": {"inner_params": [[f"model.layers[{n}].mlp.down_proj.weight"] for n in (18, 25)],
              "act_ratio": [0.7, 0.88], "mask_ratio": [0.2, 0.5], "edit_lr": [0.5, 1.0],
              "act_margin": [[5.0, 20.0, 10.0], [2.5, 10.0, 5.0]], "n_iter": [10, 30]},
-    # AlphaEdit keeps MEMIT's layers 4-8: each further layer needs its own covariance statistics (about 5 min
+    # AlphaEdit keeps MEMIT's layers 4-8: each further layer needs its own covariance statistics (1-5 min
     # per layer on one core of the 2-core machine), which the search budget here did not cover.
     "AlphaEdit": {"v_lr": [1e-1, 5e-1], "v_num_grad_steps": [12, 25], "nullspace_threshold": [1e-2, 2e-2],
                   "L2": [1, 10]},
