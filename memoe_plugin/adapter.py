@@ -60,6 +60,18 @@ def resolve_module(model: nn.Module, hparams: MEMoEHyperParams) -> tuple[nn.Modu
     return model.get_submodule(parent_name) if parent_name else model, attr, module
 
 
+def scope_block(model: nn.Module, hparams: MEMoEHyperParams) -> nn.Module:
+    """The block whose input the key scope reads (``scope_layer``), from the layer list of ``module_template``."""
+    layers_path = hparams.module_template.split("{}")[0].rstrip(".")
+    try:
+        layers = model.get_submodule(layers_path)
+        return layers[hparams.scope_layer]
+    except (AttributeError, IndexError, TypeError):
+        raise ValueError(f"scope_layer = {hparams.scope_layer}: {layers_path!r} has no block {hparams.scope_layer} in "
+                         f"{type(model).__name__}; set scope_layer to a block index, or -1 to read the bypass "
+                         "input") from None
+
+
 def _count_layers(model: nn.Module, layers_path: str) -> Optional[int]:
     try:
         layers = model.get_submodule(layers_path)
@@ -91,14 +103,23 @@ class MEMoEAdapter:
                                     hparams.scale, hparams.gate_noise)
         with torch.no_grad():
             self.bypass.gate_scale[:projection_shape(self.base_module)[0]] = hparams.gate_token_weight
-        self.scope = None
+        self.scope, self.scope_block = None, None
         if hparams.scope_keys:
-            self.scope = KeyScope(projection_shape(self.base_module)[0], hparams.scope_threshold,
-                                  self.base_module.weight.device, snap=hparams.scope_snap)
+            in_features = projection_shape(self.base_module)[0]
+            reads_block = hparams.scope_layer >= 0
+            if reads_block:
+                self.scope_block = scope_block(model, hparams)
+            dim = embedding.weight.shape[1] if reads_block else in_features
+            self.scope = KeyScope(dim, hparams.scope_threshold, self.base_module.weight.device, snap=hparams.scope_snap,
+                                  input_dim=in_features, rank=hparams.scope_rank,
+                                  anti_margin=hparams.scope_anti_margin,
+                                  copy_similarity=hparams.scope_copy_similarity)
             self.bypass.scope = self.scope
+            self.bypass.scope_reads_block = reads_block
         if hparams.expert_routing == "key":
             self.bypass.expert_of = torch.zeros(0, dtype=torch.long, device=self.base_module.weight.device)
         self.trainable_experts: Optional[list[int]] = None   # None: every expert learns in this call
+        self.routing_paused = False   # True: forward passes compute no routing inputs (the bypass is off in them)
         self.bypass.eval()
         self._hooks: list = []
         self._prefixes: Optional[list[list[int]]] = None   # real ids per row, for KV-cache steps
@@ -125,6 +146,8 @@ class MEMoEAdapter:
             raise RuntimeError(f"{self.hparams.module_name} is no longer the module this adapter wrapped")
         setattr(self.parent, self.attr, self.bypass)
         self._hooks.append(model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        if self.scope_block is not None:
+            self._hooks.append(self.scope_block.register_forward_pre_hook(self._scope_states, with_kwargs=True))
         self._hooks.append(model.register_forward_hook(self._after_forward, always_call=True))
         if hasattr(model, "generate"):
             model.__dict__["generate"] = functools.partial(_guarded_generate, model, type(model).generate)
@@ -157,6 +180,12 @@ class MEMoEAdapter:
         if self.scope is not None:
             tensors.update({"scope.center": self.scope.center, "scope.keys": self.scope.keys,
                             "scope.edit_ids": self.scope.edit_ids})
+            if self.scope.rank:
+                tensors["scope.basis"] = self.scope.basis
+            if self.scope.anti_keys.shape[0]:
+                tensors.update({"scope.anti_keys": self.scope.anti_keys,
+                                "scope.anti_edit_ids": self.scope.anti_edit_ids,
+                                "scope.anti_floor": self.scope.anti_floor})
             if self.scope.snap > 0:
                 tensors["scope.inputs"] = self.scope.inputs
             info["scope"] = {"calibrated": self.scope.calibrated}
@@ -190,6 +219,16 @@ class MEMoEAdapter:
             self.scope.center.copy_(tensors["scope.center"].to(device))
             self.scope.keys = tensors["scope.keys"].to(device)
             self.scope.edit_ids = tensors["scope.edit_ids"].to(device)
+            if self.scope.rank:
+                if "scope.basis" not in tensors:
+                    raise ValueError("this adapter was saved without the key scope's directions (scope_rank: 0), and "
+                                     "its hparams ask for scope_rank > 0; load it with the scope_rank it was edited "
+                                     "with")
+                self.scope.basis.copy_(tensors["scope.basis"].to(device))
+            if "scope.anti_keys" in tensors:
+                self.scope.anti_keys = tensors["scope.anti_keys"].to(device)
+                self.scope.anti_edit_ids = tensors["scope.anti_edit_ids"].to(device)
+                self.scope.anti_floor = tensors["scope.anti_floor"].to(device)
             if self.scope.snap > 0:
                 if "scope.inputs" not in tensors:
                     raise ValueError("this adapter was saved without the keys' layer inputs (scope_snap: 0), "
@@ -284,6 +323,9 @@ class MEMoEAdapter:
             self.guard.add(found, first_edit + i)
 
     def _before_forward(self, module, args, kwargs):
+        if self.routing_paused:   # a pass that never reaches an enabled bypass (training.capture.scope_views)
+            self.context.clear()
+            return None
         bound = bound_arguments(module, args, kwargs)
         input_ids = bound.get("input_ids")
         if input_ids is None:
@@ -295,6 +337,12 @@ class MEMoEAdapter:
                              "without locality_guard.")
         inputs = self.routing_features(input_ids, bound.get("attention_mask"), continuation_length(bound, input_ids))
         self.context.set(*inputs)
+        return None
+
+    def _scope_states(self, module, args, kwargs):
+        """The residual stream entering ``scope_layer``: what the key scope reads in this forward pass."""
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        self.context.states = None if hidden is None else hidden.detach()
         return None
 
     def _after_forward(self, module, args, kwargs, output=None):

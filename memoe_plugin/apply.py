@@ -21,7 +21,7 @@ from .training.trainer import train_experts
 # Settings that fix the adapter's shape: they must not change between sequential edits.
 STRUCTURAL_KEYS = ("layer", "module_template", "num_experts", "top_k", "routing_input", "anchor_backend",
                    "locality_guard", "gate_norm", "gate_token_weight", "memory_rows", "scope_keys",
-                   "expert_routing", "edits_per_expert")
+                   "expert_routing", "edits_per_expert", "scope_layer", "scope_rank", "scope_anti_keys")
 
 
 def apply_memoe_to_model(model: nn.Module, tok, requests: list[dict], hparams: MEMoEHyperParams,

@@ -23,10 +23,10 @@ from typing import Any, Optional
 
 import torch
 
-# The range CI tests (.ci/run), as declared in setup.cfg: EasyEdit's pinned transformers with
-# torch 2.14, and the newest releases setup.cfg admits with the CPU torch 2.13.
-TESTED_TRANSFORMERS = ("5.5.4", "5.24")
-TESTED_TORCH = ("2.13", "2.14")
+# The range CI tests (.ci/run): EasyEdit's pinned transformers with torch 2.14 (stack 2), and the newest
+# releases, pinned in scripts/constraints.txt (stack 1). setup.cfg declares the lower ends.
+TESTED_TRANSFORMERS = ("5.5.4", "5.25")
+TESTED_TORCH = ("2.14", "2.15")
 # Names the KV cache has had in ``forward`` (newest first).
 CACHE_ARGUMENT_NAMES = ("cache", "past_key_values", "past", "layer_past")
 

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -25,6 +25,8 @@ EXPERT_INITS = ("zeros",)
 GATE_NORMS = ("none", "center")
 SCOPE_POSITIONS = ("targets", "after_anchor")
 EXPERT_ROUTINGS = ("gate", "key")
+SCOPE_ANTI_KEYS = ("none", "relation_bank")
+EVALUATION_TYPES = ("generate-text", "LLM-judge")   # EasyEdit's real-world evaluation (None: teacher forcing)
 # Neutral text put before edit prompts in training (context_prefixes); none holds an entity.
 CONTEXT_PREFIXES = ("Here is a fact.", "I read that", "Let me tell you something.", "To be precise,",
                     "As everyone knows,", "Answer the question.")
@@ -60,6 +62,19 @@ class MEMoEHyperParams:
     max_length: int = option(40, "EasyEdit's tokenisation length for metrics")
     batch_size: int = option(1, "EasyEdit's chunk size for `batch_edit`; `edit()` needs 1")
     fp16: bool = option(False, "EasyEdit loads the model in float16; the adapter itself stays float32")
+    evaluation_type: Optional[str] = option(None,
+        "EasyEdit's evaluation: unset for teacher forcing; `generate-text` or `LLM-judge` for its real-world "
+        "evaluation (greedy decoding with natural stop criteria; `LLM-judge` scores by exact match without an "
+        "`api_key`). Passed to EasyEdit unchanged")
+    use_chat_template: bool = option(False, "EasyEdit wraps edit prompts in the tokenizer's chat template when "
+                                            "scoring (passed unchanged)")
+    api_key: Optional[str] = option(None, "EasyEdit's key for the `LLM-judge` evaluation (passed unchanged)")
+    save_path: Optional[str] = option(None, "read by EasyEdit for some methods (passed unchanged; MEMoE saves "
+                                            "with `save_adapter`)")
+    quantization_bit: Optional[int] = option(None, "EasyEdit's quantised loading keys (QLoRA's), accepted so "
+                                                   "that shared files validate (passed unchanged)")
+    quant_type: Optional[str] = option(None, "see `quantization_bit`")
+    double_quant: Optional[bool] = option(None, "see `quantization_bit`")
 
     # --- the mixture-of-experts bypass ------------------------------------
     num_experts: int = option(4, "number of experts")
@@ -118,6 +133,24 @@ class MEMoEHyperParams:
         "**extension**, with `scope_keys`: an in-scope position's expert reads its layer input moved this share "
         "of the way to the input of the key it matched (0: its own input, as the paper; 1: the edit's own), so "
         "a rewording gets the correction the edit was trained to. Keeps each key's input (2 bytes per feature)")
+    scope_layer: int = option(-1,
+        "what the key scope compares: -1, the bypass input (the projection's input at `layer`); an index "
+        "<= `layer`, the residual stream entering that block, where relation words may still stand apart")
+    scope_rank: int = option(0,
+        "with `scope_keys`: compare on this many leading directions of the first call's inputs (0: all); it also "
+        "bounds the bytes each key and anti-key keeps (2 per direction)")
+    scope_anti_keys: str = option("none",
+        "**extension**, with `scope_keys`: `relation_bank` keeps, for each edit, anti-keys: the inputs of "
+        "prompts about its subject that ask for other relations (`routing.relations`). A position nearer one of "
+        "its matched edit's anti-keys than that edit's key is out of scope (see below). `none`: off")
+    scope_anti_relations: int = option(64,
+        "how many relations of the bank (the ones most subjects have come first) the anti-keys ask about; each "
+        "costs up to two short forward passes per edit")
+    scope_anti_margin: float = option(0.0,
+        "how much nearer an anti-key than the key a position must be to be put out of scope")
+    scope_copy_similarity: float = option(0.97,
+        "an anti-key worded as the edit itself (`same_frame`) counts only where a position is at least this "
+        "similar to it: a near-copy of another fact's question, not a rewording of the edit")
     scope_positions: str = option("targets",
         "which positions of an edit become keys: `targets` (those that predict a target token) or `after_anchor` "
         "(every position after the anchor's last token up to those, which needs `locality_guard`)")
@@ -223,6 +256,16 @@ class MEMoEHyperParams:
         need(0.0 <= self.scope_snap <= 1.0, "scope_snap", "a share in [0, 1]")
         need(self.scope_snap == 0 or self.scope_keys, "scope_snap", "0 unless scope_keys is true")
         need(self.scope_positions in SCOPE_POSITIONS, "scope_positions", f"one of {SCOPE_POSITIONS}")
+        need(-1 <= self.scope_layer <= self.layer, "scope_layer",
+             f"-1 (the bypass input) or a block index in 0..layer ({self.layer}): the scope must be read before "
+             "the bypass acts")
+        need(self.scope_rank >= 0, "scope_rank", "an integer >= 0 (0: every direction)")
+        need(self.scope_anti_keys in SCOPE_ANTI_KEYS, "scope_anti_keys", f"one of {SCOPE_ANTI_KEYS}")
+        need(self.scope_anti_keys == "none" or self.scope_keys, "scope_anti_keys",
+             "'none' unless scope_keys is true: anti-keys are compared with the key scope's keys")
+        need(self.scope_anti_relations >= 1, "scope_anti_relations", "an integer >= 1")
+        need(-1.0 <= self.scope_anti_margin <= 2.0, "scope_anti_margin", "a number in [-1, 2]")
+        need(-1.0 <= self.scope_copy_similarity <= 1.0, "scope_copy_similarity", "a cosine similarity in [-1, 1]")
         need(self.expert_routing in EXPERT_ROUTINGS, "expert_routing", f"one of {EXPERT_ROUTINGS}")
         need(self.expert_routing != "key" or self.scope_keys, "expert_routing",
              "'gate' unless scope_keys is true: key routing needs the key scope's keys")
@@ -234,6 +277,8 @@ class MEMoEHyperParams:
         need(0 <= self.context_prefixes <= len(CONTEXT_PREFIXES), "context_prefixes",
              f"an integer in 0..{len(CONTEXT_PREFIXES)}")
         need(0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)")
+        need(self.evaluation_type is None or self.evaluation_type in EVALUATION_TYPES, "evaluation_type",
+             f"unset (teacher forcing) or one of {EVALUATION_TYPES}")
         if isinstance(self.device, int):
             need(self.device >= 0, "device", "a CUDA index >= 0 or a device string such as 'cpu'")
 
@@ -250,6 +295,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check one YAML value against its field type; accept '1e-4'-style strings for floats."""
     options = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
     for option in options:
+        if option is type(None) and value is None:
+            return None
         if option is bool and isinstance(value, bool):
             return value
         if option is int and isinstance(value, int) and not isinstance(value, bool):
@@ -275,9 +322,11 @@ def reference_table() -> str:
     fields = sorted(dataclasses.fields(MEMoEHyperParams), key=lambda f: f.name != "alg_name")
     for f in fields:
         options = typing.get_args(hints[f.name]) or (hints[f.name],)
-        kind = " or ".join(option.__name__ for option in options)
+        kind = " or ".join(option.__name__ for option in options if option is not type(None))
         if f.default is dataclasses.MISSING or f.metadata.get("required"):
             kind += ", required"
+        elif f.default is None:
+            kind += " (unset)"
         elif isinstance(f.default, bool):
             kind += f" ({str(f.default).lower()})"
         elif isinstance(f.default, str):

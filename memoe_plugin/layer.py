@@ -40,7 +40,9 @@ class RoutingContext:
     only); ``token_mask`` marks real (non-padding) positions for the balance loss;
     ``active`` is the locality guard's ``[batch, seq]`` mask (None: everywhere) and
     ``allowed`` the ``[batch, seq, edits]`` mask of the edits whose anchors each
-    position sees, which the key scope compares it with (None: every edit).
+    position sees, which the key scope compares it with (None: every edit). ``states``
+    is what the key scope reads when it reads the residual stream of an earlier block
+    (``scope_layer``), filled by a hook on that block during the same forward pass.
     """
 
     def __init__(self, feature_dim: int):
@@ -49,13 +51,16 @@ class RoutingContext:
         self.token_mask: Optional[torch.Tensor] = None
         self.active: Optional[torch.Tensor] = None
         self.allowed: Optional[torch.Tensor] = None
+        self.states: Optional[torch.Tensor] = None
 
     def set(self, features: Optional[torch.Tensor], token_mask: Optional[torch.Tensor],
-            active: Optional[torch.Tensor] = None, allowed: Optional[torch.Tensor] = None) -> None:
+            active: Optional[torch.Tensor] = None, allowed: Optional[torch.Tensor] = None,
+            states: Optional[torch.Tensor] = None) -> None:
         self.features, self.token_mask, self.active, self.allowed = features, token_mask, active, allowed
+        self.states = states
 
     def clear(self) -> None:
-        self.features = self.token_mask = self.active = self.allowed = None
+        self.features = self.token_mask = self.active = self.allowed = self.states = None
 
 
 class MoEBypass(nn.Module):
@@ -81,6 +86,7 @@ class MoEBypass(nn.Module):
         self.register_buffer("gate_shift", torch.zeros(gate_dim, device=device, dtype=dtype))
         self.register_buffer("gate_scale", torch.ones(gate_dim, device=device, dtype=dtype))
         self.scope = None        # a routing.scope.KeyScope when scope_keys is on
+        self.scope_reads_block = False   # the scope reads context.states (scope_layer), not the bypass input
         self.expert_of: Optional[torch.Tensor] = None   # expert_routing: key: edit id -> expert
         self.enabled = True      # False: behave exactly like the base module
         self.aux_loss: Optional[torch.Tensor] = None
@@ -123,13 +129,19 @@ class MoEBypass(nn.Module):
         return self._snapped(x, active, match)
 
     @torch.no_grad()
-    def key_routes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def key_routes(self, x: torch.Tensor, states: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """expert_routing: key. For each row of ``x``: the input the experts read (snapped in scope) and the
         expert it goes to (``[..., 1]``, -1 for none), as :meth:`delta` routes it when no guard mask is
-        set. With the keys fixed, :meth:`routed_delta` on these gives what ``delta(x)`` gives."""
+        set. With the keys fixed, :meth:`routed_delta` on these gives what ``delta(x)`` gives. ``states``: what the
+        scope reads for these rows when it reads an earlier block (``scope_layer``)."""
         if self.scope is None or self.expert_of is None:
             raise ValueError("key_routes needs key routing (expert_routing: key)")
-        active, match = self._active_mask(x)
+        saved = self.context.states
+        self.context.states = None if states is None else states.to(x.device)
+        try:
+            active, match = self._active_mask(x)
+        finally:
+            self.context.states = saved
         return self._snapped(x, active, match), self._key_experts(active, match.edit)
 
     def routed_delta(self, expert_input: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -222,10 +234,22 @@ class MoEBypass(nn.Module):
             allowed = self.context.allowed
             if allowed is not None and allowed.shape[:-1] != x.shape[:-1]:
                 allowed = None
-            matched = self.scope.match(x, allowed)
-            keyed = matched.similarity >= self.scope.threshold
+            matched = self.scope.match(self._scope_view(x), allowed)
+            keyed = (matched.similarity >= self.scope.threshold) & ~matched.blocked
             active = keyed if active is None else active & keyed
         return active, matched
+
+    def _scope_view(self, x: torch.Tensor) -> torch.Tensor:
+        """What the key scope reads: the bypass input, or the residual stream that entered ``scope_layer``."""
+        if not self.scope_reads_block:
+            return x
+        states = self.context.states
+        if states is None or states.shape[:-1] != x.shape[:-1]:
+            got = None if states is None else tuple(states.shape)
+            raise RuntimeError(f"MEMoE's key scope reads the residual stream of an earlier block (scope_layer), and "
+                               f"got {got} for the layer input {tuple(x.shape)}. Run the adapted module through the "
+                               "whole model (model(input_ids=...) or model.generate).")
+        return states.to(x.device)
 
     def _balance_loss(self, probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """The Switch balance loss over real, unguarded tokens."""

@@ -100,25 +100,34 @@ def test_a_cache_that_does_not_continue_the_last_call_is_refused(tokenizer):
 
 
 def test_version_ranges():
-    assert in_range("5.5.4", ("5.5.4", "5.24")) and in_range("5.24.3", ("5.5.4", "5.24"))
-    assert not in_range("5.5.3", ("5.5.4", "5.24")) and not in_range("5.25.0", ("5.5.4", "5.24"))
-    assert in_range("2.13.0+cpu", ("2.13", "2.14")) and in_range("2.14.1+cu130", ("2.13", "2.14"))
-    assert not in_range("2.15.0", ("2.13", "2.14")) and not in_range("2.12.1", ("2.13", "2.14"))
+    assert in_range("5.5.4", ("5.5.4", "5.25")) and in_range("5.25.3", ("5.5.4", "5.25"))
+    assert not in_range("5.5.3", ("5.5.4", "5.25")) and not in_range("5.26.0", ("5.5.4", "5.25"))
+    assert in_range("2.14.1+cu130", ("2.14", "2.15")) and in_range("2.15.0", ("2.14", "2.15"))
+    assert not in_range("2.16.0", ("2.14", "2.15")) and not in_range("2.13.0+cpu", ("2.14", "2.15"))
 
 
-def test_the_declared_range_is_the_tested_range_and_is_warned_outside(monkeypatch):
+def test_the_declared_lower_bounds_and_the_pins_are_the_tested_range(monkeypatch):
+    """setup.cfg declares lower bounds only (the plugin installs beside newer stacks), the constraints file pins
+    the newest tested releases, and compat warns outside that range without refusing."""
     import configparser
+    import re
     import transformers
     from conftest import REPO
     from memoe_plugin import compat
     requires = configparser.ConfigParser()
     requires.read(REPO / "setup.cfg")
-    lines = requires["options"]["install_requires"]
-    assert f"transformers>={compat.TESTED_TRANSFORMERS[0]}," in lines
-    assert f"torch>={compat.TESTED_TORCH[0]}," in lines
+    lines = [line.strip() for line in requires["options"]["install_requires"].splitlines() if line.strip()
+             and not line.strip().startswith("#")]
+    assert f"transformers>={compat.TESTED_TRANSFORMERS[0]}" in lines
+    assert f"torch>={compat.TESTED_TORCH[0]}" in lines
+    assert not any("<" in line or "==" in line for line in lines), lines          # no upper caps, no pins
+    pins = dict(re.findall(r"^([\w.-]+)==(\S+)", (REPO / "scripts" / "constraints.txt").read_text(), re.M))
+    assert in_range(pins["transformers"], compat.TESTED_TRANSFORMERS)
+    assert pins["transformers"].startswith(compat.TESTED_TRANSFORMERS[1])
+    assert pins["torch"].startswith(compat.TESTED_TORCH[1])
     assert compat.warn_if_untested() is None                 # the running stack is a tested one
     monkeypatch.setattr(transformers, "__version__", "6.0.0")
-    with pytest.warns(UserWarning, match=r"transformers 6.0.0 \(tested: 5.5.4 to 5.24\)"):
+    with pytest.warns(UserWarning, match=r"transformers 6.0.0 \(tested: 5.5.4 to 5.25\)"):
         assert "not tested" in compat.warn_if_untested()
 
 

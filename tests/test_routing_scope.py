@@ -160,3 +160,109 @@ def test_snap_needs_the_key_scope_and_a_share():
         make_hparams(scope_snap=0.5)
     with pytest.raises(ValueError, match="scope_snap"):
         make_hparams(scope_keys=True, scope_snap=1.5)
+
+
+# ----------------------------------------------------------------------------- anti-keys and scope_layer
+def anti_scoped(**overrides):
+    settings = dict(scope_threshold=-1.0, scope_anti_keys="relation_bank", scope_layer=1, expert_routing="key")
+    settings.update(overrides)
+    return scoped(**settings)
+
+
+def test_anti_keys_rule_nearness_and_the_floor_of_an_anti_key_in_the_edits_own_words():
+    from memoe_plugin.routing.scope import NO_FLOOR, KeyScope
+    scope = KeyScope(3, threshold=0.0)
+    scope.calibrate(torch.zeros(1, 3))
+    scope.add(torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([0]))
+    # edit 0's anti-keys: one asked another way (no floor), one worded as the edit itself (floor 0.97)
+    scope.add_anti_keys(torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.2, 0.0]]), torch.tensor([0, 0]),
+                        torch.tensor([NO_FLOOR, 0.97]))
+    rows = torch.tensor([[1.0, 0.05, 0.0],     # the edit's own question: nearer the key than any anti-key
+                         [0.5, 1.0, 0.0],      # nearer the other relation's anti-key than the key: out
+                         [1.0, 0.1, 0.3],      # nearer the same-frame anti-key, but no near-copy of it: in
+                         [1.0, 0.2, 0.01]])    # a near-copy of the same-frame anti-key: out
+    found = scope.match(rows)
+    assert found.blocked.tolist() == [False, True, False, True]
+    assert scope.in_scope(rows).tolist() == [True, False, True, False]
+    sizes = scope.sizes()
+    scope.add_anti_keys(torch.ones(2, 3), torch.tensor([0, 0]), torch.tensor([NO_FLOOR, NO_FLOOR]))
+    scope.truncate(sizes)                                             # a failed call takes its anti-keys back
+    assert scope.sizes() == (1, 2)
+
+
+def test_another_relation_of_the_subject_is_kept_out_while_the_edit_takes(tokenizer):
+    """The bank's own question about the edited subject is an anti-key of the edit: out of scope exactly."""
+    model = tiny_llama(len(tokenizer))
+    other = tokenizer("The place of birth of Danielle Darrieux is", return_tensors="pt")["input_ids"]
+    apply_memoe_to_model(model, tokenizer, EDITS, anti_scoped())
+    adapter = get_adapter(model)
+    owned = adapter.scope.anti_edit_ids
+    assert sorted(set(owned.tolist())) == [0, 1, 2]
+    assert adapter.scope.anti_keys.shape[1] == model.config.hidden_size     # the residual stream of block 1
+    _, delta = _last_position(model, adapter, other)
+    assert adapter.bypass.last_routing[0, -1, 0] == -1 and not delta.any()  # the bypass adds exactly nothing
+    for request in EDITS:
+        got, wanted = predicted(model, tokenizer, request)
+        assert got == wanted
+    remove_memoe(model)
+
+
+def test_without_anti_keys_that_question_is_in_scope(tokenizer):
+    """The control of the test above: with every key in reach, only the anti-keys keep it out."""
+    model = tiny_llama(len(tokenizer))
+    apply_memoe_to_model(model, tokenizer, EDITS, anti_scoped(scope_anti_keys="none"))
+    adapter = get_adapter(model)
+    _, delta = _last_position(model, adapter, tokenizer("The place of birth of Danielle Darrieux is",
+                                                        return_tensors="pt")["input_ids"])
+    assert adapter.bypass.last_routing[0, -1, 0] >= 0 and delta.any()
+    remove_memoe(model)
+
+
+def test_a_scope_read_from_an_earlier_block_routes_generate_as_teacher_forcing_and_leaves_no_hook(tokenizer):
+    from conftest import assert_state_equal, state_copy
+    model = tiny_llama(len(tokenizer))
+    saved = state_copy(model)
+    block = model.model.layers[1]
+    hooks_before = len(block._forward_pre_hooks)
+    _, restore = apply_memoe_to_model(model, tokenizer, EDITS, anti_scoped(scope_threshold=0.2, scope_rank=8))
+    adapter = get_adapter(model)
+    assert adapter.scope.keys.shape[1] == 8 and len(block._forward_pre_hooks) == hooks_before + 1
+    prompt = tokenizer("Tell me: the mother tongue of Danielle Darrieux is", return_tensors="pt")
+    steps = []
+    hook = adapter.bypass.register_forward_hook(lambda m, a, out: steps.append(m.last_routing[0, -1].clone()))
+    with torch.no_grad():
+        generated = model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    hook.remove()
+    n = prompt["input_ids"].shape[1]
+    teacher = adapter.route(generated)[0][n - 1:n - 1 + 5]
+    assert torch.equal(torch.stack(steps[:5]), teacher)
+    restore()
+    assert len(block._forward_pre_hooks) == hooks_before
+    assert_state_equal(model, saved)
+
+
+def test_anti_keys_and_scope_layer_are_checked():
+    with pytest.raises(ValueError, match="scope_anti_keys"):
+        make_hparams(scope_anti_keys="relation_bank")                   # needs scope_keys
+    with pytest.raises(ValueError, match="scope_layer"):
+        scoped(scope_layer=3)                                           # after the bypass (layer 2)
+    with pytest.raises(ValueError, match="scope_anti_keys"):
+        scoped(scope_anti_keys="wordnet")
+
+
+def test_anti_keys_and_the_scopes_directions_survive_save_and_load(tokenizer, tmp_path):
+    from memoe_plugin import load_adapter, save_adapter
+    model = tiny_llama(len(tokenizer))
+    apply_memoe_to_model(model, tokenizer, EDITS, anti_scoped(scope_rank=8, scope_threshold=0.2))
+    probe = tokenizer("The place of birth of Danielle Darrieux is Welsh", return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**probe).logits
+    scope = get_adapter(model).scope
+    save_adapter(model, tmp_path / "a.safetensors")
+    remove_memoe(model)
+    loaded = load_adapter(model, tokenizer, tmp_path / "a.safetensors").scope
+    for name in ("basis", "keys", "anti_keys", "anti_edit_ids", "anti_floor"):
+        assert torch.equal(getattr(loaded, name), getattr(scope, name)), name
+    with torch.no_grad():
+        assert torch.equal(model(**probe).logits, expected)
+    remove_memoe(model)

@@ -112,10 +112,16 @@ def check_compatible(model: nn.Module, tokenizer, document: dict, tensors: dict,
         if tensors[name].dtype != torch.float32:
             raise ValueError(f"{path}: tensor {name!r} is {tensors[name].dtype}; MEMoE adapters are float32. "
                              "The file was not written by save_adapter.")
-    for name in ("scope.keys", "scope.inputs"):
-        if hparams.scope_keys and name in tensors and tensors[name].shape[-1] != in_features:
+    view = hparams.scope_rank or (model.get_input_embeddings().weight.shape[1] if hparams.scope_layer >= 0
+                                  else in_features)
+    for name, width in (("scope.keys", view), ("scope.anti_keys", view), ("scope.inputs", in_features)):
+        if hparams.scope_keys and name in tensors and tensors[name].shape[-1] != width:
             raise ValueError(f"{path}: the key scope's {name} have {tensors[name].shape[-1]} features but "
-                             f"{hparams.module_name} takes {in_features}; the file is corrupt.")
+                             f"{hparams.module_name} with these scope settings needs {width}; the file is corrupt.")
+    anti = [tensors[n].shape[0] for n in ("scope.anti_keys", "scope.anti_edit_ids", "scope.anti_floor") if n in tensors]
+    if anti and (len(anti) != 3 or len(set(anti)) != 1):
+        raise ValueError(f"{path}: the key scope's anti-keys, their edit ids and floors do not match; the file is "
+                         "corrupt.")
     if "scope.inputs" in tensors and tensors["scope.inputs"].shape[0] != tensors["scope.keys"].shape[0]:
         raise ValueError(f"{path}: the key scope has {tensors['scope.keys'].shape[0]} keys but "
                          f"{tensors['scope.inputs'].shape[0]} key inputs; the file is corrupt.")

@@ -3,17 +3,27 @@
 The locality guard decides on a string: an edited entity in the prefix. That protects prompts
 about other subjects, but every question about an edited subject passes it, so an edit about
 one relation of a subject changes the model's answers about all of them. The key scope decides
-on the representation. For every edit it keeps *keys*: the layer inputs ``x`` at the positions
-that predict the edit's target tokens, centred and unit-normalised. A position is in scope when
-its own centred input has cosine similarity at least ``threshold`` with a key of an edit whose
-anchor is in sight (the guard's match, when the guard is on). A rewording of the edited question
-lands near its keys; a question about another relation of the same subject does not.
+on the representation. For every edit it keeps *keys*: the scope's view of the positions that
+predict the edit's target tokens (the bypass input, or the residual stream entering an earlier
+block: ``scope_layer``), centred, optionally projected on the leading directions of the first
+call's inputs (``scope_rank``), and unit-normalised. A position is in scope when its own view has
+cosine similarity at least ``threshold`` with a key of an edit whose anchor is in sight (the
+guard's match, when the guard is on).
 
-The layer input of the adapted layer does not depend on the bypass (the bypass adds to that
-layer's output), so keys taken before training stay valid, and the scope is causal: it looks at
-position ``t``'s input only, which depends on tokens ``0..t``.
+*Anti-keys* (``scope_anti_keys``) tell facts apart where a threshold cannot. A question about
+another relation of the same subject that shares the edit's wording can be closer to the edit's
+key than the edit's own rewordings are. For each edit the scope keeps the views of prompts about
+its subject that ask for other relations (``routing.relations``), and a position that matched
+the edit's key is put out of scope when it is nearer one of that edit's anti-keys than the key
+(by ``anti_margin``). An anti-key written in the edit's own words (``same_frame``) is nearly the
+key itself, so a rewording of the edit can be as near to it as to the key; it counts only where
+the position is a near-copy of it (cosine at least ``copy_similarity``).
 
-With ``snap`` > 0 (``scope_snap``) the scope also keeps each key's raw layer input, and an
+The view of the adapted layer does not depend on the bypass (the bypass adds to that layer's
+output, and an earlier block is earlier still), so keys taken before training stay valid, and the
+scope is causal: it looks at position ``t``'s input only, which depends on tokens ``0..t``.
+
+With ``snap`` > 0 (``scope_snap``) the scope also keeps each key's raw bypass input, and an
 in-scope position's expert reads its own input moved that share of the way to the input of the
 key it matched (:meth:`KeyScope.snap_inputs`). A rewording's last token is near, not at, the edit
 prompt's, and a linear expert trained on the one gives the other only part of the correction;
@@ -26,26 +36,40 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+NO_FLOOR = -2.0     # an anti-key whose floor is below every cosine: nearness alone counts
+
 
 class Match(NamedTuple):
     """Per position: best cosine similarity to a key, the edit and the index of that key ((-1, -1, -1)
-    where no key counts)."""
+    where no key counts), and whether one of that edit's anti-keys put the position out of scope."""
     similarity: torch.Tensor
     edit: torch.Tensor
     key: torch.Tensor
+    blocked: torch.Tensor
 
 
 class KeyScope(nn.Module):
-    """Keys of the edited positions, and the test of a layer input against them."""
+    """Keys (and anti-keys) of the edited positions, and the test of a position against them.
 
-    def __init__(self, dim: int, threshold: float, device=None, snap: float = 0.0):
+    ``dim`` is the width of what the scope reads, ``input_dim`` that of the bypass input (the snap
+    keeps one per key); ``rank`` > 0 compares views projected on that many leading directions of the
+    first call's inputs (fixed by :meth:`calibrate`), which also bounds the bytes each key keeps."""
+
+    def __init__(self, dim: int, threshold: float, device=None, snap: float = 0.0, input_dim: Optional[int] = None,
+                 rank: int = 0, anti_margin: float = 0.0, copy_similarity: float = 1.0):
         super().__init__()
-        self.threshold, self.snap = threshold, snap
+        self.threshold, self.snap, self.rank = threshold, snap, rank
+        self.anti_margin, self.copy_similarity = anti_margin, copy_similarity
+        view = rank or dim
         self.register_buffer("center", torch.zeros(dim, device=device))
-        self.register_buffer("keys", torch.zeros(0, dim, device=device, dtype=torch.float16))
+        self.register_buffer("basis", torch.zeros(dim, rank, device=device))      # used when rank > 0
+        self.register_buffer("keys", torch.zeros(0, view, device=device, dtype=torch.float16))
         self.register_buffer("edit_ids", torch.zeros(0, dtype=torch.long, device=device))
-        # raw layer input of each key (only with snap > 0: 2 bytes per feature per key)
-        self.register_buffer("inputs", torch.zeros(0, dim, device=device, dtype=torch.float16))
+        # raw bypass input of each key (only with snap > 0: 2 bytes per feature per key)
+        self.register_buffer("inputs", torch.zeros(0, input_dim or dim, device=device, dtype=torch.float16))
+        self.register_buffer("anti_keys", torch.zeros(0, view, device=device, dtype=torch.float16))
+        self.register_buffer("anti_edit_ids", torch.zeros(0, dtype=torch.long, device=device))
+        self.register_buffer("anti_floor", torch.zeros(0, device=device, dtype=torch.float16))
         self.calibrated = False
 
     def __len__(self) -> int:
@@ -53,41 +77,72 @@ class KeyScope(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        return (self.keys.numel() * self.keys.element_size() + self.edit_ids.numel() * 8 +
-                self.inputs.numel() * self.inputs.element_size())
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.edit_ids, self.inputs, self.anti_keys,
+                                                           self.anti_edit_ids, self.anti_floor))
+
+    def sizes(self) -> tuple[int, int]:
+        """(keys, anti-keys) held now: what :meth:`truncate` takes back to."""
+        return len(self), self.anti_keys.shape[0]
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor) -> None:
-        """Fix the centre on real layer inputs (the first edits' tokens); keys and queries share it."""
-        self.center.copy_(x.float().mean(0))
+        """Fix the centre (and, with ``rank``, the directions) on real inputs of the first edit call; keys,
+        anti-keys and queries share them."""
+        x = x.float()
+        self.center.copy_(x.mean(0))
+        if self.rank:
+            centred = x - self.center
+            _, _, directions = torch.linalg.svd(centred, full_matrices=False)
+            basis = directions[:self.rank].t()
+            self.basis.zero_()
+            self.basis[:, :basis.shape[1]] = basis   # fewer rows than the rank: the rest stays zero
         self.calibrated = True
 
-    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+    def view(self, x: torch.Tensor) -> torch.Tensor:
+        """What the keys are compared on: ``x`` centred, projected (``rank``), unit-normalised (float32)."""
         x = x.float() - self.center
+        if self.rank:
+            x = x @ self.basis
         return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor, edit_ids: torch.Tensor) -> None:
-        """Keep the rows of ``x`` [n, dim] as keys of the edits ``edit_ids`` [n]."""
-        keys = self._normalise(x).to(self.keys.dtype)
+    def add(self, x: torch.Tensor, edit_ids: torch.Tensor, inputs: Optional[torch.Tensor] = None) -> None:
+        """Keep the rows of ``x`` [n, dim] as keys of the edits ``edit_ids`` [n]; ``inputs`` [n, input_dim] are
+        their bypass inputs (default ``x``), kept for the snap."""
+        keys = self.view(x).to(self.keys.dtype)
         self.keys = torch.cat([self.keys, keys.to(self.keys.device)])
         self.edit_ids = torch.cat([self.edit_ids, edit_ids.to(self.edit_ids.device, torch.long)])
         if self.snap > 0:
-            self.inputs = torch.cat([self.inputs, x.detach().to(self.inputs.device, self.inputs.dtype)])
+            raw = x if inputs is None else inputs
+            self.inputs = torch.cat([self.inputs, raw.detach().to(self.inputs.device, self.inputs.dtype)])
 
     @torch.no_grad()
-    def truncate(self, size: int) -> None:
-        """Drop the keys added after the first ``size`` (a failed edit call takes its keys back)."""
-        self.keys, self.edit_ids, self.inputs = self.keys[:size], self.edit_ids[:size], self.inputs[:size]
+    def add_anti_keys(self, x: torch.Tensor, edit_ids: torch.Tensor, floors: torch.Tensor) -> None:
+        """Keep the rows of ``x`` [n, dim] as anti-keys of ``edit_ids`` [n]; ``floors`` [n] is the similarity a
+        position needs to an anti-key before nearness to it counts (:data:`NO_FLOOR`: none)."""
+        self.anti_keys = torch.cat([self.anti_keys, self.view(x).to(self.anti_keys.device, self.anti_keys.dtype)])
+        self.anti_edit_ids = torch.cat([self.anti_edit_ids, edit_ids.to(self.anti_edit_ids.device, torch.long)])
+        self.anti_floor = torch.cat([self.anti_floor, floors.to(self.anti_floor.device, self.anti_floor.dtype)])
+
+    @torch.no_grad()
+    def truncate(self, sizes: tuple[int, int]) -> None:
+        """Drop the keys and anti-keys added after ``sizes`` (:meth:`sizes`; a failed edit call takes its own
+        back)."""
+        keys, anti = sizes
+        self.keys, self.edit_ids, self.inputs = self.keys[:keys], self.edit_ids[:keys], self.inputs[:keys]
+        self.anti_keys, self.anti_edit_ids = self.anti_keys[:anti], self.anti_edit_ids[:anti]
+        self.anti_floor = self.anti_floor[:anti]
 
     def match(self, x: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> Match:
-        """Best cosine similarity of each row of ``x`` [..., dim] to a key, the edit that key belongs
-        to and the key's index; ``allowed`` [..., n_edits] (bool) limits each row to the keys of some
-        edits."""
-        flat = self._normalise(x.reshape(-1, x.shape[-1]))
+        """Best cosine similarity of each row of ``x`` [..., dim] to a key, the edit that key belongs to, the
+        key's index, and whether that edit's anti-keys block the row; ``allowed`` [..., n_edits] (bool) limits
+        each row to the keys of some edits."""
+        shape = x.shape[:-1]
+        flat = self.view(x.reshape(-1, x.shape[-1]))
         if not len(self):
-            none = torch.full(x.shape[:-1], -1, dtype=torch.long, device=x.device)
-            return Match(flat.new_full(x.shape[:-1], -1.0), none, none.clone())
+            none = torch.full(shape, -1, dtype=torch.long, device=x.device)
+            return Match(flat.new_full(shape, -1.0), none, none.clone(), torch.zeros(shape, dtype=torch.bool,
+                                                                                       device=x.device))
         sims = flat @ self.keys.to(flat.dtype).t()                       # [rows, keys]
         if allowed is not None:
             allowed = allowed.reshape(-1, allowed.shape[-1]).to(sims.device)
@@ -97,11 +152,35 @@ class KeyScope(nn.Module):
         best, index = sims.max(dim=-1)
         none = best <= -1.0
         edit = self.edit_ids.to(index.device)[index].masked_fill(none, -1)
-        shape = x.shape[:-1]
-        return Match(best.reshape(shape), edit.reshape(shape), index.masked_fill(none, -1).reshape(shape))
+        blocked = self._blocked(flat, best, edit)
+        return Match(best.reshape(shape), edit.reshape(shape), index.masked_fill(none, -1).reshape(shape),
+                     blocked.reshape(shape))
+
+    def _blocked(self, flat: torch.Tensor, best: torch.Tensor, edit: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """Rows in reach of their key (similarity >= threshold) that are nearer one of their edit's anti-keys: by
+        ``anti_margin``, or, for an anti-key with a floor, at least as near as the key and as the floor."""
+        blocked = torch.zeros_like(best, dtype=torch.bool)
+        if not self.anti_keys.shape[0]:
+            return blocked
+        candidates = ((best >= self.threshold) & (edit >= 0)).nonzero().flatten()
+        anti_edit = self.anti_edit_ids.to(flat.device)
+        for e in edit[candidates].unique().tolist():
+            own = (anti_edit == e).nonzero().flatten()
+            if not own.numel():
+                continue
+            rows = candidates[edit[candidates] == e]
+            anti = self.anti_keys[own].to(flat.device, flat.dtype)
+            floor = self.anti_floor[own].to(flat.device, flat.dtype)
+            for lo in range(0, rows.numel(), chunk):
+                part = rows[lo:lo + chunk]
+                sims = flat[part] @ anti.t()                               # [part, own]
+                nearer = best[part].unsqueeze(-1)
+                need = torch.where(floor > NO_FLOOR, torch.maximum(nearer, floor), nearer + self.anti_margin)
+                blocked[part] = (sims >= need).any(-1)
+        return blocked
 
     def snap_inputs(self, x: torch.Tensor, key: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-        """``x`` [..., dim] with the rows at ``where`` moved the share ``snap`` of the way to the raw input
+        """``x`` [..., input_dim] with the rows at ``where`` moved the share ``snap`` of the way to the raw input
         of their matched key ``key`` [...]; the other rows unchanged."""
         if self.snap <= 0 or not bool(where.any()):
             return x
@@ -112,8 +191,6 @@ class KeyScope(nn.Module):
         target = self.inputs[key.clamp_min(0).to(self.inputs.device)].to(x.device, x.dtype)   # rows, then cast
         return torch.where(where.unsqueeze(-1), torch.lerp(x, target, self.snap), x)
 
-    def similarity(self, x: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.match(x, allowed).similarity
-
     def in_scope(self, x: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.similarity(x, allowed) >= self.threshold
+        found = self.match(x, allowed)
+        return (found.similarity >= self.threshold) & ~found.blocked

@@ -46,6 +46,14 @@ def build_edit_batch(tokenizer, requests: list[dict], device, indices=None) -> E
             rows.append(row)
             positions.append(pos - 1)
             targets.append(full[pos])
+    input_ids, attention_mask = right_padded(tokenizer, sequences)
+    as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)
+    return EditBatch(input_ids.to(device), attention_mask.to(device), as_long(rows), as_long(positions),
+                     as_long(targets), as_long(list(range(len(requests))) if indices is None else list(indices)))
+
+
+def right_padded(tokenizer, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one right-padded ``[batch, seq]`` batch and its attention mask."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id if pad_id is not None else 0, dtype=torch.long)
@@ -53,6 +61,11 @@ def build_edit_batch(tokenizer, requests: list[dict], device, indices=None) -> E
     for row, seq in enumerate(sequences):
         input_ids[row, :len(seq)] = torch.tensor(seq)
         attention_mask[row, :len(seq)] = 1
-    as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)
-    return EditBatch(input_ids.to(device), attention_mask.to(device), as_long(rows), as_long(positions),
-                     as_long(targets), as_long(list(range(len(requests))) if indices is None else list(indices)))
+    return input_ids, attention_mask
+
+
+def build_prompt_batch(tokenizer, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts tokenised alone, right-padded: ``(input_ids, attention_mask, index of each last token)``."""
+    input_ids, attention_mask = right_padded(tokenizer, [tokenizer(text)["input_ids"] for text in texts])
+    last = attention_mask.sum(1) - 1
+    return input_ids.to(device), attention_mask.to(device), last.to(device)

@@ -23,6 +23,7 @@ class BypassCall:
     token_mask: Optional[torch.Tensor]
     active: Optional[torch.Tensor]
     allowed: Optional[torch.Tensor]
+    states: Optional[torch.Tensor] = None   # what the key scope read (``scope_layer``), when not ``x``
 
 
 @dataclass
@@ -48,7 +49,7 @@ def capture_bypass(adapter, enabled: bool = False, stage: Optional[nn.Module] = 
     def grab_bypass(module, args):
         context = adapter.context
         record.bypass.append(BypassCall(args[0].detach(), context.features, context.token_mask, context.active,
-                                        context.allowed))
+                                        context.allowed, context.states))
 
     def grab_stage(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -74,3 +75,43 @@ def run_batches(adapter, batches, enabled: bool = False) -> Capture:
         for batch in batches:
             adapter.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     return record
+
+
+class _Stop(Exception):
+    """Raised by :func:`scope_views` once the scope's input is captured: the layers above are not needed."""
+
+
+@torch.no_grad()
+def scope_views(adapter, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """What the key scope reads at the last token of each text (``[len(texts), dim]``), from the unedited model.
+
+    Each batch runs only up to the block the scope reads (the bypass, or ``scope_layer``)."""
+    from .batches import build_prompt_batch
+    bypass = adapter.bypass
+    target = adapter.scope_block if adapter.scope_block is not None else bypass
+    seen: list[torch.Tensor] = []
+
+    def grab(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach())
+        raise _Stop
+
+    views = []
+    handle = target.register_forward_pre_hook(grab, with_kwargs=True)
+    was_enabled, bypass.enabled = bypass.enabled, False
+    adapter.routing_paused = True
+    try:
+        for lo in range(0, len(texts), batch_size):
+            input_ids, attention_mask, last = build_prompt_batch(adapter.tokenizer, texts[lo:lo + batch_size],
+                                                                 bypass.experts.device)
+            seen.clear()
+            try:
+                adapter.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            except _Stop:
+                pass
+            views.append(seen[0][torch.arange(len(last), device=last.device), last].float())
+    finally:
+        bypass.enabled, adapter.routing_paused = was_enabled, False
+        handle.remove()
+        adapter.context.clear()
+    width = adapter.scope.center.shape[0]
+    return torch.cat(views) if views else torch.zeros(0, width, device=bypass.experts.device)

@@ -39,6 +39,7 @@ class UpperStack:
             raise LookupError("no final norm / LM head found")
         self.features, self.mask, self.active, self.allowed = adapter.routing_features(batch.input_ids,
                                                                                        batch.attention_mask)
+        self.states = None     # what the key scope reads (scope_layer), set by _keep
         self.start, self.cache = 0, None
         start = self._silent_prefix_length() if skip_silent_prefix else 0
         if start > 0 and self.upper_layers:
@@ -75,6 +76,7 @@ class UpperStack:
         self.mask = self.mask[:, start:]
         self.active = None if self.active is None else self.active[:, start:]
         self.allowed = None if self.allowed is None else self.allowed[:, start:]
+        # self.states is the suffix call's already (_keep)
 
     def _capture(self) -> None:
         stage = self.upper_layers[0] if self.upper_layers else self.final_norm
@@ -85,13 +87,13 @@ class UpperStack:
 
     def _keep(self, record) -> None:
         """The last call's bypass input and upper-stage input (the full-length call when a prefix ran first)."""
-        self.x = record.bypass[-1].x
+        self.x, self.states = record.bypass[-1].x, record.bypass[-1].states
         stage = record.stage[-1]
         self.hidden, self.args, self.kwargs = stage.hidden, stage.args, stage.kwargs
 
     def target_logits(self) -> torch.Tensor:
         bypass = self.adapter.bypass
-        self.adapter.context.set(self.features, self.mask, self.active, self.allowed)
+        self.adapter.context.set(self.features, self.mask, self.active, self.allowed, self.states)
         try:
             hidden = self.hidden + bypass.delta(self.x).to(self.hidden.dtype)
         finally:

@@ -36,6 +36,7 @@ class OutputMemory:
         self.capacity = capacity
         self.x: Optional[torch.Tensor] = None          # [rows, in]
         self.features: Optional[torch.Tensor] = None   # [rows, feature_dim], None without routing features
+        self.states: Optional[torch.Tensor] = None     # [rows, dim] what the key scope read (scope_layer), or None
         self.delta: Optional[torch.Tensor] = None      # [rows, out]
         self.seen = 0
         self._rng = random.Random(seed)
@@ -49,6 +50,8 @@ class OutputMemory:
         tensors = {} if self.x is None else {"memory.x": self.x, "memory.delta": self.delta}
         if self.features is not None:
             tensors["memory.features"] = self.features
+        if self.states is not None:
+            tensors["memory.states"] = self.states
         version, internal, gauss = self._rng.getstate()
         return tensors, {"capacity": self.capacity, "seen": self.seen,
                          "rng": [version, list(internal), gauss]}
@@ -56,21 +59,26 @@ class OutputMemory:
     def load_state(self, tensors: dict, info: dict) -> None:
         self.x, self.delta = tensors.get("memory.x"), tensors.get("memory.delta")
         self.features = tensors.get("memory.features")
+        self.states = tensors.get("memory.states")
         self.seen = int(info["seen"])
         version, internal, gauss = info["rng"]
         self._rng.setstate((version, tuple(internal), gauss))
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.x, self.features, self.delta) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.x, self.features, self.delta, self.states)
+                   if t is not None)
 
-    def add(self, x: torch.Tensor, features: Optional[torch.Tensor], delta: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, features: Optional[torch.Tensor], delta: torch.Tensor,
+            states: Optional[torch.Tensor] = None) -> None:
         """Keep new rows; past ``capacity``, each row seen so far stays with equal probability."""
         x, delta = x.detach().half(), delta.detach().half()
         features = None if features is None else features.detach().half()
+        states = None if states is None else states.detach().half()
         if self.x is None:
             self.x, self.delta = x[:0], delta[:0]
             self.features = None if features is None else features[:0]
+            self.states = None if states is None else states[:0]
         keep_new, replace = [], []
         for i in range(x.shape[0]):
             self.seen += 1
@@ -85,12 +93,16 @@ class OutputMemory:
                 self.x[slot], self.delta[slot] = x[i], delta[i]
                 if features is not None:
                     self.features[slot] = features[i]
+                if states is not None:
+                    self.states[slot] = states[i]
         if keep_new:
             index = torch.tensor(keep_new, dtype=torch.long, device=x.device)
             self.x = torch.cat([self.x, x[index]])
             self.delta = torch.cat([self.delta, delta[index]])
             if features is not None:
                 self.features = torch.cat([self.features, features[index]])
+            if states is not None:
+                self.states = torch.cat([self.states, states[index]])
 
     @torch.no_grad()
     def routes_on(self, bypass: MoEBypass, experts: list[int], chunk: int = 4096) -> MemoryRoutes:
@@ -106,7 +118,8 @@ class OutputMemory:
         wanted[experts] = True
         rows, inputs, chosen = [], [], []
         for lo in range(0, len(self), chunk):
-            x, expert = bypass.key_routes(self.x[lo:lo + chunk].to(bypass.experts.dtype))
+            states = None if self.states is None else self.states[lo:lo + chunk]
+            x, expert = bypass.key_routes(self.x[lo:lo + chunk].to(bypass.experts.dtype), states)
             keep = (expert[:, 0] >= 0) & wanted[expert[:, 0].clamp_min(0).to(wanted.device)]
             rows.append(keep.nonzero().flatten() + lo)
             inputs.append(x[keep])
@@ -137,7 +150,8 @@ class OutputMemory:
             index, dtype = pick, bypass.experts.dtype
             x = self.x[index].to(dtype).unsqueeze(0)
             features = None if self.features is None else self.features[index].to(dtype).unsqueeze(0)
-            context.set(features, None, None)
+            states = None if self.states is None else self.states[index].unsqueeze(0)
+            context.set(features, None, None, None, states)
             try:
                 now = bypass.delta(x)[0]
             finally:
@@ -160,7 +174,7 @@ def remember_edits(adapter, batches) -> None:
             rows &= call.token_mask.bool().to(x.device)
         if call.active is not None:
             rows &= call.active.to(x.device)
-        adapter.context.set(call.features, call.token_mask, call.active, call.allowed)
+        adapter.context.set(call.features, call.token_mask, call.active, call.allowed, call.states)
         try:
             delta = bypass.delta(x)
             # only where an expert acted: a position the key scope kept out has a zero output, and kept, it
@@ -172,4 +186,4 @@ def remember_edits(adapter, batches) -> None:
         finally:
             adapter.context.clear()
         features = None if call.features is None else call.features[rows]
-        memory.add(x[rows], features, delta[rows])
+        memory.add(x[rows], features, delta[rows], None if call.states is None else call.states[rows])

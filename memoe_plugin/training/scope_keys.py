@@ -1,29 +1,75 @@
-"""``scope_keys``: the keys of a call's edits, taken from the layer inputs before training."""
+"""``scope_keys``: the keys of a call's edits, and their anti-keys, taken from the unedited model before training."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
+from ..routing.relations import SAME_FRAME, anti_key_prompts
+from ..routing.scope import NO_FLOOR
 from .batches import EditBatch
-from .capture import run_batches
+from .capture import run_batches, scope_views
 
 
 @torch.no_grad()
 def register_keys(adapter, batches: list[EditBatch], requests: list[dict], first_edit: int) -> None:
-    """Add the layer inputs at the key positions of ``batches`` as keys.
+    """Add the scope's view at the key positions of ``batches`` as keys, and (``scope_anti_keys``) the anti-keys
+    of the call's new edits.
 
     A request's keys belong to its ``_edit`` id (set by apply; replayed and prefixed copies keep
     their edit's id), else to ``first_edit`` + its index. The first call also fixes the scope's
-    centre, on all real tokens of its batches.
+    centre (and directions), on all real tokens of its batches.
     """
     scope = adapter.scope
     record = run_batches(adapter, batches, enabled=False)
-    if not scope.calibrated:
-        scope.calibrate(torch.cat([call.x[b.attention_mask.bool()] for call, b in zip(record.bypass, batches)]))
-    for call, batch in zip(record.bypass, batches):
+    views = [call.x if call.states is None else call.states for call in record.bypass]
+    anti, anti_ids, floors = anti_keys(adapter, requests, first_edit)
+    if not scope.calibrated:   # on the edits' own tokens only: a centre pulled toward the anti-key prompts
+        # (clozes about the subjects) brought other questions about a subject nearer its keys (docs/results.md)
+        scope.calibrate(torch.cat([view[b.attention_mask.bool()].float() for view, b in zip(views, batches)]))
+    for call, view, batch in zip(record.bypass, views, batches):
         rows, positions = key_positions(adapter, batch, call)
         ids = torch.tensor([requests[i].get("_edit", first_edit + i) for i in batch.indices.tolist()],
                            dtype=torch.long, device=rows.device)
-        scope.add(call.x[rows, positions], ids[rows])
+        scope.add(view[rows, positions], ids[rows], inputs=call.x[rows, positions])
+    if anti is not None:
+        scope.add_anti_keys(anti, anti_ids, floors)
+
+
+def anti_keys(adapter, requests: list[dict], first_edit: int) -> tuple[Optional[torch.Tensor], torch.Tensor,
+                                                                         torch.Tensor]:
+    """The scope's view of the anti-key prompts of the call's new edits (each edit once; replayed earlier edits
+    have theirs), their edit ids and floors; ``(None, ...)`` when there are none."""
+    device = adapter.bypass.experts.device
+    empty = (None, torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, device=device))
+    if adapter.hparams.scope_anti_keys == "none":
+        return empty
+    texts, ids, floors, done = [], [], [], set()
+    for i, request in enumerate(requests):
+        edit = request.get("_edit", first_edit + i)
+        if edit < first_edit or edit in done:
+            continue
+        done.add(edit)
+        for prompt in anti_key_prompts(request["prompt"], subject_of(adapter, request),
+                                       adapter.hparams.scope_anti_relations):
+            texts.append(prompt.text)
+            ids.append(edit)
+            floors.append(adapter.scope.copy_similarity if prompt.kind == SAME_FRAME else NO_FLOOR)
+    if not texts:
+        return empty
+    return (scope_views(adapter, texts), torch.tensor(ids, dtype=torch.long, device=device),
+            torch.tensor(floors, device=device))
+
+
+def subject_of(adapter, request: dict) -> Optional[str]:
+    """The request's ``subject``, else the first entity the anchor extractor finds in its prompt."""
+    subject = request.get("subject")
+    if isinstance(subject, str) and subject.strip():
+        return subject
+    if adapter.extractor is None:
+        return None
+    found = adapter.extractor(request["prompt"])
+    return found[0].text if found else None
 
 
 def key_positions(adapter, batch: EditBatch, call) -> tuple[torch.Tensor, torch.Tensor]:

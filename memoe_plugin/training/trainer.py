@@ -59,7 +59,7 @@ def train_experts(adapter, requests: list[dict], progress: bool = False,
     if hp.gate_norm == "center" and not adapter.gate_calibrated:
         calibrate_gate(adapter, batches)
     scope = adapter.scope
-    keys_before = None if scope is None else len(scope)
+    keys_before = None if scope is None else scope.sizes()
     try:
         if scope is not None:
             register_keys(adapter, batches, requests, len(adapter.edits))
