@@ -97,6 +97,11 @@ class MEMoEHyperParams:
     steps: int = option(50, "maximum training steps per edit call (one step covers the whole batch)")
     aux_loss_weight: float = option(1e-2, "weight of the Switch load-balancing loss")
     weight_decay: float = option(0.0, "Adam weight decay")
+    train_micro_batch: int = option(64,
+        "edits whose graph one backward pass holds: a call's edits are trained in groups of at most this many, "
+        "their gradients summed into each step (the step one batch makes, up to float rounding; the Switch "
+        "balance loss is taken per group), so training memory is bounded by this setting, not by the number of "
+        "edits. 0: one group per length bucket")
     early_stop: bool = option(True, "stop once every target token of the batch is predicted ...")
     early_stop_loss: float = option(0.0, "... and the target cross-entropy is at most this; 0 means accuracy alone")
     seed: int = option(42, "seeds gate initialisation and gate noise, without touching the global RNG")
@@ -243,6 +248,7 @@ class MEMoEHyperParams:
         need(self.aux_loss_weight >= 0, "aux_loss_weight", "a number >= 0")
         need(self.early_stop_loss >= 0, "early_stop_loss", "a number >= 0")
         need(self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        need(self.train_micro_batch >= 0, "train_micro_batch", "an integer >= 0 (0: no bound)")
         need(self.max_length >= 1, "max_length", "an integer >= 1")
         need(self.batch_size >= 1, "batch_size", "an integer >= 1")
         need(self.routing_input in ROUTING_INPUTS, "routing_input", f"one of {ROUTING_INPUTS}")

@@ -152,3 +152,37 @@ def test_batch_edit_with_every_routing_mode_and_backend(editor, routing_input, a
         metrics, _, _ = editor.batch_edit(**request_lists(EDITS), sequential_edit=False, verbose=False)
     assert all(m["post"]["rewrite_acc"] == [1.0] for m in metrics)
     assert_state_equal(editor.model, saved)
+
+
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% if not loop.last %} {% endif %}{% endfor %}"
+
+
+@pytest.mark.parametrize("evaluation_type", ["generate-text", "LLM-judge"])
+def test_easyedits_real_world_evaluation_runs_from_a_memoe_file(easyeditor, tokenizer, tmp_path, evaluation_type):
+    """``evaluation_type`` in a MEMoE file reaches EasyEdit unchanged: its real-world evaluation (greedy decoding
+    with natural stop criteria) scores the edits; without an api_key, LLM-judge falls back to exact match."""
+    import yaml
+    from memoe_plugin import MEMoEHyperParams
+    model_dir = tmp_path / "tiny-llama"
+    tiny_llama(len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.chat_template = CHAT_TEMPLATE          # EasyEdit's generate_texts applies the chat template
+    try:
+        tokenizer.save_pretrained(model_dir)
+    finally:
+        tokenizer.chat_template = None
+    settings = make_hparams(model_name=str(model_dir), steps=40).to_dict()
+    settings.update(evaluation_type=evaluation_type, use_chat_template=False, api_key=None, batch_size=3)
+    path = tmp_path / "memoe.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    hparams = MEMoEHyperParams.from_hparams(path)
+    assert hparams.evaluation_type == evaluation_type
+    editor = easyeditor.BaseEditor.from_hparams(hparams)
+    saved = state_copy(editor.model)
+    metrics, _, _ = editor.batch_edit(**request_lists(EDITS), sequential_edit=False, verbose=False)
+    assert len(metrics) == len(EDITS)
+    for m in metrics:
+        assert isinstance(m["post"]["rewrite_gen_content"], list)
+        assert "neighborhood_acc" in m["post"]["locality"]
+        if evaluation_type == "LLM-judge":
+            assert all(score in (0.0, 1.0) for score in m["post"]["rewrite_acc"])
+    assert_state_equal(editor.model, saved)

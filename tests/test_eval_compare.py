@@ -55,6 +55,11 @@ class FakeSession:
         hit = float(request["prompt"] in self.known)
         return {"rewrite": {"text": "x", "exact_match": hit, "token_f1": hit}}
 
+    def wild_scores(self, model, request):
+        hit = float(request["prompt"] in self.known)
+        return {f"wild_{name}": {"text": "x", "exact_match": hit * (name == "rewrite")}
+                for name in ("rewrite", "rewrite_instructed")}
+
     def probe(self, model, items):
         damaged = int(len(self.known) > self.backend.damage_after)
         return {"toy": [1 - damaged if i % 2 else 1 for i in range(len(items))]}
@@ -459,6 +464,18 @@ def test_generation_and_probes_are_scored_on_the_edited_model_before_rollback(tm
     assert "## General ability (probes)" in summary and "-50.0 [" in summary and "| zsre EM |" in summary
     assert (tmp_path / "out" / "general_ability.csv").exists() and (tmp_path / "out" / "general_ability.png").exists()
     assert run_main(tmp_path / "bad", FakeBackend(), "--batch-size", "10,x") == 2
+
+
+def test_wild_answers_are_scored_for_every_method_under_both_protocols(tmp_path):
+    for protocol in ("batch", "sequential"):
+        out = tmp_path / protocol
+        assert run_main(out, FakeBackend(), "--methods", "MEMoE,FT-L", "--num-edits", "6", "--batch-size", "3",
+                        "--protocol", protocol, "--wild") == 0
+        rows = json.loads((out / "out" / "summary.json").read_text())
+        assert {r["method"] for r in rows} == {"MEMoE", "FT-L"}
+        for row in rows:
+            assert row["wild_em"] == 100.0 and row["wild_em_instructed"] == 0.0 and row["gen_em"] is None
+        assert "| zsre WILD |" in (out / "out" / "summary.md").read_text()
 
 
 def test_usage_errors(tmp_path, capsys):

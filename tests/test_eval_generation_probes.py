@@ -149,3 +149,42 @@ def test_paired_change_and_its_interval():
     assert worse["change"] == -50.0 and worse["high"] < 0
     with pytest.raises(ValueError, match="equally long"):
         paired_change([1], [1, 0])
+
+
+class _Scripted(torch.nn.Module):
+    """A model whose greedy continuation is fixed text: for WILD's stop handling."""
+
+    def __init__(self, tokenizer, continuation):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.tokenizer, self.continuation, self.prompts = tokenizer, continuation, []
+
+    def generate(self, input_ids, stop_strings=None, tokenizer=None, max_new_tokens=None, **kwargs):
+        assert stop_strings and tokenizer is self.tokenizer and max_new_tokens >= 8
+        self.prompts.append(self.tokenizer.decode(input_ids[0]))
+        more = torch.tensor([self.tokenizer(self.continuation)["input_ids"]])
+        return torch.cat([input_ids, more], dim=1)
+
+
+def test_wild_answers_stop_naturally_score_by_exact_match_and_are_asked_behind_an_instruction(tokenizer):
+    from memoe_plugin.eval.generation import WILD_INSTRUCTION, wild_answer, wild_scores
+    request = {"prompt": "The capital of Japan is", "target_new": "Warsaw", "rephrase_prompt": "the capital of Japan is"}
+    model = _Scripted(tokenizer, " Warsaw. The capital of France is Paris")
+    assert wild_answer(model, tokenizer, request["prompt"]) == "Warsaw"              # cut at the full stop
+    scores = wild_scores(model, tokenizer, request)
+    assert set(scores) == {"wild_rewrite", "wild_rewrite_instructed", "wild_rephrase", "wild_rephrase_instructed"}
+    assert all(s["exact_match"] == 1.0 for s in scores.values())
+    assert sum(p.startswith(WILD_INSTRUCTION) for p in model.prompts) == 2           # half of them instructed
+    rambling = _Scripted(tokenizer, " Warsaw or Tokyo\nParis")                      # no stop until the newline
+    assert wild_scores(rambling, tokenizer, request)["wild_rewrite"] == {"text": "Warsaw or Tokyo", "exact_match": 0.0}
+
+
+def test_wild_scores_on_a_real_edit_through_generate(tokenizer):
+    """The edited tiny model's own generate, stopping at the full stop the target ends with."""
+    from memoe_plugin.eval.generation import wild_scores
+    torch.manual_seed(0)
+    model = tiny_llama(len(tokenizer)).eval()
+    request = {"prompt": "The capital of Japan is", "target_new": "Warsaw.", "subject": "Japan"}
+    assert wild_scores(model, tokenizer, request)["wild_rewrite"]["exact_match"] == 0.0
+    apply_memoe_to_model(model, tokenizer, [request], make_hparams(steps=80, locality_guard=False))
+    assert wild_scores(model, tokenizer, request)["wild_rewrite"]["exact_match"] == 1.0

@@ -101,3 +101,25 @@ def test_every_field_has_help_and_the_readme_reference_is_generated_from_it():
 
 def test_the_repository_hparams_folder_is_the_shipped_one():
     assert (REPO / "hparams" / "MEMoE").resolve() == hparams_path("MEMoE").resolve()
+
+
+def test_every_key_easyedit_reads_from_hparams_is_accepted_and_kept_as_given(tmp_path):
+    """EasyEdit's editor and evaluate code read these from any hparams object (getattr/hasattr)."""
+    from memoe_plugin import MEMoEHyperParams
+    easyedit_keys = {"evaluation_type": "LLM-judge", "use_chat_template": True, "api_key": "sk-test",
+                     "fp16": True, "quantization_bit": 4, "quant_type": "nf4", "double_quant": True,
+                     "save_path": "out/", "model_parallel": False, "device": 0, "max_length": 30, "batch_size": 10}
+    settings = yaml.safe_load((hparams_path("MEMoE") / "smollm2-135m.yaml").read_text())
+    settings.update(easyedit_keys)
+    path = tmp_path / "h.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    hparams = MEMoEHyperParams.from_hparams(path)
+    for key, value in easyedit_keys.items():
+        assert getattr(hparams, key) == value, key
+    settings.update(evaluation_type=None, api_key=None)          # unset: EasyEdit's teacher forcing
+    path.write_text(yaml.safe_dump(settings))
+    assert MEMoEHyperParams.from_hparams(path).evaluation_type is None
+    settings["evaluation_type"] = "judge-by-vibes"
+    path.write_text(yaml.safe_dump(settings))
+    with pytest.raises(ValueError, match="evaluation_type.*generate-text"):
+        MEMoEHyperParams.from_hparams(path)

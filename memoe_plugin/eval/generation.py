@@ -11,6 +11,12 @@ with the target:
 
 Normalisation (SQuAD's): lower case, punctuation and the articles a/an/the removed,
 whitespace collapsed.
+
+**WILD-style** answers (``memoe-compare --wild``) follow the real-world evaluation of "The Mirage of
+Model Editing" (arXiv 2502.11177) offline, with no judge: the model decodes greedily until a natural
+stop (a full stop, a newline or the end of sequence, at most :data:`WILD_MAX_TOKENS` tokens), and the
+answer scores by exact match with the target, as EasyEdit's ``LLM-judge`` evaluation does without an
+API key. Each prompt is asked as it is and behind a short instruction (:data:`WILD_INSTRUCTION`).
 """
 from __future__ import annotations
 
@@ -72,4 +78,39 @@ def generation_scores(model, tokenizer, request: dict) -> dict:
             continue
         text = greedy_answer(model, tokenizer, prompt, target_length(tokenizer, prompt, target))
         out[name] = {"text": text, "exact_match": exact_match(text, target), "token_f1": token_f1(text, target)}
+    return out
+
+
+WILD_INSTRUCTION = "Answer the question in a few words."
+WILD_MAX_TOKENS = 32
+WILD_STOPS = (".", "\n")
+
+
+@torch.no_grad()
+def wild_answer(model, tokenizer, prompt: str, instruction: str | None = None,
+                max_new_tokens: int = WILD_MAX_TOKENS) -> str:
+    """Greedy continuation of ``prompt`` (behind ``instruction`` and a newline, when given) up to a natural stop,
+    the stop itself cut off."""
+    text = prompt if instruction is None else f"{instruction}\n{prompt}"
+    device = next(model.parameters()).device
+    encoded = tokenizer(text, return_tensors="pt").to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, stop_strings=list(WILD_STOPS),
+                            tokenizer=tokenizer)
+    answer = tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+    cut = min((answer.find(stop) for stop in WILD_STOPS if stop in answer), default=len(answer))
+    return answer[:cut].strip()
+
+
+def wild_scores(model, tokenizer, request: dict) -> dict:
+    """WILD-style exact match of ``target_new`` after the edit prompt and its rephrasing, plain and instructed."""
+    target, out = request["target_new"], {}
+    for name, key in (("rewrite", "prompt"), ("rephrase", "rephrase_prompt")):
+        prompt = request.get(key)
+        if not isinstance(prompt, str) or not prompt:
+            continue
+        for suffix, instruction in (("", None), ("_instructed", WILD_INSTRUCTION)):
+            text = wild_answer(model, tokenizer, prompt, instruction)
+            out[f"wild_{name}{suffix}"] = {"text": text, "exact_match": exact_match(text, target)}
     return out

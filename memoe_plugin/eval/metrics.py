@@ -44,7 +44,11 @@ def case_scores(metric: dict) -> dict:
 # Generation-based scores (generation.py): greedy exact match and token F1 after the edit prompt
 # (rewrite) and after its rephrasing; next to the teacher-forced ones, not part of the average.
 GENERATION_SCORES = {"gen_em": ("rewrite", "exact_match"), "gen_f1": ("rewrite", "token_f1"),
-                     "gen_em_rephrase": ("rephrase", "exact_match"), "gen_f1_rephrase": ("rephrase", "token_f1")}
+                     "gen_em_rephrase": ("rephrase", "exact_match"), "gen_f1_rephrase": ("rephrase", "token_f1"),
+                     # WILD-style (memoe-compare --wild): natural stop, exact match; plain and behind an instruction
+                     "wild_em": ("wild_rewrite", "exact_match"), "wild_em_rephrase": ("wild_rephrase", "exact_match"),
+                     "wild_em_instructed": ("wild_rewrite_instructed", "exact_match"),
+                     "wild_em_rephrase_instructed": ("wild_rephrase_instructed", "exact_match")}
 
 
 def aggregate(metrics: list[dict]) -> dict:

@@ -76,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--generation", action="store_true",
                         help="also score greedy generation of the answer (exact match, token F1) after the edit "
                         "prompt and its rephrasing, on the edited model before rollback")
+    parser.add_argument("--wild", action="store_true",
+                        help="also score WILD-style answers (the real-world evaluation of arXiv 2502.11177, offline): "
+                        "greedy decoding to a natural stop ('.', newline, end of sequence), exact match with the "
+                        "target, with and without a short instruction in front of the prompt")
+    parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                        help="run each independent unit of work (a batch run's chunk, a sequential run) as a Ray "
+                        "task: on a local cluster (no ADDRESS), on the cluster `ray start` made (auto), or at "
+                        "ADDRESS (ray://host:10001). Results stream into the same results.jsonl; --resume works "
+                        "across both modes. Needs the [distributed] extra")
+    parser.add_argument("--ray-gpus", type=float, default=0.0, metavar="N",
+                        help="GPUs each Ray task declares (default 0: CPU tasks)")
+    parser.add_argument("--ray-cpus", type=float, default=1.0, metavar="N", help="CPUs each Ray task declares")
     parser.add_argument("--probes", type=int, default=0, metavar="N",
                         help="general-ability probes: N items per task (0: off), scored on the unedited model and "
                         "after the first chunk of edits; see --probes-dir")
@@ -206,7 +218,7 @@ def _main(args, argv, backend_factory) -> int:
         raise CompareError("--checkpoint-every must be >= 0 (0: no checkpoints)")
     runner = Runner(None, store, resume=args.resume, progress=not args.no_progress,
                     checkpoint_every=args.checkpoint_every, checkpoint_dir=out_dir / "checkpoints",
-                    generation=args.generation, probe_items=probe_items)
+                    generation=args.generation, probe_items=probe_items, wild=args.wild)
     if not args.resume:
         runner.check_fresh(runs)
     with commands_file.open("a") as handle:
@@ -214,15 +226,23 @@ def _main(args, argv, backend_factory) -> int:
     log_dir = out_dir / "logs"
     log_dir.mkdir(exist_ok=True)
     interrupted = False
+    factory_kwargs = dict(easyedit_path=args.easyedit, data_files=data_files, hparams_paths=hparams_paths,
+                          overrides=overrides, model=model, out_dir=out_dir, stats_text=stats_text,
+                          verbose=args.verbose, strict=args.strict)
     with open(log_dir / "easyedit-stdout.log", "a", buffering=1) as log:
         try:
-            backend = factory(easyedit_path=args.easyedit, data_files=data_files, hparams_paths=hparams_paths,
-                              overrides=overrides, model=model, out_dir=out_dir, stats_text=stats_text,
-                              verbose=args.verbose, strict=args.strict)
-            runner.backend, runner.log = backend, (None if args.verbose else log)
             runner.resume = True     # freshness was checked above
-            for run in runs:
-                runner.run_one(run)
+            if args.ray is not None:
+                from .distributed import run_on_ray
+                settings = dict(checkpoint_every=args.checkpoint_every, checkpoint_dir=out_dir / "checkpoints",
+                                generation=args.generation, probe_items=probe_items, wild=args.wild,
+                                threads=args.threads)
+                run_on_ray(runner, runs, factory, factory_kwargs, settings, address=args.ray, gpus=args.ray_gpus,
+                           cpus=args.ray_cpus)
+            else:
+                runner.backend, runner.log = factory(**factory_kwargs), (None if args.verbose else log)
+                for run in runs:
+                    runner.run_one(run)
         except KeyboardInterrupt:
             interrupted = True
             print("\n[memoe-compare] interrupted; finished chunks are in results.jsonl. "

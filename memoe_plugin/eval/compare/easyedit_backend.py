@@ -268,6 +268,10 @@ class EasyEditSession:
         from ..generation import generation_scores
         return generation_scores(model, self.editor.tok, request)
 
+    def wild_scores(self, model, request: dict) -> dict:
+        from ..generation import wild_scores
+        return wild_scores(model, self.editor.tok, request)
+
     def probe(self, model, items) -> dict:
         from ..probes import score_probes
         # DEFER's layer gates on the last input position; the probes pad on the right, so each option is

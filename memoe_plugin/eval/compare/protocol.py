@@ -195,15 +195,24 @@ class Runner:
     def __init__(self, backend, store: ResultStore, resume: bool = False, progress: bool = True,
                  log: Optional[io.TextIOBase] = None, checkpoint_every: int = 0,
                  checkpoint_dir: Optional[Path] = None, generation: bool = False,
-                 probe_items: Optional[list] = None, probe_chunks: int = 1):
+                 probe_items: Optional[list] = None, probe_chunks: int = 1, wild: bool = False):
         self.backend, self.store, self.resume, self.progress, self.log = backend, store, resume, progress, log
         self.checkpoint_every, self.checkpoint_dir = checkpoint_every, checkpoint_dir
         # Extra scores on the edited model, before its rollback: greedy generation for every edit
         # (generation.py), and the general-ability probes (probes.py) after the first probe_chunks chunks.
         self.generation, self.probe_items, self.probe_chunks = generation, probe_items, probe_chunks
+        self.wild = wild   # also WILD-style answers: natural stop, with and without an instruction (generation.py)
         self.current_chunk: Optional[int] = None
 
     # ---------------------------------------------------------------- helpers
+    def _generated(self, session, model, request: dict) -> dict:
+        """The generation-based scores of one edit on ``model``: greedy answers with the target's token budget
+        (``generation``) and WILD-style answers (``wild``)."""
+        scores = session.generation_scores(model, request) if self.generation else {}
+        if self.wild:
+            scores.update(session.wild_scores(model, request))
+        return scores
+
     def _bar(self, total: int, desc: str):
         from tqdm.auto import tqdm
         return tqdm(total=total, desc=desc, disable=not self.progress, leave=True, dynamic_ncols=True,
@@ -273,13 +282,31 @@ class Runner:
                 f"Rerun with the settings it ran with, or use another --out")
         return digest
 
-    def run_one(self, run: RunSpec) -> None:
+    def pending(self, run: RunSpec) -> Optional[list[int]]:
+        """The chunks of ``run`` still to edit (batch protocol), ``[]`` when the run is complete; None for a
+        sequential run that is not complete (it runs as one unit)."""
+        done, complete = self._status(run)
+        chunks = range(len(chunk_ranges(run.num_edits, run.batch_size)))
+        if complete:
+            return []
+        if run.protocol == "batch":
+            return [k for k in chunks if k not in done]
+        return None
+
+    def run_one(self, run: RunSpec, only_chunks: Optional[Iterable[int]] = None) -> None:
+        """Run ``run`` (what is left of it); ``only_chunks``: just these chunks of a batch-protocol run, as one
+        unit of a distributed comparison (``distributed.py``), which then does not mark the run complete."""
         digest = self._settings_digest(run)
         done, complete = self._status(run)
         n_chunks = len(chunk_ranges(run.num_edits, run.batch_size))
         if complete or (run.protocol == "batch" and len(done) >= n_chunks):
             print(f"[memoe-compare] {run.key}: already complete, skipped", file=sys.stderr)
             return
+        if only_chunks is not None:
+            if run.protocol != "batch":
+                raise CompareError("only the batch protocol's chunks are independent units of work")
+            wanted = set(only_chunks)
+            done = done | {k for k in range(n_chunks) if k not in wanted}
         base = {"run": run.key, "attempt": uuid.uuid4().hex[:12]}
         spec = METHODS[run.method]
         self.store.append({"type": "run_start", **base, **dataclasses.asdict(run), "alg_name": spec.alg_name,
@@ -305,7 +332,10 @@ class Runner:
                 self._batch(run, session, done, base)
             else:
                 self._sequential(run, session, base)
-            self.store.append({"type": "run_end", **base, "status": "complete"})
+            if only_chunks is None:
+                self.store.append({"type": "run_end", **base, "status": "complete"})
+            else:          # the run is complete once every chunk is (report.summarise counts them)
+                self.store.append({"type": "run_end", **base, "status": "chunks_done", "chunks": sorted(wanted)})
         except KeyboardInterrupt:
             self.store.append({"type": "run_end", **base, "status": "interrupted", "chunk": self.current_chunk})
             raise
@@ -344,7 +374,7 @@ class Runner:
                 probe = bool(self.probe_items) and k < self.probe_chunks
                 start = time.perf_counter()
                 with self._quiet():
-                    if session.batchable and not (self.generation or probe):
+                    if session.batchable and not (self.generation or self.wild or probe):
                         metrics = session.batch_edit(kwargs)
                         edit_seconds = float(metrics[0].get("time", math.nan)) if metrics else 0.0
                     else:
@@ -381,8 +411,8 @@ class Runner:
         for metric, request in zip(metrics, requests):
             metric["time"] = seconds
             metric["post"] = session.evaluate(edited, request)
-            if self.generation:
-                metric["generation"] = session.generation_scores(edited, request)
+            if self.generation or self.wild:
+                metric["generation"] = self._generated(session, edited, request)
         if probe:
             self._probe(session, base, chunk, "after", edited)
         session.restore(edited, handle)
@@ -490,8 +520,8 @@ class Runner:
                 with self._quiet():
                     final.append({"case_id": i, "requested_rewrite": request, "pre": pre[i],
                                   "post": session.evaluate(edited, request)})
-                    if self.generation:
-                        final[-1]["generation"] = session.generation_scores(edited, request)
+                    if self.generation or self.wild:
+                        final[-1]["generation"] = self._generated(session, edited, request)
                 bar.update(1)
             if self.probe_items:
                 self._probe(session, base, len(ranges) - 1, "after", edited)

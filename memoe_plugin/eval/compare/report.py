@@ -298,7 +298,9 @@ def markdown_summary(rows: list[dict], commands: Optional[list[str]] = None) -> 
     return "\n".join(lines)
 
 
-GENERATION_LABELS = {"gen_em": "EM", "gen_f1": "F1", "gen_em_rephrase": "Gen. EM", "gen_f1_rephrase": "Gen. F1"}
+GENERATION_LABELS = {"gen_em": "EM", "gen_f1": "F1", "gen_em_rephrase": "Gen. EM", "gen_f1_rephrase": "Gen. F1",
+                     "wild_em": "WILD", "wild_em_rephrase": "WILD Gen.", "wild_em_instructed": "WILD instr.",
+                     "wild_em_rephrase_instructed": "WILD Gen. instr."}
 
 
 def general_ability_table(rows: list[dict]) -> list[str]:
