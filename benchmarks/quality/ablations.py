@@ -37,7 +37,9 @@ GATE = {"expert_routing": "gate"}
 GROUPS = {
     "extensions": [("tuned", {}), ("key routing off (paper's gate)", GATE),
                    ("scope snap off", {"scope_snap": 0.0}),
-                   ("key scope off (guard only, gate)", {"scope_keys": False, "scope_snap": 0.0, **GATE}),
+                   ("anti-keys off", {"scope_anti_keys": "none"}),
+                   ("key scope off (guard only, gate)", {"scope_keys": False, "scope_snap": 0.0,
+                                                         "scope_anti_keys": "none", **GATE}),
                    ("guard off (scope keys alone)", {"locality_guard": False}),
                    ("+ preservation prompts 4", {"preserve_prompts": 4}),
                    ("+ context prefixes 2", {"context_prefixes": 2}),
