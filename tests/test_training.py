@@ -120,3 +120,50 @@ def test_early_stop_waits_for_the_loss_margin(tokenizer):
     remove_memoe(model)
     assert first.stopped_early and margin.stopped_early
     assert margin.steps > first.steps and margin.final_loss <= 5.43 + 1e-2
+
+
+MANY = EDITS + GUARDED_EDITS + [
+    {"prompt": "The Eiffel Tower is located in", "target_new": "Rome", "subject": "Eiffel Tower"},
+    {"prompt": "Marie Curie was born in", "target_new": "Tokyo", "subject": "Marie Curie"},
+    {"prompt": "Watts Humphrey attended", "target_new": "Paris", "subject": "Watts Humphrey"}]
+
+
+@pytest.mark.parametrize("routing", ["gate", "key"])
+def test_micro_batches_train_what_one_batch_trains(tokenizer, routing):
+    """Groups of 2 edits, each backpropagated on its own and summed into one step, give the experts and gate
+    that one group of all edits gives (up to float rounding), and each group holds at most 2 edits.
+
+    The Switch balance loss is a statistic of the tokens a group holds, as in any micro-batched MoE training,
+    so with the paper's gate it is left out here; key routing (the shipped recipe) has none."""
+    from conftest import make_hparams, tiny_llama
+    from memoe_plugin.training import trainer
+    settings = dict(steps=12, early_stop=False, locality_guard=True, gate_noise=0.0, aux_loss_weight=0.0)
+    if routing == "key":
+        settings.update(scope_keys=True, scope_threshold=0.2, expert_routing="key", aux_loss_weight=0.1)
+    trained, sizes = {}, {}
+    original = trainer.build_edit_batches
+    for micro in (0, 2):
+        def spy(*args, **kwargs):
+            batches = original(*args, **kwargs)
+            sizes[micro] = [b.input_ids.shape[0] for b in batches]
+            return batches
+        trainer.build_edit_batches = spy
+        try:
+            torch.manual_seed(0)
+            model = tiny_llama(len(tokenizer))
+            apply_memoe_to_model(model, tokenizer, MANY, make_hparams(train_micro_batch=micro, **settings))
+        finally:
+            trainer.build_edit_batches = original
+        bypass = get_adapter(model).bypass
+        trained[micro] = (bypass.experts.detach().clone(), bypass.gate.weight.detach().clone())
+        remove_memoe(model)
+    assert len(sizes[0]) == 1 and max(sizes[2]) <= 2 and sum(sizes[2]) == len(MANY)
+    for one, micro in zip(trained[0], trained[2]):
+        assert one.abs().max() > 0
+        assert torch.allclose(one, micro, atol=1e-5, rtol=1e-4)
+
+
+def test_micro_batch_is_checked():
+    from conftest import make_hparams
+    with pytest.raises(ValueError, match="train_micro_batch"):
+        make_hparams(train_micro_batch=-1)

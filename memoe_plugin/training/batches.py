@@ -22,11 +22,15 @@ class EditBatch:
 
 
 def build_edit_batches(tokenizer, requests: list[dict], device, max_buckets: int = 3,
-                       min_bucket: int = 8) -> list[EditBatch]:
-    """Requests sorted by length into up to ``max_buckets`` batches, to pad (and compute) less."""
+                       min_bucket: int = 8, micro_batch: int = 0) -> list[EditBatch]:
+    """Requests sorted by length into up to ``max_buckets`` batches, to pad (and compute) less, and into more
+    where a bucket would hold over ``micro_batch`` requests (0: no bound): training runs one bucket's graph at a
+    time (``train_micro_batch``), so the bound caps its memory."""
     lengths = [len(tokenizer(r["prompt"] + " " + r["target_new"])["input_ids"]) for r in requests]
     order = sorted(range(len(requests)), key=lengths.__getitem__)
     buckets = max(1, min(max_buckets, len(requests) // min_bucket))
+    if micro_batch:
+        buckets = max(buckets, -(-len(requests) // micro_batch))
     size = -(-len(requests) // buckets)
     groups = [order[i:i + size] for i in range(0, len(order), size)]
     return [build_edit_batch(tokenizer, [requests[i] for i in group], device, group) for group in groups]

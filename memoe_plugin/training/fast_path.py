@@ -163,17 +163,34 @@ def _logits_function(adapter, batch: EditBatch) -> tuple[Callable[[], torch.Tens
     return stack.target_logits, True
 
 
-def target_logits_function(adapter, batches: list[EditBatch]):
-    """One function returning (target logits of all buckets, mean balance loss), and whether it is cached."""
+def bucket_logits_functions(adapter, batches: list[EditBatch]):
+    """Per bucket, a function returning (its target logits, its balance loss); and whether all are cached.
+
+    Training calls them one at a time and backpropagates each before the next, so one bucket's graph is
+    held at a time (``train_micro_batch``)."""
     functions = [_logits_function(adapter, batch) for batch in batches]
     bypass = adapter.bypass
 
+    def with_aux(function):
+        def logits_and_aux():
+            logits = function()
+            return logits, bypass.aux_loss
+        return logits_and_aux
+
+    return [with_aux(function) for function, _ in functions], all(cached for _, cached in functions)
+
+
+def target_logits_function(adapter, batches: list[EditBatch]):
+    """One function returning (target logits of all buckets, mean balance loss), and whether it is cached."""
+    functions, cached = bucket_logits_functions(adapter, batches)
+
     def logits_and_aux():
         pieces, aux = [], []
-        for function, _ in functions:
-            pieces.append(function())
-            if bypass.aux_loss is not None:
-                aux.append(bypass.aux_loss)
+        for function in functions:
+            logits, loss = function()
+            pieces.append(logits)
+            if loss is not None:
+                aux.append(loss)
         return torch.cat(pieces), (torch.stack(aux).mean() if aux else None)
 
-    return logits_and_aux, all(cached for _, cached in functions)
+    return logits_and_aux, cached

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .batches import build_edit_batches
 from .calibration import calibrate_gate
 from .capture import capture_bypass
-from .fast_path import full_target_logits, target_logits_function
+from .fast_path import bucket_logits_functions, full_target_logits, target_logits_function
 from .memory import remember_edits
 from .preservation import Preservation
 from .scope_keys import register_keys
@@ -45,7 +45,7 @@ def train_experts(adapter, requests: list[dict], progress: bool = False,
     """
     hp, model, bypass = adapter.hparams, adapter.model, adapter.bypass
     device = bypass.experts.device
-    batches = build_edit_batches(adapter.tokenizer, requests, device)
+    batches = build_edit_batches(adapter.tokenizer, requests, device, micro_batch=hp.train_micro_batch)
     learning_ids = adapter.trainable_experts    # None: every expert learns in this call
     learning = torch.arange(bypass.experts.shape[0], device=device) if learning_ids is None else \
         torch.tensor(learning_ids, dtype=torch.long, device=device)
@@ -97,7 +97,7 @@ def _fit(adapter, batches, experts: torch.nn.Parameter, subjects_of: list[dict],
     optimizer = torch.optim.Adam([{"params": [experts]},
                                   {"params": [bypass.gate.weight], "lr": hp.lr * hp.gate_lr_scale}],
                                  lr=hp.lr, weight_decay=hp.weight_decay)
-    target_logits, cached = target_logits_function(adapter, batches)
+    buckets, cached = bucket_logits_functions(adapter, batches)
     preservation, preserved_logits = None, None
     if hp.preserve_prompts and hp.preserve_weight > 0:
         preservation = Preservation(adapter, subjects_of, hp.preserve_prompts, hp.seed)
@@ -118,33 +118,47 @@ def _fit(adapter, batches, experts: torch.nn.Parameter, subjects_of: list[dict],
         torch.manual_seed(hp.seed)
         bypass.train()
         for step in range(hp.steps):
-            logits, aux = target_logits()
-            loss = target_loss = F.cross_entropy(logits, targets)
-            if hp.aux_loss_weight and aux is not None:
-                loss = loss + hp.aux_loss_weight * aux
-            if memory is not None:
-                loss = loss + hp.memory_weight * memory.loss(bypass, adapter.context, hp.memory_batch, memory_routes)
-            if preserved_logits is not None:
-                loss = loss + hp.preserve_weight * preservation.loss(preserved_logits()[0])
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(
-                    f"MEMoE training diverged at step {step} (loss {loss.item()}); the edit was not kept. "
-                    f"Lower lr (now {hp.lr}) or scale (now {hp.scale}).")
+            # One bucket's graph at a time (train_micro_batch): each bucket's share of the loss is backpropagated
+            # before the next runs, and the summed gradients make the step one batch would make.
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            target_loss, predicted = 0.0, []
+            for (bucket, batch) in zip(buckets, batches):
+                logits, aux = bucket()
+                loss = F.cross_entropy(logits, batch.targets, reduction="sum") / len(targets)
+                target_loss += loss.item()
+                if hp.aux_loss_weight and aux is not None:
+                    loss = loss + hp.aux_loss_weight * aux / len(buckets)
+                _backward(loss, step, hp)
+                predicted.append(logits.detach().argmax(-1))
+            extra = None
+            if memory is not None:
+                extra = hp.memory_weight * memory.loss(bypass, adapter.context, hp.memory_batch, memory_routes)
+            if preserved_logits is not None:
+                kept = hp.preserve_weight * preservation.loss(preserved_logits()[0])
+                extra = kept if extra is None else extra + kept
+            if extra is not None:
+                _backward(extra, step, hp)
             optimizer.step()
-            steps_done, loss_value = step + 1, target_loss.item()
-            accuracy = (logits.argmax(-1) == targets).float().mean().item()
+            steps_done, loss_value = step + 1, target_loss
+            accuracy = (torch.cat(predicted) == targets).float().mean().item()
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{accuracy:.2f}")
-            margin_ok = hp.early_stop_loss == 0 or target_loss.item() <= hp.early_stop_loss
+            margin_ok = hp.early_stop_loss == 0 or target_loss <= hp.early_stop_loss
             if hp.early_stop and accuracy == 1.0 and margin_ok:
                 stopped_early = step + 1 < hp.steps
                 break
     if bar is not None:
         bar.close()
     return TrainReport(steps_done, loss_value, stopped_early, cached, accuracy)
+
+
+def _backward(loss: torch.Tensor, step: int, hp) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingDivergedError(
+            f"MEMoE training diverged at step {step} (loss {loss.item()}); the edit was not kept. "
+            f"Lower lr (now {hp.lr}) or scale (now {hp.scale}).")
+    loss.backward()
 
 
 def _progress(total: int, enabled: bool):
