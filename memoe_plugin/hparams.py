@@ -93,6 +93,11 @@ class MEMoEHyperParams:
 
     # --- training ------------------------------------------------------------
     lr: float = option(2e-4, "Adam learning rate")
+    lr_width: int = option(0,
+        "0: `lr` as given. N > 0: `lr` is the rate for a projection of N inputs, and the experts of one with "
+        "`in_features` inputs learn at `lr × N / in_features` (Adam moves each weight by about the rate, so the "
+        "bypass output moves in proportion to the input width; the recipe files give lr 5e-3 at 1536, "
+        "SmolLM2's `down_proj`)")
     gate_lr_scale: float = option(1.0, "the gate learns at `lr × gate_lr_scale`; 0 keeps the gate as initialised")
     steps: int = option(50, "maximum training steps per edit call (one step covers the whole batch)")
     aux_loss_weight: float = option(1e-2, "weight of the Switch load-balancing loss")
@@ -244,6 +249,7 @@ class MEMoEHyperParams:
         need(self.gate_norm in GATE_NORMS, "gate_norm", f"one of {GATE_NORMS}")
         need(self.lr > 0, "lr", "a learning rate > 0")
         need(self.gate_lr_scale >= 0, "gate_lr_scale", "a number >= 0")
+        need(self.lr_width >= 0, "lr_width", "an integer >= 0 (0: lr as given)")
         need(self.steps >= 1, "steps", "an integer >= 1")
         need(self.aux_loss_weight >= 0, "aux_loss_weight", "a number >= 0")
         need(self.early_stop_loss >= 0, "early_stop_loss", "a number >= 0")

