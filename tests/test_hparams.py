@@ -30,8 +30,8 @@ def test_shipped_files_load(path):
 
 
 def test_paper_settings():
-    gpt2xl = MEMoEHyperParams.from_hparams(REPO / "hparams/MEMoE/gpt2-xl.yaml")
-    llama = MEMoEHyperParams.from_hparams(REPO / "hparams/MEMoE/llama-7b.yaml")
+    gpt2xl = MEMoEHyperParams.from_hparams(REPO / "hparams/MEMoE/gpt2-xl-paper.yaml")
+    llama = MEMoEHyperParams.from_hparams(REPO / "hparams/MEMoE/llama-7b-paper.yaml")
     assert (gpt2xl.layer, llama.layer) == (18, 16)
     for hp in (gpt2xl, llama):
         assert (hp.num_experts, hp.top_k, hp.lr) == (4, 1, 2e-4)
