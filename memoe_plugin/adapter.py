@@ -9,8 +9,9 @@ same module object back and removes every hook and attribute, so the model's
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import NamedTuple, Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -21,18 +22,13 @@ from .routing.guard import LocalityGuard
 from .routing.scope import KeyScope
 from .compat import CacheNotFollowedError, bound_arguments, continuation_length
 from .hparams import MEMoEHyperParams
-from .layer import MoEBypass, RoutingContext, projection_shape
+from .layer import MoEBypass, projection_shape
+from .routing.inputs import MixtureOutput, RoutingInputs
 from .training.memory import OutputMemory
+from .variants.key_routing import KeyRouter
+from .variants.scope import ScopeVariant
 
 ADAPTER_ATTR = "_memoe_adapter"
-
-
-class RoutingInputs(NamedTuple):
-    """What the bypass needs besides its input, for one forward call (see :class:`RoutingContext`)."""
-    features: Optional[torch.Tensor]
-    token_mask: torch.Tensor
-    active: Optional[torch.Tensor]
-    allowed: Optional[torch.Tensor]
 
 
 def get_adapter(model: nn.Module) -> Optional["MEMoEAdapter"]:
@@ -95,11 +91,10 @@ class MEMoEAdapter:
         self.encoder = RoutingFeatureEncoder(tokenizer, embedding, hparams.routing_input,
                                              self.extractor, hparams.anchor_cache_size)
         self.guard = LocalityGuard(tokenizer, hparams.anchor_cache_size) if hparams.locality_guard else None
-        self.context = RoutingContext(self.encoder.dim)
         generator = torch.Generator().manual_seed(hparams.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
-            self.bypass = MoEBypass(self.base_module, self.context, hparams.num_experts, hparams.top_k,
+            self.bypass = MoEBypass(self.base_module, self.encoder.dim, hparams.num_experts, hparams.top_k,
                                     hparams.scale, hparams.gate_noise)
         with torch.no_grad():
             self.bypass.gate_scale[:projection_shape(self.base_module)[0]] = hparams.gate_token_weight
@@ -114,12 +109,14 @@ class MEMoEAdapter:
                                   input_dim=in_features, rank=hparams.scope_rank,
                                   anti_margin=hparams.scope_anti_margin,
                                   copy_similarity=hparams.scope_copy_similarity)
-            self.bypass.scope = self.scope
-            self.bypass.scope_reads_block = reads_block
+        if self.guard is not None or self.scope is not None:
+            self.bypass.scope = ScopeVariant(self.scope, reads_block=self.scope_block is not None)
         if hparams.expert_routing == "key":
-            self.bypass.expert_of = torch.zeros(0, dtype=torch.long, device=self.base_module.weight.device)
+            self.bypass.router = KeyRouter(self.base_module.weight.device)
         self.trainable_experts: Optional[list[int]] = None   # None: every expert learns in this call
         self.routing_paused = False   # True: forward passes compute no routing inputs (the bypass is off in them)
+        self._call: Optional[RoutingInputs] = None       # the routing inputs of the model call in progress
+        self._record: Optional[list] = None              # inside recording(): where the bypass's outputs go
         self.bypass.eval()
         self._hooks: list = []
         self._prefixes: Optional[list[list[int]]] = None   # real ids per row, for KV-cache steps
@@ -146,6 +143,7 @@ class MEMoEAdapter:
             raise RuntimeError(f"{self.hparams.module_name} is no longer the module this adapter wrapped")
         setattr(self.parent, self.attr, self.bypass)
         self._hooks.append(model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        self._hooks.append(self.bypass.register_forward_pre_hook(self._inject, with_kwargs=True))
         if self.scope_block is not None:
             self._hooks.append(self.scope_block.register_forward_pre_hook(self._scope_states, with_kwargs=True))
         self._hooks.append(model.register_forward_hook(self._after_forward, always_call=True))
@@ -163,7 +161,22 @@ class MEMoEAdapter:
         self.model.__dict__.pop("generate", None)
         if self.model.__dict__.get(ADAPTER_ATTR) is self:
             del self.model.__dict__[ADAPTER_ATTR]
-        self.context.clear()
+        self._call = None
+
+    def configure(self, hparams: MEMoEHyperParams) -> None:
+        """Take a later call's settings (the structural ones are checked equal by the caller): the bypass scale,
+        the gate noise and the key scope's thresholds and snap from now on. A snap the scope kept no inputs
+        for (it was built with ``scope_snap: 0``) cannot be honoured, and is refused before anything changes."""
+        scope = self.scope
+        if scope is not None and hparams.scope_snap > 0 and scope.snap == 0 and len(scope):
+            raise ValueError(f"scope_snap = {hparams.scope_snap}, but this adapter's keys were registered with "
+                             "scope_snap: 0 and kept no layer inputs to snap to; restore() and edit again with "
+                             "scope_snap set")
+        self.hparams = hparams
+        self.bypass.scale, self.bypass.gate_noise = hparams.scale, hparams.gate_noise
+        if scope is not None:
+            scope.threshold, scope.snap = hparams.scope_threshold, hparams.scope_snap
+            scope.anti_margin, scope.copy_similarity = hparams.scope_anti_margin, hparams.scope_copy_similarity
 
     # ----------------------------------------------------------------- state
     def state(self) -> tuple[dict, dict]:
@@ -189,8 +202,8 @@ class MEMoEAdapter:
             if self.scope.snap > 0:
                 tensors["scope.inputs"] = self.scope.inputs
             info["scope"] = {"calibrated": self.scope.calibrated}
-        if bypass.expert_of is not None:
-            tensors["expert_of"] = bypass.expert_of
+        if bypass.router is not None:
+            tensors["expert_of"] = bypass.router.expert_of
         if self.memory is not None:
             memory_tensors, info["memory"] = self.memory.state()
             tensors.update(memory_tensors)
@@ -236,8 +249,8 @@ class MEMoEAdapter:
                                      "was edited with")
                 self.scope.inputs = tensors["scope.inputs"].to(device)
             self.scope.calibrated = bool(info.get("scope", {}).get("calibrated", True))
-        if bypass.expert_of is not None and "expert_of" in tensors:
-            bypass.expert_of = tensors["expert_of"].to(device)
+        if bypass.router is not None and "expert_of" in tensors:
+            bypass.router.expert_of = tensors["expert_of"].to(device)
         if self.memory is not None and "memory" in info:
             self.memory.load_state({k: v.to(device) for k, v in tensors.items() if k.startswith("memory.")},
                                    info["memory"])
@@ -296,14 +309,12 @@ class MEMoEAdapter:
         come; only the experts of this call's edits learn in it, so earlier full experts never change
         again. With N = 0 the edits go round the ``num_experts`` experts, and every expert learns.
         """
-        bypass, per_expert = self.bypass, self.hparams.edits_per_expert
-        if bypass.expert_of is None:
+        bypass = self.bypass
+        if bypass.router is None:
             return
-        ids = torch.arange(first, first + count, device=bypass.expert_of.device)
-        experts = ids // per_expert if per_expert else ids % self.hparams.num_experts
-        bypass.expert_of = torch.cat([bypass.expert_of[:first], experts])
-        bypass.resize_experts(max(bypass.experts.shape[0], int(experts.max()) + 1))
-        self.trainable_experts = sorted(set(experts.tolist())) if per_expert else None
+        self.trainable_experts = bypass.router.assign(first, count, self.hparams.edits_per_expert,
+                                                      self.hparams.num_experts)
+        bypass.resize_experts(max(bypass.experts.shape[0], bypass.router.needed_experts))
 
     def register_knowledge(self, requests: list[dict], first_edit: int = 0) -> None:
         """Add the requests' knowledge anchors to the locality guard (no-op without one); request ``i``
@@ -323,38 +334,57 @@ class MEMoEAdapter:
             self.guard.add(found, first_edit + i)
 
     def _before_forward(self, module, args, kwargs):
+        """The model is called: compute this call's routing inputs from its ids (:meth:`routing_features`)."""
+        self._call = None
         if self.routing_paused:   # a pass that never reaches an enabled bypass (training.capture.scope_views)
-            self.context.clear()
             return None
         bound = bound_arguments(module, args, kwargs)
         input_ids = bound.get("input_ids")
         if input_ids is None:
             if self.encoder.dim == 0 and self.guard is None:
-                self.context.set(None, None)
+                self._call = RoutingInputs(outputs=self._record)
                 return None
             raise ValueError("MEMoE needs input_ids to find knowledge anchors; this call passed "
                              "inputs_embeds only. Pass input_ids, or use routing_input: token "
                              "without locality_guard.")
-        inputs = self.routing_features(input_ids, bound.get("attention_mask"), continuation_length(bound, input_ids))
-        self.context.set(*inputs)
+        self._call = self.routing_features(input_ids, bound.get("attention_mask"),
+                                           continuation_length(bound, input_ids))
+        self._call.outputs = self._record
         return None
+
+    def _inject(self, module, args, kwargs):
+        """The bypass is called inside a model call: hand it that call's routing inputs, as its ``routing``."""
+        if self._call is None or "routing" in kwargs:
+            return None
+        return args, {**kwargs, "routing": self._call}
 
     def _scope_states(self, module, args, kwargs):
         """The residual stream entering ``scope_layer``: what the key scope reads in this forward pass."""
         hidden = args[0] if args else kwargs.get("hidden_states")
-        self.context.states = None if hidden is None else hidden.detach()
+        if self._call is not None:
+            self._call.states = None if hidden is None else hidden.detach()
         return None
 
     def _after_forward(self, module, args, kwargs, output=None):
-        self.context.clear()
+        self._call = None
         return None
 
     # ------------------------------------------------------------ inspection
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[MixtureOutput]]:
+        """Within: every call of the bypass inside a model call appends its :class:`MixtureOutput` (routing,
+        balance loss, delta) to the yielded list."""
+        outer, self._record = self._record, []
+        try:
+            yield self._record
+        finally:
+            self._record = outer
+
     def route(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Experts chosen at every position, ``[batch, seq, top_k]`` (runs the model once)."""
-        with torch.no_grad():
+        with torch.no_grad(), self.recording() as outputs:
             self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return self.bypass.last_routing
+        return outputs[-1].routing
 
 
 def _guarded_generate(model, generate, *args, **kwargs):

@@ -14,14 +14,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .hparams import CONTEXT_PREFIXES, MEMoEHyperParams
+from .hparams import CONTEXT_PREFIXES, MEMoEHyperParams, structural_keys
 from .adapter import MEMoEAdapter, get_adapter, resolve_module
 from .training.trainer import train_experts
 
-# Settings that fix the adapter's shape: they must not change between sequential edits.
-STRUCTURAL_KEYS = ("layer", "module_template", "num_experts", "top_k", "routing_input", "anchor_backend",
-                   "locality_guard", "gate_norm", "gate_token_weight", "memory_rows", "scope_keys",
-                   "expert_routing", "edits_per_expert", "scope_layer", "scope_rank", "scope_anti_keys")
+# Settings that fix the adapter's shape: they must not change between sequential edits (the fields marked
+# structural in hparams.py). Every other setting a later call gives is used from that call on.
+STRUCTURAL_KEYS = structural_keys()
 
 
 def apply_memoe_to_model(model: nn.Module, tok, requests: list[dict], hparams: MEMoEHyperParams,
@@ -50,7 +49,7 @@ def apply_memoe_to_model(model: nn.Module, tok, requests: list[dict], hparams: M
         adapter = MEMoEAdapter.attach(model, tok, hparams)
     else:
         check_same_structure(adapter.hparams, hparams)
-        adapter.hparams = hparams
+        adapter.configure(hparams)
     guard_state = adapter.guard.state() if adapter.guard is not None else None
     first, experts_before = len(adapter.edits), adapter.bypass.experts.shape[0]
     tagged = [dict(r, _edit=first + i) for i, r in enumerate(requests)]   # the edits' ids, for the key scope
@@ -67,8 +66,8 @@ def apply_memoe_to_model(model: nn.Module, tok, requests: list[dict], hparams: M
             if guard_state is not None:
                 adapter.guard.restore(guard_state)
             adapter.bypass.resize_experts(experts_before)
-            if adapter.bypass.expert_of is not None:
-                adapter.bypass.expert_of = adapter.bypass.expert_of[:first]
+            if adapter.bypass.router is not None:
+                adapter.bypass.router.truncate(first)
         raise
     adapter.edits.extend({key: r[key] for key in ("prompt", "target_new", "subject") if key in r}
                          for r in requests)

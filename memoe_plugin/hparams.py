@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -32,14 +32,15 @@ CONTEXT_PREFIXES = ("Here is a fact.", "I read that", "Let me tell you something
                     "As everyone knows,", "Answer the question.")
 
 
-def required(help: str):
+def required(help: str, structural: bool = False):
     """A field every file must set; ``help`` is its line in the YAML reference."""
-    return field(metadata={"help": help})
+    return field(metadata={"help": help, "structural": structural})
 
 
-def option(default, help: str):
-    """A field with a default; ``help`` is its line in the YAML reference."""
-    return field(default=default, metadata={"help": help})
+def option(default, help: str, structural: bool = False):
+    """A field with a default; ``help`` is its line in the YAML reference. ``structural``: the setting fixes the
+    adapter's shape or routing, so it cannot change between edits of one model (``restore()`` first)."""
+    return field(default=default, metadata={"help": help, "structural": structural})
 
 
 @dataclass
@@ -49,10 +50,10 @@ class MEMoEHyperParams:
 
     # --- read by EasyEdit ---------------------------------------------------
     model_name: str = required("model directory (EasyEdit loads it; `~` is expanded)")
-    layer: int = required("index of the layer whose FFN projection gets the bypass")
+    layer: int = required("index of the layer whose FFN projection gets the bypass", structural=True)
     module_template: str = required(
         "dotted path with `{}` for the layer: `model.layers.{}.mlp.down_proj` (Llama, Mistral, Qwen), "
-        "`transformer.h.{}.mlp.c_proj` (GPT-2, Conv1D). The module must be a `Linear` or `Conv1D`.")
+        "`transformer.h.{}.mlp.c_proj` (GPT-2, Conv1D). The module must be a `Linear` or `Conv1D`.", structural=True)
     alg_name: str = field(default=ALG_NAME, metadata={"help": "must be `MEMoE`", "required": True})
     device: Union[int, str] = option("cpu",
         "EasyEdit's device: a CUDA index or a torch device string. Without `model_parallel` it must be where "
@@ -62,7 +63,7 @@ class MEMoEHyperParams:
     max_length: int = option(40, "EasyEdit's tokenisation length for metrics")
     batch_size: int = option(1, "EasyEdit's chunk size for `batch_edit`; `edit()` needs 1")
     fp16: bool = option(False, "EasyEdit loads the model in float16; the adapter itself stays float32")
-    evaluation_type: Optional[str] = option(None,
+    evaluation_type: Optional[Literal["generate-text", "LLM-judge"]] = option(None,
         "EasyEdit's evaluation: unset for teacher forcing; `generate-text` or `LLM-judge` for its real-world "
         "evaluation (greedy decoding with natural stop criteria; `LLM-judge` scores by exact match without an "
         "`api_key`). Passed to EasyEdit unchanged")
@@ -77,19 +78,19 @@ class MEMoEHyperParams:
     double_quant: Optional[bool] = option(None, "see `quantization_bit`")
 
     # --- the mixture-of-experts bypass ------------------------------------
-    num_experts: int = option(4, "number of experts")
-    top_k: int = option(1, "experts per token; the paper uses 1 (key routing needs 1)")
+    num_experts: int = option(4, "number of experts", structural=True)
+    top_k: int = option(1, "experts per token; the paper uses 1 (key routing needs 1)", structural=True)
     scale: float = option(1.0, "λ, the bypass scale")
     gate_noise: float = option(0.0, "std of the Gaussian noise ε on the gate logits, during training only")
-    expert_init: str = option("zeros",
+    expert_init: Literal["zeros"] = option("zeros",
         "`zeros`: the untrained bypass adds exactly nothing (the tests check that logits are unchanged)")
-    gate_norm: str = option("none",
+    gate_norm: Literal["none", "center"] = option("none",
         "`none`: the gate sees R(x) = [x, anchor] as in the paper. `center`: each part is centred and scaled "
         "to unit RMS (x on the first edits' layer inputs, the anchor on the embedding table), fixed from the "
-        "first edit on and saved with the adapter")
+        "first edit on and saved with the adapter", structural=True)
     gate_token_weight: float = option(1.0,
         "weight of the token part x in the gate input; below 1 the anchor leads the routing "
-        "(`smollm2-135m-routing.yaml` uses 0.1)")
+        "(`smollm2-135m-routing.yaml` uses 0.1)", structural=True)
 
     # --- training ------------------------------------------------------------
     lr: float = option(2e-4, "Adam learning rate")
@@ -112,14 +113,14 @@ class MEMoEHyperParams:
     seed: int = option(42, "seeds gate initialisation and gate noise, without touching the global RNG")
 
     # --- knowledge anchors ------------------------------------------------
-    routing_input: str = option("anchor", "`anchor`, `sentence` or `token` (see above)")
-    anchor_backend: str = option("auto", "`auto`, `offline` or `nltk`")
+    routing_input: Literal["anchor", "sentence", "token"] = option("anchor", "`anchor`, `sentence` or `token` (see above)", structural=True)
+    anchor_backend: Literal["auto", "offline", "nltk"] = option("auto", "`auto`, `offline` or `nltk`", structural=True)
     anchor_cache_size: int = option(4096, "entries in each anchor LRU cache; 0 disables caching")
 
     # --- extensions beyond the paper (off = paper-faithful) ------------------
     locality_guard: bool = option(False,
         "**extension.** The bypass is silent at positions whose prefix contains no knowledge anchor of an "
-        "edited fact (see below)")
+        "edited fact (see below)", structural=True)
     replay: int = option(0,
         "**extension.** In sequential editing, this many earlier edits (drawn reproducibly) are trained again "
         "with each new batch, against forgetting")
@@ -130,14 +131,14 @@ class MEMoEHyperParams:
     memory_rows: int = option(0,
         "**extension.** Output memory against forgetting in sequential editing: the layer inputs of this many "
         "edited positions (reservoir-sampled, float16) are kept with the bypass output they were trained to, "
-        "and later edits are penalised for moving those outputs. 0 turns it off")
+        "and later edits are penalised for moving those outputs. 0 turns it off", structural=True)
     memory_weight: float = option(1.0,
         "weight of the output-memory penalty (relative squared change of the stored outputs)")
     memory_batch: int = option(1024, "stored rows drawn per training step for the penalty")
     scope_keys: bool = option(False,
         "**extension.** Key scope: the bypass acts only where its layer input is close (cosine >= "
         "`scope_threshold`, after centring) to the input at a position that predicts an edited target. Keeps "
-        "other questions about an edited subject out of the edit (see below)")
+        "other questions about an edited subject out of the edit (see below)", structural=True)
     scope_threshold: float = option(0.5, "cosine similarity a position needs to a key to be in scope")
     scope_snap: float = option(0.0,
         "**extension**, with `scope_keys`: an in-scope position's expert reads its layer input moved this share "
@@ -145,14 +146,14 @@ class MEMoEHyperParams:
         "a rewording gets the correction the edit was trained to. Keeps each key's input (2 bytes per feature)")
     scope_layer: int = option(-1,
         "what the key scope compares: -1, the bypass input (the projection's input at `layer`); an index "
-        "<= `layer`, the residual stream entering that block, where relation words may still stand apart")
+        "<= `layer`, the residual stream entering that block, where relation words may still stand apart", structural=True)
     scope_rank: int = option(0,
         "with `scope_keys`: compare on this many leading directions of the first call's inputs (0: all); it also "
-        "bounds the bytes each key and anti-key keeps (2 per direction)")
-    scope_anti_keys: str = option("none",
+        "bounds the bytes each key and anti-key keeps (2 per direction)", structural=True)
+    scope_anti_keys: Literal["none", "relation_bank"] = option("none",
         "**extension**, with `scope_keys`: `relation_bank` keeps, for each edit, anti-keys: the inputs of "
         "prompts about its subject that ask for other relations (`routing.relations`). A position nearer one of "
-        "its matched edit's anti-keys than that edit's key is out of scope (see below). `none`: off")
+        "its matched edit's anti-keys than that edit's key is out of scope (see below). `none`: off", structural=True)
     scope_anti_relations: int = option(64,
         "how many relations of the bank (the ones most subjects have come first) the anti-keys ask about; each "
         "costs up to two short forward passes per edit")
@@ -161,17 +162,17 @@ class MEMoEHyperParams:
     scope_copy_similarity: float = option(0.97,
         "an anti-key worded as the edit itself (`same_frame`) counts only where a position is at least this "
         "similar to it: a near-copy of another fact's question, not a rewording of the edit")
-    scope_positions: str = option("targets",
+    scope_positions: Literal["targets", "after_anchor"] = option("targets",
         "which positions of an edit become keys: `targets` (those that predict a target token) or `after_anchor` "
         "(every position after the anchor's last token up to those, which needs `locality_guard`)")
-    expert_routing: str = option("gate",
+    expert_routing: Literal["gate", "key"] = option("gate",
         "`gate`: the paper's gate top_k(softmax(W_g R(x))) picks the experts. `key` (**extension**, needs "
         "`scope_keys`): each position goes to the expert of the edit whose key it matches, and each edit has "
-        "its expert (see `edits_per_expert`)")
+        "its expert (see `edits_per_expert`)", structural=True)
     edits_per_expert: int = option(0,
         "with `expert_routing: key`: N > 0 gives edit i expert i // N, growing the mixture as edits come and "
         "training only the newest experts (earlier ones never change); 0 spreads the edits round the "
-        "`num_experts` experts")
+        "`num_experts` experts", structural=True)
     preserve_prompts: int = option(0,
         "**extension.** Preservation prompts per edit: prompts about the edited subject with other relations "
         "(the call's other edits' templates and a fixed list), whose next-token distributions are kept by a KL "
@@ -201,7 +202,7 @@ class MEMoEHyperParams:
 
     @classmethod
     def from_dict(cls, config: dict) -> "MEMoEHyperParams":
-        config = dict(config)
+        config = flatten_sections(config)
         if "alg_name" not in config:
             raise ValueError(f"missing key 'alg_name': expected alg_name: {ALG_NAME}")
         if config["alg_name"] != ALG_NAME:
@@ -285,6 +286,11 @@ class MEMoEHyperParams:
              "1 with expert_routing: key (each position goes to the one expert of the edit it matches)")
         need(self.edits_per_expert >= 0, "edits_per_expert", "an integer >= 0")
         need(self.preserve_prompts >= 0, "preserve_prompts", "an integer >= 0 (0: off)")
+        need(self.scope_positions == "targets" or (self.scope_keys and self.locality_guard), "scope_positions",
+             "'targets' unless scope_keys and locality_guard are on: 'after_anchor' keys the positions after the "
+             "anchor the guard finds")
+        need(self.edits_per_expert == 0 or self.expert_routing == "key", "edits_per_expert",
+             "0 unless expert_routing is 'key': it assigns each edit's expert by its key")
         need(self.preserve_weight >= 0, "preserve_weight", "a number >= 0")
         need(0 <= self.context_prefixes <= len(CONTEXT_PREFIXES), "context_prefixes",
              f"an integer in 0..{len(CONTEXT_PREFIXES)}")
@@ -303,10 +309,46 @@ class MEMoEHyperParams:
         return dataclasses.asdict(self)
 
 
+# Each extension's settings may be written as a section: ``scope: {keys: true, threshold: 0.4}`` is
+# ``scope_keys: true`` and ``scope_threshold: 0.4`` (and ``scope.threshold=0.4`` on a command line).
+SECTIONS = {"scope": "scope_", "memory": "memory_", "preserve": "preserve_"}
+
+
+def section_fields(section: str) -> list[str]:
+    prefix = SECTIONS[section]
+    return [f.name[len(prefix):] for f in dataclasses.fields(MEMoEHyperParams) if f.name.startswith(prefix)]
+
+
+def flatten_sections(config: dict) -> dict:
+    """``config`` with its sections (a mapping under a section name, or ``section.key`` keys) as flat keys."""
+    flat = {}
+    for key, value in config.items():
+        section, dot, sub = str(key).partition(".")
+        if section in SECTIONS and (dot or isinstance(value, dict)):
+            items = {sub: value} if dot else value
+            for name, item in items.items():
+                if name not in section_fields(section):
+                    raise ValueError(f"{section}.{name} is not a setting of the {section!r} section; its settings are "
+                                     f"{section_fields(section)}")
+                target = SECTIONS[section] + name
+                if target in flat or target in config:
+                    raise ValueError(f"{section}.{name} is given twice (also as {target}); keep one")
+                flat[target] = item
+        elif key in flat:
+            raise ValueError(f"{key} is given twice (also inside its section); keep one")
+        else:
+            flat[key] = value
+    return flat
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check one YAML value against its field type; accept '1e-4'-style strings for floats."""
     options = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
     for option in options:
+        if typing.get_origin(option) is Literal:
+            if value in typing.get_args(option):
+                return value
+            continue
         if option is type(None) and value is None:
             return None
         if option is bool and isinstance(value, bool):
@@ -323,8 +365,16 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                     pass
         if option is str and isinstance(value, str):
             return value
-    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    names = " or ".join(type_name(o) for o in options)
     raise ValueError(f"{key} = {value!r} ({type(value).__name__}): expected {names}")
+
+
+def type_name(option) -> str:
+    """How the YAML reference and the errors name a field type."""
+    if typing.get_origin(option) is Literal:
+        values = [f"`{v}`" for v in typing.get_args(option)]
+        return "one of " + ", ".join(values)
+    return "unset" if option is type(None) else getattr(option, "__name__", str(option))
 
 
 def reference_table() -> str:
@@ -333,8 +383,9 @@ def reference_table() -> str:
     lines = ["| key | type (default) | meaning |", "|---|---|---|"]
     fields = sorted(dataclasses.fields(MEMoEHyperParams), key=lambda f: f.name != "alg_name")
     for f in fields:
-        options = typing.get_args(hints[f.name]) or (hints[f.name],)
-        kind = " or ".join(option.__name__ for option in options if option is not type(None))
+        hint = hints[f.name]
+        options = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
+        kind = " or ".join(type_name(option) for option in options if option is not type(None))
         if f.default is dataclasses.MISSING or f.metadata.get("required"):
             kind += ", required"
         elif f.default is None:
@@ -347,3 +398,8 @@ def reference_table() -> str:
             kind += f" ({f.default!r})"
         lines.append(f"| `{f.name}` | {kind} | {f.metadata['help']} |")
     return "\n".join(lines) + "\n"
+
+
+def structural_keys() -> tuple[str, ...]:
+    """The settings that fix an adapter's shape or routing (``structural`` in their field's metadata)."""
+    return tuple(f.name for f in dataclasses.fields(MEMoEHyperParams) if f.metadata.get("structural"))

@@ -129,8 +129,8 @@ def test_divergence_is_reported_and_nothing_is_kept(tokenizer, monkeypatch):
     from memoe_plugin.training.trainer import TrainingDivergedError
     model = tiny_llama(len(tokenizer))
     saved = state_copy(model)
-    real_delta = MoEBypass.delta
-    monkeypatch.setattr(MoEBypass, "delta", lambda self, x: real_delta(self, x) * float("nan"))
+    real_sum = MoEBypass.expert_sum
+    monkeypatch.setattr(MoEBypass, "expert_sum", lambda self, *a: real_sum(self, *a) * float("nan"))
     with pytest.raises(TrainingDivergedError, match="Lower lr"):
         apply_memoe_to_model(model, tokenizer, EDITS, make_hparams(steps=5))
     assert get_adapter(model) is None
@@ -144,8 +144,8 @@ def test_divergence_in_a_sequential_edit_keeps_earlier_edits(tokenizer, monkeypa
     apply_memoe_to_model(model, tokenizer, EDITS[:2], make_hparams(steps=40))
     adapter = get_adapter(model)
     kept = [p.detach().clone() for p in adapter.bypass.trainable_parameters]
-    real_delta = MoEBypass.delta
-    monkeypatch.setattr(MoEBypass, "delta", lambda self, x: real_delta(self, x) * float("inf"))
+    real_sum = MoEBypass.expert_sum
+    monkeypatch.setattr(MoEBypass, "expert_sum", lambda self, *a: real_sum(self, *a) * float("inf"))
     with pytest.raises(TrainingDivergedError):
         apply_memoe_to_model(model, tokenizer, EDITS[2:], make_hparams(steps=5))
     monkeypatch.undo()
@@ -177,3 +177,45 @@ def test_context_prefixes_add_entity_free_variants():
     for prefix in CONTEXT_PREFIXES:   # the prefixes bring no knowledge anchor of their own
         assert OfflineExtractor()(prefix + " x") == []
     assert with_context_prefixes(EDITS, make_hparams()) == EDITS
+
+
+def test_a_later_call_uses_its_own_settings_or_refuses_the_ones_it_cannot_honour(tokenizer):
+    """Scale, gate noise and the key scope's thresholds are taken from every call; a snap needs the keys' inputs,
+    which a scope built without it never kept: refused, with nothing changed."""
+    from conftest import make_hparams, tiny_llama
+    model = tiny_llama(len(tokenizer))
+    settings = dict(locality_guard=True, scope_keys=True, scope_threshold=0.3, steps=5)
+    apply_memoe_to_model(model, tokenizer, EDITS[:1], make_hparams(**settings))
+    adapter = get_adapter(model)
+    later = make_hparams(**{**settings, "scope_threshold": 0.6, "scale": 0.5, "gate_noise": 0.1})
+    apply_memoe_to_model(model, tokenizer, EDITS[1:2], later)
+    assert (adapter.scope.threshold, adapter.bypass.scale, adapter.bypass.gate_noise) == (0.6, 0.5, 0.1)
+    keys = len(adapter.scope)
+    with pytest.raises(ValueError, match="scope_snap.*kept no layer inputs.*restore"):
+        apply_memoe_to_model(model, tokenizer, EDITS[2:], make_hparams(**{**settings, "scope_snap": 1.0}))
+    assert len(adapter.scope) == keys and adapter.scope.snap == 0 and len(adapter.edits) == 2
+    remove_memoe(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_edits_generates_and_restores_exactly(tokenizer, dtype):
+    """The base model in bf16/fp16 (a bf16 load, or EasyEdit's fp16: true); the experts and gate stay float32,
+    the bypass output is cast to the projection's dtype, and restore gives the half-precision weights back."""
+    from conftest import make_hparams, tiny_llama
+    model = tiny_llama(len(tokenizer)).to(dtype)
+    saved = state_copy(model)
+    inputs = tokenizer(EDITS[1]["prompt"], return_tensors="pt")
+    before = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    hp = make_hparams(steps=60, locality_guard=True, scope_keys=True, scope_threshold=0.2, scope_snap=1.0,
+                      expert_routing="key", scope_anti_keys="relation_bank", fp16=dtype == torch.float16)
+    _, restore = apply_memoe_to_model(model, tokenizer, EDITS, hp)
+    adapter = get_adapter(model)
+    assert adapter.bypass.experts.dtype == torch.float32 and adapter.bypass.base.weight.dtype == dtype
+    assert adapter.last_report.target_accuracy == 1.0
+    after = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    wanted = tokenizer(EDITS[1]["prompt"] + " " + EDITS[1]["target_new"])["input_ids"][inputs["input_ids"].shape[1]]
+    assert after[0, inputs["input_ids"].shape[1]].item() == wanted
+    restore()
+    assert_state_equal(model, saved)
+    again = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert torch.equal(again, before)

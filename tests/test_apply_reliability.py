@@ -23,7 +23,7 @@ from conftest import (EDITS, GPT2_TEMPLATE, assert_state_equal, make_hparams, st
                       tiny_llama)
 from memoe_plugin import MEMoEAdapter, MoEBypass, apply_memoe_to_model, get_adapter
 from memoe_plugin.routing.anchors import RoutingFeatureEncoder
-from memoe_plugin.layer import RoutingContext
+from memoe_plugin.routing.inputs import RoutingInputs
 
 ARCHS = {
     "llama": (tiny_llama, lambda **kw: make_hparams(**kw)),
@@ -127,8 +127,8 @@ def test_failed_first_edit_leaves_no_trace(tokenizer, monkeypatch):
     model = tiny_llama(len(tokenizer))
     warm_up(model, tokenizer)
     before = snapshot(model)
-    real_delta = MoEBypass.delta
-    monkeypatch.setattr(MoEBypass, "delta", lambda self, x: real_delta(self, x) * float("nan"))
+    real_sum = MoEBypass.expert_sum
+    monkeypatch.setattr(MoEBypass, "expert_sum", lambda self, *a: real_sum(self, *a) * float("nan"))
     with pytest.raises(TrainingDivergedError):
         apply_memoe_to_model(model, tokenizer, EDITS, make_hparams(steps=2))
     assert_same_snapshot(model, before)
@@ -141,7 +141,7 @@ def rss_mb() -> float:
     return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-LEAK_CLASSES = (MEMoEAdapter, MoEBypass, RoutingContext, RoutingFeatureEncoder, torch.optim.Optimizer)
+LEAK_CLASSES = (MEMoEAdapter, MoEBypass, RoutingInputs, RoutingFeatureEncoder, torch.optim.Optimizer)
 
 
 def live_objects() -> dict:

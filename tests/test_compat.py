@@ -43,14 +43,11 @@ def test_positional_arguments_are_named_from_the_signature(tokenizer):
 
 
 def _generation_and_teacher_routing(model, adapter, tokenizer, prompt, new_tokens=6):
-    steps = []
-    handle = adapter.bypass.register_forward_hook(lambda m, a, o: steps.append(m.last_routing[:, -1].clone()))
-    try:
-        inputs = tokenizer(prompt, return_tensors="pt")
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with adapter.recording() as outputs:
         generated = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
                                    pad_token_id=tokenizer.eos_token_id)
-    finally:
-        handle.remove()
+    steps = [out.routing[:, -1] for out in outputs]
     assert len(steps) == new_tokens    # one call for the prompt, then one per new token through the cache
     n = inputs["input_ids"].shape[1]
     teacher = adapter.route(generated)[0]

@@ -23,6 +23,6 @@ def test_method_assignments_match_names_in_any_case():
 
 def test_load_hparams_takes_a_shipped_name_and_applies_overrides():
     hp = load_hparams("gpt2-xl", ["lr=1e-3"], device="cpu", model_name=None)
-    assert hp.layer == 18 and hp.lr == 0.001 and hp.device == "cpu" and hp.model_name == "./hugging_cache/gpt2-xl"
+    assert hp.layer == 33 and hp.lr == 0.001 and hp.device == "cpu" and hp.model_name == "./hugging_cache/gpt2-xl"
     with pytest.raises(ValueError, match="num_experts"):
         load_hparams("gpt2-xl", ["num_experts=0"])

@@ -123,3 +123,38 @@ def test_every_key_easyedit_reads_from_hparams_is_accepted_and_kept_as_given(tmp
     path.write_text(yaml.safe_dump(settings))
     with pytest.raises(ValueError, match="evaluation_type.*generate-text"):
         MEMoEHyperParams.from_hparams(path)
+
+
+def test_an_extensions_settings_may_be_written_as_a_section(tmp_path):
+    section = {**BASE, "locality_guard": True, "scope": {"keys": True, "threshold": 0.3, "anti_keys": "relation_bank"},
+               "memory": {"rows": 100, "weight": 5.0}}
+    hp = MEMoEHyperParams.from_hparams(write(tmp_path, yaml.safe_dump(section)))
+    assert (hp.scope_keys, hp.scope_threshold, hp.scope_anti_keys) == (True, 0.3, "relation_bank")
+    assert (hp.memory_rows, hp.memory_weight) == (100, 5.0)
+    flat = MEMoEHyperParams.from_dict({**BASE, "locality_guard": True, "scope_keys": True, "scope_threshold": 0.3,
+                                       "scope_anti_keys": "relation_bank", "memory_rows": 100, "memory_weight": 5.0})
+    assert flat == hp
+    assert MEMoEHyperParams.from_dict({**BASE, "scope_keys": True, "scope.threshold": 0.2}).scope_threshold == 0.2
+    with pytest.raises(ValueError, match="scope.treshold is not a setting of the 'scope' section.*threshold"):
+        MEMoEHyperParams.from_dict({**BASE, "scope": {"treshold": 0.3}})
+    with pytest.raises(ValueError, match="scope.keys is given twice"):
+        MEMoEHyperParams.from_dict({**BASE, "scope": {"keys": True}, "scope_keys": True})
+
+
+def test_choices_are_literal_types_and_dependencies_are_checked():
+    import typing
+    hints = typing.get_type_hints(MEMoEHyperParams)
+    assert typing.get_args(hints["expert_routing"]) == ("gate", "key")
+    with pytest.raises(ValueError, match=r"routing_input = 'tok'.*one of `anchor`, `sentence`, `token`"):
+        MEMoEHyperParams.from_dict({**BASE, "routing_input": "tok"})
+    with pytest.raises(ValueError, match="scope_positions.*locality_guard"):
+        MEMoEHyperParams.from_dict({**BASE, "scope_keys": True, "scope_positions": "after_anchor"})
+    with pytest.raises(ValueError, match="edits_per_expert.*expert_routing"):
+        MEMoEHyperParams.from_dict({**BASE, "edits_per_expert": 10})
+
+
+def test_the_structural_settings_are_the_fields_marked_so():
+    from memoe_plugin.hparams import structural_keys
+    keys = structural_keys()
+    assert {"layer", "module_template", "num_experts", "scope_keys", "scope_anti_keys", "expert_routing"} <= set(keys)
+    assert not {"lr", "scale", "scope_threshold", "scope_snap", "model_name", "steps"} & set(keys)

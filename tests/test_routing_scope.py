@@ -47,9 +47,9 @@ def test_positions_outside_the_scope_get_the_base_output_exactly(tokenizer):
         before = model(**probe).logits
     apply_memoe_to_model(model, tokenizer, EDITS, scoped(scope_threshold=0.999))
     adapter = get_adapter(model)
-    with torch.no_grad():
+    with torch.no_grad(), adapter.recording() as outputs:
         after = model(**probe).logits
-    routing = adapter.bypass.last_routing[0, :, 0]
+    routing = outputs[-1].routing[0, :, 0]
     assert (routing == -1).all() and torch.equal(after, before)
     remove_memoe(model)
 
@@ -63,9 +63,7 @@ def test_a_position_is_compared_only_with_the_keys_of_edits_in_sight(tokenizer):
     allowed = inputs.allowed[0]
     assert not allowed[0].any()                    # before the anchor: no edit in sight
     assert allowed[-1].tolist() == [False, False, True]   # after "Toko Yasuda": only edit 2
-    with torch.no_grad():
-        model(input_ids=ids)
-    assert (adapter.bypass.last_routing[0, -1] >= 0).all()
+    assert (adapter.route(ids)[0, -1] >= 0).all()
     remove_memoe(model)
 
 
@@ -74,14 +72,14 @@ def test_key_routing_gives_each_edit_its_expert_and_freezes_full_experts(tokeniz
     hp = scoped(expert_routing="key", edits_per_expert=2, num_experts=1, scope_threshold=0.9)
     apply_memoe_to_model(model, tokenizer, EDITS[:2], hp)
     adapter = get_adapter(model)
-    assert adapter.bypass.experts.shape[0] == 1 and adapter.bypass.expert_of.tolist() == [0, 0]
+    assert adapter.bypass.experts.shape[0] == 1 and adapter.bypass.router.expert_of.tolist() == [0, 0]
     first = adapter.bypass.experts[0].clone()
     apply_memoe_to_model(model, tokenizer, EDITS[2:] + MORE[:1], hp)
-    assert adapter.bypass.experts.shape[0] == 2 and adapter.bypass.expert_of.tolist() == [0, 0, 1, 1]
+    assert adapter.bypass.experts.shape[0] == 2 and adapter.bypass.router.expert_of.tolist() == [0, 0, 1, 1]
     assert torch.equal(adapter.bypass.experts[0], first)       # the full expert did not move
     for edit, request in enumerate(EDITS + MORE[:1]):
         ids = torch.tensor([tokenizer(request["prompt"])["input_ids"]])
-        assert adapter.route(ids)[0, -1, 0].item() == adapter.bypass.expert_of[edit].item()
+        assert adapter.route(ids)[0, -1, 0].item() == adapter.bypass.router.expert_of[edit].item()
         got, wanted = predicted(model, tokenizer, request)
         assert got == wanted
     remove_memoe(model)
@@ -94,12 +92,12 @@ def test_a_failed_call_takes_its_keys_owners_and_experts_back(tokenizer, monkeyp
     adapter = get_adapter(model)
     keys, owners, experts = len(adapter.scope), adapter.guard.state(), adapter.bypass.experts.clone()
     from memoe_plugin.layer import MoEBypass
-    real = MoEBypass._expert_sum
-    monkeypatch.setattr(MoEBypass, "_expert_sum", lambda self, *a: real(self, *a) * float("nan"))
+    real = MoEBypass.expert_sum
+    monkeypatch.setattr(MoEBypass, "expert_sum", lambda self, *a: real(self, *a) * float("nan"))
     with pytest.raises(TrainingDivergedError):
         apply_memoe_to_model(model, tokenizer, EDITS[2:] + MORE, hp)
     assert len(adapter.scope) == keys and adapter.guard.state() == owners
-    assert torch.equal(adapter.bypass.experts, experts) and adapter.bypass.expert_of.tolist() == [0, 0]
+    assert torch.equal(adapter.bypass.experts, experts) and adapter.bypass.router.expert_of.tolist() == [0, 0]
     remove_memoe(model)
 
 
@@ -128,13 +126,13 @@ def test_snap_moves_in_scope_rows_toward_their_keys_input_only():
 
 
 def _last_position(model, adapter, ids):
-    """(bypass input, bypass output minus the base's) at the last position of ``ids``."""
+    """(bypass input, bypass output minus the base's, experts chosen) at the last position of ``ids``."""
     got = {}
     hook = adapter.bypass.register_forward_hook(lambda m, a, out: got.update(x=a[0], d=out - m.base(a[0])))
-    with torch.no_grad():
+    with torch.no_grad(), adapter.recording() as outputs:
         model(input_ids=ids)
     hook.remove()
-    return got["x"][0, -1], got["d"][0, -1]
+    return got["x"][0, -1], got["d"][0, -1], outputs[-1].routing[0, -1]
 
 
 @pytest.mark.parametrize("snap", [0.0, 0.5, 1.0])
@@ -144,11 +142,11 @@ def test_the_expert_reads_the_input_moved_toward_the_matched_keys(snap, tokenize
     model = tiny_llama(len(tokenizer))
     apply_memoe_to_model(model, tokenizer, EDITS[:1], scoped(scope_threshold=-1.0, scope_snap=snap, expert_routing="key"))
     adapter = get_adapter(model)
-    x, delta = _last_position(model, adapter, reworded)
+    x, delta, routed = _last_position(model, adapter, reworded)
     key = int(adapter.scope.match(x).key)
     assert adapter.scope.edit_ids[key] == 0
     read = x if snap == 0 else torch.lerp(x, adapter.scope.inputs[key].float(), snap)
-    expert = adapter.bypass.experts[int(adapter.bypass.last_routing[0, -1, 0])]
+    expert = adapter.bypass.experts[int(routed[0])]
     assert torch.allclose(delta, adapter.hparams.scale * read @ expert, atol=1e-5)
     if snap:
         assert not torch.allclose(read, x, atol=1e-3)    # the rewording is not at its key: snapping moved it
@@ -199,8 +197,8 @@ def test_another_relation_of_the_subject_is_kept_out_while_the_edit_takes(tokeni
     owned = adapter.scope.anti_edit_ids
     assert sorted(set(owned.tolist())) == [0, 1, 2]
     assert adapter.scope.anti_keys.shape[1] == model.config.hidden_size     # the residual stream of block 1
-    _, delta = _last_position(model, adapter, other)
-    assert adapter.bypass.last_routing[0, -1, 0] == -1 and not delta.any()  # the bypass adds exactly nothing
+    _, delta, routed = _last_position(model, adapter, other)
+    assert routed[0] == -1 and not delta.any()                              # the bypass adds exactly nothing
     for request in EDITS:
         got, wanted = predicted(model, tokenizer, request)
         assert got == wanted
@@ -212,9 +210,9 @@ def test_without_anti_keys_that_question_is_in_scope(tokenizer):
     model = tiny_llama(len(tokenizer))
     apply_memoe_to_model(model, tokenizer, EDITS, anti_scoped(scope_anti_keys="none"))
     adapter = get_adapter(model)
-    _, delta = _last_position(model, adapter, tokenizer("The place of birth of Danielle Darrieux is",
-                                                        return_tensors="pt")["input_ids"])
-    assert adapter.bypass.last_routing[0, -1, 0] >= 0 and delta.any()
+    _, delta, routed = _last_position(model, adapter, tokenizer("The place of birth of Danielle Darrieux is",
+                                                                return_tensors="pt")["input_ids"])
+    assert routed[0] >= 0 and delta.any()
     remove_memoe(model)
 
 
@@ -228,11 +226,9 @@ def test_a_scope_read_from_an_earlier_block_routes_generate_as_teacher_forcing_a
     adapter = get_adapter(model)
     assert adapter.scope.keys.shape[1] == 8 and len(block._forward_pre_hooks) == hooks_before + 1
     prompt = tokenizer("Tell me: the mother tongue of Danielle Darrieux is", return_tensors="pt")
-    steps = []
-    hook = adapter.bypass.register_forward_hook(lambda m, a, out: steps.append(m.last_routing[0, -1].clone()))
-    with torch.no_grad():
+    with torch.no_grad(), adapter.recording() as outputs:
         generated = model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    hook.remove()
+    steps = [out.routing[0, -1] for out in outputs]
     n = prompt["input_ids"].shape[1]
     teacher = adapter.route(generated)[0][n - 1:n - 1 + 5]
     assert torch.equal(torch.stack(steps[:5]), teacher)

@@ -28,14 +28,14 @@ def _first_edit_change(tokenizer, **memory_settings):
     rows = len(memory)
     assert rows == len(tokenizer(EDITS[0]["prompt"] + " " + EDITS[0]["target_new"])["input_ids"])
     with torch.no_grad():
-        assert memory.loss(adapter.bypass, adapter.context, 10_000).item() < 1e-5   # stored = current
+        assert memory.loss(adapter.bypass, 10_000).item() < 1e-5   # stored = current
     first = (memory.x[:rows].clone(), memory.features[:rows].clone(), memory.delta[:rows].clone())
     apply_memoe_to_model(model, tokenizer, EDITS[1:], hp)
     assert len(memory) > rows
     probe = OutputMemory(1000)
     probe.add(*first)
     with torch.no_grad():
-        change = probe.loss(adapter.bypass, adapter.context, 10_000).item()
+        change = probe.loss(adapter.bypass, 10_000).item()
     remove_memoe(model)
     return change
 
@@ -74,8 +74,8 @@ def test_the_penalty_draws_only_rows_of_the_experts_that_learn(tokenizer, monkey
     learning = memory.rows_on(bypass, [1]).tolist()
     drawn = []
     real = OutputMemory.loss
-    monkeypatch.setattr(OutputMemory, "loss", lambda self, b, c, n, routes=None: drawn.append(routes) or
-                        real(self, b, c, n, routes))
+    monkeypatch.setattr(OutputMemory, "loss", lambda self, b, n, routes=None: drawn.append(routes) or
+                        real(self, b, n, routes))
     more = {"prompt": "Marie Curie was born in", "target_new": "Tokyo", "subject": "Marie Curie"}
     apply_memoe_to_model(model, tokenizer, [more], hp)             # expert 1 learns again
     assert drawn and all(routes.rows.tolist() == learning for routes in drawn)
@@ -97,20 +97,21 @@ def test_rows_routed_once_per_call_give_what_routing_every_step_gives(tokenizer,
     routes = memory.routes_on(bypass, [0, 1])
     assert 0 < len(routes.rows) <= len(memory) and routes.chosen.min() >= 0
     with torch.no_grad():
-        fresh = bypass.delta(memory.x[routes.rows].float().unsqueeze(0))[0]
-        assert torch.equal(bypass.routed_delta(routes.inputs, routes.chosen), fresh)
+        fresh = bypass.mixture(memory.x[routes.rows].float().unsqueeze(0)).delta[0]
+        ones = torch.ones(routes.chosen.shape)
+        assert torch.equal(bypass.expert_sum(routes.inputs, routes.chosen, ones), fresh)
         assert fresh.abs().sum() > 0
         with torch.no_grad():
             bypass.experts.add_(0.01)                   # now the stored outputs are no longer met
         torch.manual_seed(0)
-        cached = memory.loss(bypass, adapter.context, 10_000, routes)
+        cached = memory.loss(bypass, 10_000, routes)
         old = memory.delta[routes.rows].float()
-        now = bypass.delta(memory.x[routes.rows].float().unsqueeze(0))[0]
+        now = bypass.mixture(memory.x[routes.rows].float().unsqueeze(0)).delta[0]
         expected = (now - old).pow(2).sum(-1).mean() / old.pow(2).sum(-1).mean()
     assert cached.item() > 0 and torch.allclose(cached, expected, rtol=1e-5), (cached, expected)
     calls, stored, learning = [], len(memory), len(memory.rows_on(bypass, [1]))
-    real = type(bypass.scope).match
-    monkeypatch.setattr(type(bypass.scope), "match", lambda self, x, allowed=None: calls.append(tuple(x.shape))
+    real = type(bypass.scope.keys).match
+    monkeypatch.setattr(type(bypass.scope.keys), "match", lambda self, x, allowed=None: calls.append(tuple(x.shape))
                         or real(self, x, allowed))
     more = {"prompt": "Marie Curie was born in", "target_new": "Tokyo", "subject": "Marie Curie"}
     apply_memoe_to_model(model, tokenizer, [more], hp)   # expert 1 learns again, for 10 steps
@@ -134,7 +135,7 @@ def test_with_the_snap_remembered_rows_stay_with_their_keys_when_later_keys_come
     memory, bypass = adapter.memory, adapter.bypass
     assert set(range(first_rows)) <= set(memory.rows_on(bypass, [0]).tolist())
     with torch.no_grad():
-        assert memory.loss(bypass, adapter.context, 10_000).item() < 1e-3   # every stored output still met
+        assert memory.loss(bypass, 10_000).item() < 1e-3   # every stored output still met
     remove_memoe(model)
 
 

@@ -19,27 +19,29 @@ import torch
 
 
 def build(keys: int, rows: int, experts: int, seed: int = 0):
-    from memoe_plugin.layer import MoEBypass, RoutingContext
+    from memoe_plugin.layer import MoEBypass
     from memoe_plugin.routing.scope import KeyScope
     from memoe_plugin.training.memory import OutputMemory
+    from memoe_plugin.variants.key_routing import KeyRouter
+    from memoe_plugin.variants.scope import ScopeVariant
 
     generator = torch.Generator().manual_seed(seed)
     base = torch.nn.Linear(576, 1536, bias=False)
-    context = RoutingContext(0)
-    bypass = MoEBypass(base, context, num_experts=experts, top_k=1, scale=1.0, gate_noise=0.0)
+    bypass = MoEBypass(base, 0, num_experts=experts, top_k=1, scale=1.0, gate_noise=0.0)
     with torch.no_grad():
         bypass.experts.normal_(std=0.02, generator=generator)
     inputs = torch.randn(keys, 576, generator=generator)
-    bypass.scope = KeyScope(576, threshold=0.4, snap=1.0)
-    bypass.scope.calibrate(inputs)
+    scope = KeyScope(576, threshold=0.4, snap=1.0)
+    scope.calibrate(inputs)
     edits = keys // 4
-    bypass.scope.add(inputs, torch.arange(keys) % edits)
-    bypass.expert_of = torch.arange(edits) * experts // edits          # one expert per block of edits
+    scope.add(inputs, torch.arange(keys) % edits)
+    bypass.scope, bypass.router = ScopeVariant(scope), KeyRouter()
+    bypass.router.expert_of = torch.arange(edits) * experts // edits    # one expert per block of edits
     memory = OutputMemory(capacity=rows)
     stored = inputs[torch.randint(keys, (rows,), generator=generator)] + 0.1 * torch.randn(rows, 576,
                                                                                           generator=generator)
     memory.add(stored, None, torch.randn(rows, 1536, generator=generator))
-    return bypass, context, memory
+    return bypass, memory
 
 
 def per_step(fn, repeats: int) -> float:
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
           f"threads {torch.get_num_threads()}")
     print(f"{'keys':>6} {'routed each step ms':>20} {'routed once ms':>15} {'routing once ms':>16} {'same penalty':>13}")
     for keys in (int(k) for k in args.keys.split(",")):
-        bypass, context, memory = build(keys, args.rows, args.experts)
+        bypass, memory = build(keys, args.rows, args.experts)
         learning = [args.experts - 1]
         start = time.perf_counter()
         routes = memory.routes_on(bypass, learning)
@@ -73,17 +75,17 @@ def main(argv=None) -> int:
         def fresh():   # what a step cost before: match the drawn rows, then the experts
             index = rows[torch.randperm(len(rows))[:args.batch]]
             x = memory.x[index].float().unsqueeze(0)
-            return bypass.delta(x)[0]
+            return bypass.mixture(x).delta[0]
 
         with torch.no_grad():
             torch.manual_seed(1)
-            cached = memory.loss(bypass, context, args.batch, routes)
+            cached = memory.loss(bypass, args.batch, routes)
             torch.manual_seed(1)
             index = rows[torch.randperm(len(rows))[:args.batch]]
-            now, old = bypass.delta(memory.x[index].float().unsqueeze(0))[0], memory.delta[index].float()
+            now, old = bypass.mixture(memory.x[index].float().unsqueeze(0)).delta[0], memory.delta[index].float()
             expected = (now - old).pow(2).sum(-1).mean() / old.pow(2).sum(-1).mean()
             before = per_step(fresh, args.repeats)
-            after = per_step(lambda: memory.loss(bypass, context, args.batch, routes), args.repeats)
+            after = per_step(lambda: memory.loss(bypass, args.batch, routes), args.repeats)
         same = bool(torch.allclose(cached, expected, rtol=1e-5))
         print(f"{keys:>6} {before:>20.1f} {after:>15.1f} {once:>16.1f} {str(same):>13}")
     return 0

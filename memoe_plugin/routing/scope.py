@@ -48,6 +48,31 @@ class Match(NamedTuple):
     blocked: torch.Tensor
 
 
+class EditIndex:
+    """Rows of a tensor of edit ids, looked up by edit: the keys (or anti-keys) of the edits in sight, without a
+    scan of every row. Rebuilt when the ids it indexes are replaced (keys only grow by concatenation)."""
+
+    def __init__(self):
+        self._ids: Optional[torch.Tensor] = None
+        self._order = self._sorted = None
+
+    def rows_of(self, ids: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:
+        """Indices into ``ids`` of the rows whose edit is in ``edits`` (ascending)."""
+        if self._ids is not ids:
+            self._order = torch.argsort(ids, stable=True)
+            self._sorted, self._ids = ids[self._order], ids
+        edits = edits.to(ids.device)
+        lo = torch.searchsorted(self._sorted, edits)
+        hi = torch.searchsorted(self._sorted, edits, right=True)
+        counts = hi - lo
+        if not int(counts.sum()):
+            return torch.zeros(0, dtype=torch.long, device=ids.device)
+        starts = torch.repeat_interleave(lo, counts)
+        offsets = torch.arange(int(counts.sum()), device=ids.device) - torch.repeat_interleave(
+            torch.cumsum(counts, 0) - counts, counts)
+        return self._order[starts + offsets].sort().values
+
+
 class KeyScope(nn.Module):
     """Keys (and anti-keys) of the edited positions, and the test of a position against them.
 
@@ -71,6 +96,7 @@ class KeyScope(nn.Module):
         self.register_buffer("anti_edit_ids", torch.zeros(0, dtype=torch.long, device=device))
         self.register_buffer("anti_floor", torch.zeros(0, device=device, dtype=torch.float16))
         self.calibrated = False
+        self._key_index, self._anti_index = EditIndex(), EditIndex()
 
     def __len__(self) -> int:
         return self.keys.shape[0]
@@ -143,13 +169,21 @@ class KeyScope(nn.Module):
             none = torch.full(shape, -1, dtype=torch.long, device=x.device)
             return Match(flat.new_full(shape, -1.0), none, none.clone(), torch.zeros(shape, dtype=torch.bool,
                                                                                        device=x.device))
-        sims = flat @ self.keys.to(flat.dtype).t()                       # [rows, keys]
+        keys, ids, rows = self.keys, self.edit_ids, None
+        if allowed is not None:   # only the keys of the edits some position sees: no scan of every key
+            allowed = allowed.reshape(-1, allowed.shape[-1]).to(flat.device)
+            rows = self._key_index.rows_of(self.edit_ids, allowed.any(0).nonzero().flatten())
+            if not rows.numel():
+                none = torch.full(shape, -1, dtype=torch.long, device=x.device)
+                return Match(flat.new_full(shape, -1.0), none, none.clone(),
+                             torch.zeros(shape, dtype=torch.bool, device=x.device))
+            keys, ids = self.keys[rows], self.edit_ids[rows]
+        sims = flat @ keys.to(flat.dtype).t()                            # [rows, keys in sight]
         if allowed is not None:
-            allowed = allowed.reshape(-1, allowed.shape[-1]).to(sims.device)
-            known = self.edit_ids < allowed.shape[-1]
-            mask = allowed[:, self.edit_ids.clamp_max(max(allowed.shape[-1] - 1, 0))] & known
-            sims = sims.masked_fill(~mask, -1.0)
+            sims = sims.masked_fill(~allowed[:, ids.to(allowed.device)], -1.0)
         best, index = sims.max(dim=-1)
+        if rows is not None:
+            index = rows.to(index.device)[index]
         none = best <= -1.0
         edit = self.edit_ids.to(index.device)[index].masked_fill(none, -1)
         blocked = self._blocked(flat, best, edit)
@@ -164,9 +198,8 @@ class KeyScope(nn.Module):
         if not self.anti_keys.shape[0]:
             return blocked
         candidates = ((best >= self.threshold) & (edit >= 0)).nonzero().flatten()
-        anti_edit = self.anti_edit_ids.to(flat.device)
         for e in edit[candidates].unique().tolist():
-            own = (anti_edit == e).nonzero().flatten()
+            own = self._anti_index.rows_of(self.anti_edit_ids, torch.tensor([e]))
             if not own.numel():
                 continue
             rows = candidates[edit[candidates] == e]

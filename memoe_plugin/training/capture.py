@@ -8,22 +8,29 @@ memory stores the edited positions' inputs (``memory``): all three run the model
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
 
+from ..routing.inputs import RoutingInputs
+
 
 @dataclass
 class BypassCall:
-    """One call of the bypass: its input and the routing context it ran under."""
+    """One call of the bypass: its input and the routing inputs it ran with."""
     x: torch.Tensor
-    features: Optional[torch.Tensor]
-    token_mask: Optional[torch.Tensor]
-    active: Optional[torch.Tensor]
-    allowed: Optional[torch.Tensor]
-    states: Optional[torch.Tensor] = None   # what the key scope read (``scope_layer``), when not ``x``
+    routing: RoutingInputs
+
+    @property
+    def active(self) -> Optional[torch.Tensor]:
+        return self.routing.active
+
+    @property
+    def states(self) -> Optional[torch.Tensor]:
+        return self.routing.states
 
 
 @dataclass
@@ -46,17 +53,17 @@ def capture_bypass(adapter, enabled: bool = False, stage: Optional[nn.Module] = 
     ``stage``, when given) recorded in the yielded :class:`Capture`."""
     bypass, record = adapter.bypass, Capture()
 
-    def grab_bypass(module, args):
-        context = adapter.context
-        record.bypass.append(BypassCall(args[0].detach(), context.features, context.token_mask, context.active,
-                                        context.allowed, context.states))
+    def grab_bypass(module, args, kwargs):
+        x = args[0] if args else kwargs["x"]
+        routing = kwargs.get("routing") or RoutingInputs()
+        record.bypass.append(BypassCall(x.detach(), dataclasses.replace(routing, outputs=None)))
 
     def grab_stage(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         record.stage.append(StageCall(hidden.detach(), args[1:],
                                       {k: v for k, v in kwargs.items() if k != "hidden_states"}))
 
-    handles = [bypass.register_forward_pre_hook(grab_bypass)]
+    handles = [bypass.register_forward_pre_hook(grab_bypass, with_kwargs=True)]
     if stage is not None:
         handles.append(stage.register_forward_pre_hook(grab_stage, with_kwargs=True))
     was_enabled, bypass.enabled = bypass.enabled, enabled
@@ -112,6 +119,5 @@ def scope_views(adapter, texts: list[str], batch_size: int = 64) -> torch.Tensor
     finally:
         bypass.enabled, adapter.routing_paused = was_enabled, False
         handle.remove()
-        adapter.context.clear()
     width = adapter.scope.center.shape[0]
     return torch.cat(views) if views else torch.zeros(0, width, device=bypass.experts.device)

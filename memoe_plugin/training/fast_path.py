@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..compat import CacheNotFollowedError, cache_argument_name, output_cache
+from ..routing.inputs import RoutingInputs
 from .batches import EditBatch
 from .capture import capture_bypass
 
@@ -38,9 +39,7 @@ class UpperStack:
         self.head = model.get_output_embeddings()
         if self.final_norm is None or self.head is None:
             raise LookupError("no final norm / LM head found")
-        self.features, self.mask, self.active, self.allowed = adapter.routing_features(batch.input_ids,
-                                                                                       batch.attention_mask)
-        self.states = None     # what the key scope reads (scope_layer), set by _keep
+        self.routing = adapter.routing_features(batch.input_ids, batch.attention_mask)
         self.start, self.cache = 0, None
         start = self._silent_prefix_length() if skip_silent_prefix else 0
         if start > 0 and self.upper_layers:
@@ -54,11 +53,12 @@ class UpperStack:
         Their states never change in training, so the layers above the adapter can keep their keys and
         values in a KV cache and recompute only the positions after them.
         """
-        if self.active is None:
+        active, mask = self.routing.active, self.routing.token_mask
+        if active is None:
             return 0
-        real_and_active = self.active & self.mask.bool()
+        real_and_active = active & mask.bool()
         any_active = real_and_active.any(dim=0)
-        first_active = int(any_active.nonzero()[0]) if any_active.any() else self.active.shape[1]
+        first_active = int(any_active.nonzero()[0]) if any_active.any() else active.shape[1]
         return min(first_active, int(self.batch.positions.min()))
 
     def _capture_after_prefix(self, start: int) -> None:
@@ -73,11 +73,10 @@ class UpperStack:
         self._keep(record)
         truncate_cache(cache, start)
         self.start, self.cache = start, cache
-        self.features = None if self.features is None else self.features[:, start:]
-        self.mask = self.mask[:, start:]
-        self.active = None if self.active is None else self.active[:, start:]
-        self.allowed = None if self.allowed is None else self.allowed[:, start:]
-        # self.states is the suffix call's already (_keep)
+        cut = lambda t: None if t is None else t[:, start:]   # noqa: E731
+        r = self.routing
+        self.routing = RoutingInputs(cut(r.features), cut(r.token_mask), cut(r.active), cut(r.allowed),
+                                     self.routing.states)    # states: the suffix call's already (_keep)
 
     def _capture(self) -> None:
         stage = self.upper_layers[0] if self.upper_layers else self.final_norm
@@ -88,17 +87,15 @@ class UpperStack:
 
     def _keep(self, record) -> None:
         """The last call's bypass input and upper-stage input (the full-length call when a prefix ran first)."""
-        self.x, self.states = record.bypass[-1].x, record.bypass[-1].states
+        self.x = record.bypass[-1].x
+        self.routing.states = record.bypass[-1].states
         stage = record.stage[-1]
         self.hidden, self.args, self.kwargs = stage.hidden, stage.args, stage.kwargs
 
-    def target_logits(self) -> torch.Tensor:
-        bypass = self.adapter.bypass
-        self.adapter.context.set(self.features, self.mask, self.active, self.allowed, self.states)
-        try:
-            hidden = self.hidden + bypass.delta(self.x).to(self.hidden.dtype)
-        finally:
-            self.adapter.context.clear()
+    def target_logits(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The target positions' logits and the bypass's balance loss, running only the layers above it."""
+        mixed = self.adapter.bypass.mixture(self.x, self.routing)
+        hidden = self.hidden + mixed.delta.to(self.hidden.dtype)
         try:
             for layer in self.upper_layers:
                 hidden = layer(hidden, *self.args, **self.kwargs)
@@ -107,7 +104,7 @@ class UpperStack:
             if self.cache is not None:   # the layers appended this step's keys and values
                 truncate_cache(self.cache, self.start)
         picked = hidden[self.batch.rows, self.batch.positions - self.start]
-        return self.head(self.final_norm(picked)).float()
+        return self.head(self.final_norm(picked)).float(), mixed.aux_loss
 
 
 def truncate_cache(cache, length: int) -> None:
@@ -132,8 +129,16 @@ def truncate_cache(cache, length: int) -> None:
 
 
 def full_target_logits(adapter, batch: EditBatch) -> torch.Tensor:
-    logits = adapter.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    return logits[batch.rows, batch.positions].float()
+    return full_logits_and_aux(adapter, batch)[0]
+
+
+def full_logits_and_aux(adapter, batch: EditBatch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The target positions' logits from a full forward pass, and the bypass's balance loss in it."""
+    with adapter.recording() as outputs:
+        logits = adapter.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               use_cache=False).logits
+    aux = outputs[-1].aux_loss if outputs else None
+    return logits[batch.rows, batch.positions].float(), aux
 
 
 def find_final_norm(model: nn.Module) -> Optional[nn.Module]:
@@ -167,9 +172,9 @@ def _trained_looking_experts(bypass):
                 p.copy_(value)
 
 
-def _logits_function(adapter, batch: EditBatch) -> tuple[Callable[[], torch.Tensor], bool]:
-    """The fastest correct way to get target logits: the cached upper stack, else full passes."""
-    full = lambda: full_target_logits(adapter, batch)
+def _logits_function(adapter, batch: EditBatch):
+    """The fastest correct way to get (target logits, balance loss): the cached upper stack, else full passes."""
+    full = lambda: full_logits_and_aux(adapter, batch)   # noqa: E731
     failures = (LookupError, KeyError, IndexError, TypeError, CacheNotFollowedError)
     try:
         try:
@@ -182,11 +187,11 @@ def _logits_function(adapter, batch: EditBatch) -> tuple[Callable[[], torch.Tens
         warnings.warn(f"MEMoE: training with full forward passes ({err})")
         return full, False
     with torch.no_grad(), _trained_looking_experts(adapter.bypass):
-        reference, shortcut = full(), stack.target_logits()
+        reference, shortcut = full()[0], stack.target_logits()[0]
     if stack.cache is not None and not torch.allclose(reference, shortcut, rtol=1e-3, atol=1e-3):
         stack = UpperStack(adapter, batch, skip_silent_prefix=False)   # the plain cached path, checked below
         with torch.no_grad(), _trained_looking_experts(adapter.bypass):
-            shortcut = stack.target_logits()
+            shortcut = stack.target_logits()[0]
     if not torch.allclose(reference, shortcut, rtol=1e-3, atol=1e-3):
         gap = (reference - shortcut).abs().max().item()
         warnings.warn(f"MEMoE: cached activations disagree with the full model (max gap {gap:.2e}); "
@@ -201,15 +206,7 @@ def bucket_logits_functions(adapter, batches: list[EditBatch]):
     Training calls them one at a time and backpropagates each before the next, so one bucket's graph is
     held at a time (``train_micro_batch``)."""
     functions = [_logits_function(adapter, batch) for batch in batches]
-    bypass = adapter.bypass
-
-    def with_aux(function):
-        def logits_and_aux():
-            logits = function()
-            return logits, bypass.aux_loss
-        return logits_and_aux
-
-    return [with_aux(function) for function, _ in functions], all(cached for _, cached in functions)
+    return [function for function, _ in functions], all(cached for _, cached in functions)
 
 
 def target_logits_function(adapter, batches: list[EditBatch]):

@@ -20,7 +20,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..layer import MoEBypass, RoutingContext
+from ..layer import MoEBypass
+from ..routing.inputs import RoutingInputs
 from .capture import run_batches
 
 
@@ -112,14 +113,15 @@ class OutputMemory:
         that still learn. Within one edit call neither the rows nor the keys change, so the trainer
         routes them once here; matching the drawn rows against every key at every step instead cost
         time that grew with the number of edits kept."""
-        if bypass.scope is None or bypass.expert_of is None:
+        if bypass.scope is None or bypass.router is None:
             raise ValueError("routes_on needs key routing (expert_routing: key)")
         wanted = torch.zeros(bypass.experts.shape[0], dtype=torch.bool, device=bypass.experts.device)
         wanted[experts] = True
         rows, inputs, chosen = [], [], []
         for lo in range(0, len(self), chunk):
-            states = None if self.states is None else self.states[lo:lo + chunk]
-            x, expert = bypass.key_routes(self.x[lo:lo + chunk].to(bypass.experts.dtype), states)
+            states = None if self.states is None else self.states[lo:lo + chunk].to(bypass.experts.device)
+            where = bypass.scope.select(self.x[lo:lo + chunk].to(bypass.experts.dtype), RoutingInputs(states=states))
+            x, expert = where.expert_input, bypass.router.route(where)[0]
             keep = (expert[:, 0] >= 0) & wanted[expert[:, 0].clamp_min(0).to(wanted.device)]
             rows.append(keep.nonzero().flatten() + lo)
             inputs.append(x[keep])
@@ -135,27 +137,23 @@ class OutputMemory:
         """Indices of the stored rows that key routing sends to one of ``experts`` (:meth:`routes_on`)."""
         return self.routes_on(bypass, experts).rows
 
-    def loss(self, bypass: MoEBypass, context: RoutingContext, batch: int,
-             routes: Optional[MemoryRoutes] = None) -> Optional[torch.Tensor]:
+    def loss(self, bypass: MoEBypass, batch: int, routes: Optional[MemoryRoutes] = None) -> Optional[torch.Tensor]:
         """Relative squared change of the bypass output on ``batch`` stored rows, drawn from ``routes``
         (:meth:`routes_on`; default: all rows, routed afresh). None when there is nothing to draw."""
         pool = len(self) if routes is None else len(routes.rows)
         if not pool:
             return None
         pick = torch.randperm(pool)[:batch].to(self.x.device)
-        if routes is not None:
-            now = bypass.routed_delta(routes.inputs[pick], routes.chosen[pick])
+        if routes is not None:   # routed once per call: weight 1, as key routing gives
+            chosen = routes.chosen[pick]
+            now = bypass.expert_sum(routes.inputs[pick], chosen, torch.ones(chosen.shape, device=chosen.device))
             index = routes.rows[pick]
         else:
             index, dtype = pick, bypass.experts.dtype
             x = self.x[index].to(dtype).unsqueeze(0)
             features = None if self.features is None else self.features[index].to(dtype).unsqueeze(0)
             states = None if self.states is None else self.states[index].unsqueeze(0)
-            context.set(features, None, None, None, states)
-            try:
-                now = bypass.delta(x)[0]
-            finally:
-                context.clear()
+            now = bypass.mixture(x, RoutingInputs(features=features, states=states)).delta[0]
         old = self.delta[index].to(now.dtype)
         return (now - old).pow(2).sum(-1).mean() / old.pow(2).sum(-1).mean().clamp_min(1e-12)
 
@@ -168,22 +166,18 @@ def remember_edits(adapter, batches) -> None:
     if memory is None:
         return
     for call in run_batches(adapter, batches, enabled=True).bypass:
-        x = call.x
-        rows = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
-        if call.token_mask is not None and call.token_mask.shape == rows.shape:
-            rows &= call.token_mask.bool().to(x.device)
-        if call.active is not None:
-            rows &= call.active.to(x.device)
-        adapter.context.set(call.features, call.token_mask, call.active, call.allowed, call.states)
-        try:
-            delta = bypass.delta(x)
-            # only where an expert acted: a position the key scope kept out has a zero output, and kept, it
-            # would forbid a later edit whose key lands near it to act there
-            rows &= (bypass.last_routing >= 0).any(-1).to(rows.device)
-            # with scope_snap, keep the input the experts read: a raw row could snap to another key once
-            # later edits add keys near it, and its stored output could then never be met again
-            x = bypass.expert_input(x)
-        finally:
-            adapter.context.clear()
-        features = None if call.features is None else call.features[rows]
+        routing = call.routing
+        rows = torch.ones(call.x.shape[:-1], dtype=torch.bool, device=call.x.device)
+        if routing.token_mask is not None and routing.token_mask.shape == rows.shape:
+            rows &= routing.token_mask.bool().to(rows.device)
+        if routing.active is not None:
+            rows &= routing.active.to(rows.device)
+        mixed = bypass.mixture(call.x, routing)
+        # only where an expert acted: a position the key scope kept out has a zero output, and kept, it
+        # would forbid a later edit whose key lands near it to act there
+        rows &= (mixed.routing >= 0).any(-1).to(rows.device)
+        # with scope_snap, keep the input the experts read: a raw row could snap to another key once
+        # later edits add keys near it, and its stored output could then never be met again
+        x, delta = mixed.expert_input, mixed.delta
+        features = None if routing.features is None else routing.features[rows]
         memory.add(x[rows], features, delta[rows], None if call.states is None else call.states[rows])

@@ -79,7 +79,6 @@ def train_experts(adapter, requests: list[dict], progress: bool = False,
         raise
     finally:
         bypass.eval()
-        bypass.aux_loss = None
         for name, p in model.named_parameters():
             p.requires_grad_(grad_flags.get(name, p.requires_grad))
         for p in bypass.trainable_parameters:
@@ -110,7 +109,7 @@ def _fit(adapter, batches, experts: torch.nn.Parameter, subjects_of: list[dict],
     memory = adapter.memory if hp.memory_weight > 0 and adapter.memory is not None and len(adapter.memory) \
         else None
     memory_routes = None   # with frozen experts: only the rows of the experts that learn in this call
-    if memory is not None and adapter.trainable_experts is not None and bypass.expert_of is not None:
+    if memory is not None and adapter.trainable_experts is not None and bypass.router is not None:
         memory_routes = memory.routes_on(bypass, adapter.trainable_experts)
         memory = memory if len(memory_routes.rows) else None
     steps_done, loss_value, stopped_early, accuracy = 0, math.nan, False, 0.0
@@ -133,7 +132,7 @@ def _fit(adapter, batches, experts: torch.nn.Parameter, subjects_of: list[dict],
                 predicted.append(logits.detach().argmax(-1))
             extra = None
             if memory is not None:
-                extra = hp.memory_weight * memory.loss(bypass, adapter.context, hp.memory_batch, memory_routes)
+                extra = hp.memory_weight * memory.loss(bypass, hp.memory_batch, memory_routes)
             if preserved_logits is not None:
                 kept = hp.preserve_weight * preservation.loss(preserved_logits()[0])
                 extra = kept if extra is None else extra + kept

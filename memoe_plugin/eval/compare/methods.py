@@ -163,10 +163,17 @@ def build_config(method: str, path: Path, overrides: dict, model: Optional[str],
     config = yaml.safe_load(path.read_text())
     if not isinstance(config, dict):
         raise CompareError(f"{path}: expected a YAML mapping")
+    overrides = dict(overrides or {})
+    if spec.alg_name == "MEMoE":   # its sections (scope: {threshold: ...}) as the flat keys --set names
+        from ...hparams import flatten_sections
+        try:
+            config, overrides = flatten_sections(config), flatten_sections(overrides)
+        except ValueError as err:
+            raise CompareError(f"{path}: {err}") from None
     if config.get("alg_name") != spec.alg_name:
         raise CompareError(f"{path}: alg_name is {config.get('alg_name')!r}; {method} needs {spec.alg_name!r}")
     known = set(config) | set(allowed_keys or ())
-    for key, value in (overrides or {}).items():
+    for key, value in overrides.items():
         if key == "steps" and spec.steps_key and "steps" not in known:
             key = spec.steps_key
         if key not in known:

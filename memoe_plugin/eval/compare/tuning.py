@@ -273,10 +273,18 @@ def tuned_yaml(method: str, base: Path, settings: dict, row: Optional[dict], tri
     text += "\n"
     for key, value in settings.items():
         text = replace_top_level(text, key, value)
-    expected = {**yaml.safe_load(shipped), **settings}
+    original = yaml.safe_load(shipped)
+    if isinstance(original, dict) and original.get("alg_name") == "MEMoE":   # sections as flat keys
+        from ...hparams import flatten_sections
+        original = flatten_sections(original)
+    expected = {**original, **settings}
     try:
-        kept = yaml.safe_load(text) == expected
-    except yaml.YAMLError:
+        loaded = yaml.safe_load(text)
+        if isinstance(loaded, dict) and loaded.get("alg_name") == "MEMoE":
+            from ...hparams import flatten_sections
+            loaded = flatten_sections(loaded)
+        kept = loaded == expected
+    except (yaml.YAMLError, ValueError):
         kept = False
     if not kept:                                     # a layout the line edit cannot handle: plain YAML instead
         text = yaml.safe_dump(expected, sort_keys=False)

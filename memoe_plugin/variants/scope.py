@@ -1,0 +1,76 @@
+"""The scope variant: where the bypass acts and what its experts read there (an extension of the paper).
+
+The paper's bypass acts at every position. With the locality guard (``locality_guard``) it acts only where
+an edited subject is in sight; with the key scope (``scope_keys``, :class:`..routing.scope.KeyScope`) only
+where a position is near an edit's key and not nearer one of its anti-keys; with the snap (``scope_snap``)
+the experts read an in-scope position's input moved toward the input of the key it matched.
+:class:`~..layer.MoEBypass` asks :meth:`ScopeVariant.select` for a :class:`Selection` before its gate runs.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from ..routing.inputs import RoutingInputs
+from ..routing.scope import KeyScope
+
+
+class Selection(NamedTuple):
+    """Where the bypass acts and what the experts read."""
+    active: Optional[torch.Tensor]   # [...] bool; None: every position
+    edit: Optional[torch.Tensor]     # [...] the edit whose key each position matched (-1: none); None without keys
+    expert_input: torch.Tensor       # [..., in]
+
+    @classmethod
+    def everywhere(cls, x: torch.Tensor) -> "Selection":
+        return cls(None, None, x)
+
+    @property
+    def nowhere(self) -> bool:
+        return self.active is not None and not bool(self.active.any())
+
+    def restrict(self, chosen: torch.Tensor) -> torch.Tensor:
+        """``chosen`` [..., top_k] with -1 (no expert) outside the selection."""
+        return chosen if self.active is None else chosen.masked_fill(~self.active.unsqueeze(-1), -1)
+
+
+class ScopeVariant:
+    """The guard's mask, narrowed by the key scope (``keys``, None without ``scope_keys``), and the snap.
+
+    ``reads_block``: the key scope compares the residual stream entering an earlier block
+    (``RoutingInputs.states``, ``scope_layer``) instead of the bypass input."""
+
+    def __init__(self, keys: Optional[KeyScope] = None, reads_block: bool = False):
+        self.keys, self.reads_block = keys, reads_block
+
+    def select(self, x: torch.Tensor, routing: RoutingInputs) -> Selection:
+        active = routing.active
+        if active is not None:
+            if active.shape != x.shape[:-1]:
+                raise RuntimeError(f"MEMoE locality-guard mask {tuple(active.shape)} does not match the layer "
+                                   f"input {tuple(x.shape)}")
+            active = active.to(x.device)
+            if not bool(active.any()):
+                return Selection(active, None, x)   # the guard keeps every position out: nothing to match
+        if self.keys is None:
+            return Selection(active, None, x)
+        allowed = routing.allowed
+        if allowed is not None and allowed.shape[:-1] != x.shape[:-1]:
+            allowed = None
+        match = self.keys.match(self.view(x, routing), allowed)
+        keyed = (match.similarity >= self.keys.threshold) & ~match.blocked
+        active = keyed if active is None else active & keyed
+        return Selection(active, match.edit, self.keys.snap_inputs(x, match.key, active))
+
+    def view(self, x: torch.Tensor, routing: RoutingInputs) -> torch.Tensor:
+        """What the key scope compares: the bypass input, or the residual stream that entered ``scope_layer``."""
+        if not self.reads_block:
+            return x
+        states = routing.states
+        if states is None or states.shape[:-1] != x.shape[:-1]:
+            got = None if states is None else tuple(states.shape)
+            raise RuntimeError(f"MEMoE's key scope reads the residual stream of an earlier block (scope_layer), and "
+                               f"got {got} for the layer input {tuple(x.shape)}. Run the adapted module through the "
+                               "whole model (model(input_ids=...) or model.generate).")
+        return states.to(x.device)
