@@ -46,7 +46,7 @@ def option(default, help: str, structural: bool = False):
 @dataclass
 class MEMoEHyperParams:
     """Settings of one MEMoE run. Each field's help text is its line in the README's YAML reference
-    (:func:`reference_table` writes that table)."""
+    (:func:`.hparams_reference.reference_table` writes that table)."""
 
     # --- read by EasyEdit ---------------------------------------------------
     model_name: str = required("model directory (EasyEdit loads it; `~` is expanded)")
@@ -375,29 +375,6 @@ def type_name(option) -> str:
         values = [f"`{v}`" for v in typing.get_args(option)]
         return "one of " + ", ".join(values)
     return "unset" if option is type(None) else getattr(option, "__name__", str(option))
-
-
-def reference_table() -> str:
-    """The README's YAML reference, one row per field, from the fields' help texts."""
-    hints = typing.get_type_hints(MEMoEHyperParams)
-    lines = ["| key | type (default) | meaning |", "|---|---|---|"]
-    fields = sorted(dataclasses.fields(MEMoEHyperParams), key=lambda f: f.name != "alg_name")
-    for f in fields:
-        hint = hints[f.name]
-        options = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
-        kind = " or ".join(type_name(option) for option in options if option is not type(None))
-        if f.default is dataclasses.MISSING or f.metadata.get("required"):
-            kind += ", required"
-        elif f.default is None:
-            kind += " (unset)"
-        elif isinstance(f.default, bool):
-            kind += f" ({str(f.default).lower()})"
-        elif isinstance(f.default, str):
-            kind += f" (`{f.default}`)"
-        else:
-            kind += f" ({f.default!r})"
-        lines.append(f"| `{f.name}` | {kind} | {f.metadata['help']} |")
-    return "\n".join(lines) + "\n"
 
 
 def structural_keys() -> tuple[str, ...]:

@@ -851,13 +851,27 @@ def test_ft_l_and_pmet_get_the_right_padding_their_last_token_index_assumes():
     """EasyEdit's FT-L (prompt_last) and PMET find a prompt's last token as attention_mask.sum(1) - 1, which
     BaseEditor's left padding breaks for every prompt shorter than the chunk's longest; FT-M's target_new
     mask counts the pads itself and stays on the left."""
-    from types import SimpleNamespace as NS
-
     from memoe_plugin.eval.compare.easyedit_backend import needs_right_padding
-    assert needs_right_padding(NS(alg_name="FT", objective_optimization="prompt_last"))
-    assert needs_right_padding(NS(alg_name="PMET"))
-    assert not needs_right_padding(NS(alg_name="FT", objective_optimization="target_new"))
-    assert not needs_right_padding(NS(alg_name="MEMoE")) and not needs_right_padding(NS(alg_name="GRACE"))
+    padded = {name for name, spec in METHODS.items() if needs_right_padding(spec)}
+    assert padded == {"FT-L", "PMET"}
+    assert dict(METHODS["FT-L"].fixed)["objective_optimization"] == "prompt_last"      # what makes FT-L need it
+    assert dict(METHODS["FT-M"].fixed)["objective_optimization"] == "target_new"
+
+
+def test_each_methods_needs_are_data_on_its_spec_and_the_backend_names_no_method():
+    """The backend reads MethodSpec fields; a new method is one registry entry, not a switch in the backend."""
+    import inspect
+    import re
+    from memoe_plugin.eval.compare import easyedit_backend, protocol
+    for module in (easyedit_backend, protocol):
+        source = inspect.getsource(module)
+        named = {m for m in re.findall(r'[=!]= ?"([A-Za-z-]+)"', source) if m in METHODS or
+                 m in {spec.alg_name for spec in METHODS.values()}}
+        assert not named, (module.__name__, named)
+    assert METHODS["MEMoE"].checkpointable and METHODS["MEMoE"].own_hparams
+    assert METHODS["AlphaEdit"].reset_before_run and METHODS["UltraEdit"].chunk_is_batch
+    assert {n for n, s in METHODS.items() if s.statistics} == {"ROME", "MEMIT", "EMMET", "AlphaEdit", "PMET",
+                                                                "R-ROME"}
 
 
 class DeferAdaptor(torch.nn.Module):

@@ -8,10 +8,10 @@ import pytest
 import yaml
 
 from memoe_plugin.eval.compare import CompareError
-from memoe_plugin.eval.compare.tuning import (GENERATION, MIN_EDIT_GAIN, SAME_SUBJECT, SEARCH_SPACES, brief, edit_gain, edits,
-                                              replace_top_level,
-                                              read_trials, same_setting, score, select_best, shipped_settings,
-                                              search_space, trial_settings, tune, tuned_yaml)
+from memoe_plugin.eval.compare.search import (GENERATION, MIN_EDIT_GAIN, SAME_SUBJECT, SEARCH_SPACES, edit_gain, edits,
+                                              same_setting, score, search_space, select_best, shipped_settings,
+                                              trial_settings)
+from memoe_plugin.eval.compare.tuning import brief, read_trials, replace_top_level, tune, tuned_yaml
 
 
 def row(rel, gen, loc, status="complete"):
@@ -155,6 +155,28 @@ def test_tune_runs_each_trial_on_the_dev_split_and_writes_the_winner(tmp_path):
         tune(["--methods", "FT-L", "--trials", "3", "--out", str(tmp_path)], compare_main=fake_compare)
     with pytest.raises(CompareError, match="no search space"):
         tune(["--methods", "MEND", "--out", str(tmp_path)], compare_main=fake_compare)
+
+
+def test_the_python_api_returns_each_methods_trials_and_winner(tmp_path):
+    """tune_methods(TuneOptions(...)) is what the command runs; it returns what it chose, not an exit code."""
+    from memoe_plugin.eval.compare.methods import hparams_path_for
+    from memoe_plugin.eval.compare.tuning import TuneOptions, tune_methods
+    shipped_lr = shipped_settings(hparams_path_for("FT-M", None, {}))["lr"]
+
+    def fake_compare(argv, **_):
+        sets = dict(a.split("=", 1) for a in argv[argv.index("--methods"):] if "=" in a and "." in a.split("=")[0])
+        lr = json.loads(sets.get("FT-M.lr", json.dumps(shipped_lr)))
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps([row(100.0, 100 - abs(lr - 1e-3) * 1e4, 90.0)]))
+        return 0
+    found = tune_methods(TuneOptions(methods="FT-M", trials=3, out=str(tmp_path)), compare_main=fake_compare)
+    result = found["FT-M"]
+    assert len(result.trials) == 3 and result.tuned_file == tmp_path / "tuned" / "FT-M.yaml"
+    scores = [100 - abs(s.get("lr", shipped_lr) - 1e-3) * 1e4 for s, _ in result.trials]
+    assert result.best == max(range(3), key=lambda i: (scores[i], -i))
+    assert result.settings == result.trials[result.best][0]
+    assert yaml.safe_load(result.tuned_file.read_text())["lr"] == result.settings.get("lr", shipped_lr)
 
 
 def test_the_tuned_file_keeps_the_shipped_comments_and_changes_only_the_tuned_keys(tmp_path):

@@ -6,7 +6,7 @@ import yaml
 
 from memoe_plugin import MEMoEHyperParams
 from memoe_plugin.assets import hparams_path
-from memoe_plugin.hparams import reference_table
+from memoe_plugin.hparams_reference import reference_table
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(hparams_path("MEMoE").glob("*.yaml"))

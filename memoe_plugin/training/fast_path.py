@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -120,7 +120,7 @@ def truncate_cache(cache, length: int) -> None:
         if excess > 0:
             try:
                 layer.crop(-excess)
-            except RuntimeError as err:   # a sliding-window layer past its window cannot roll back (Gemma 3)
+            except (RuntimeError, ValueError) as err:   # a sliding-window layer past its window (Gemma 3)
                 raise LookupError(f"the KV cache cannot be cut back: {err}") from None
             # what is left is a slice of this step's concatenation: cut it from this step's graph
             layer.keys, layer.values = layer.keys.detach(), layer.values.detach()

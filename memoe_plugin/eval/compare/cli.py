@@ -44,7 +44,8 @@ from ..data import DATA_FILES, DataNotFoundError, data_file
 from .easyedit_backend import EasyEditBackend
 from .errors import CompareError
 from .methods import DEFAULT_METHODS, METHODS, hparams_path_for, parse_methods, parse_overrides
-from .protocol import DEFAULT_BATCH_SIZE, RunSpec, Runner
+from .plan import DEFAULT_BATCH_SIZE, RunSpec
+from .protocol import Runner
 from .report import summarise, write_summary
 from .store import RESULTS_FILE, ResultStore
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .errors import CompareError
-from .protocol import RunSpec, Runner
+from .plan import RunSpec
+from .protocol import Runner
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ from typing import Optional
 import yaml
 
 from .errors import CompareError
-from .methods import METHODS, STATS_ALGS, build_config, hparams_origin, settings_digest
-from .protocol import DATASET_NEEDS, PreparedRecords, RunSpec, combine_restore, prepare_records
+from .methods import METHODS, MethodSpec, build_config, hparams_origin, settings_digest
+from .plan import RunSpec
+from .requests import DATASET_NEEDS, PreparedRecords, combine_restore, prepare_records
 from .stats import ensure_stats
 
 
@@ -55,8 +56,9 @@ class EasyEditBackend:
     def _config(self, method: str, seed: Optional[int] = None):
         """``(hparams class, effective config)``: the method's YAML with --set, --model and the run's seed."""
         spec = METHODS[method]
-        if method == "MEMoE":
-            from ...hparams import MEMoEHyperParams as cls
+        if spec.own_hparams:
+            from ... import hparams as own
+            cls = getattr(own, spec.hparams_class)
             allowed = [f.name for f in dataclasses.fields(cls)]
         else:
             cls = getattr(self.ee, spec.hparams_class)
@@ -90,19 +92,20 @@ class EasyEditBackend:
             editor = self.ee.BaseEditor.from_hparams(hparams)
         if not self.verbose:
             _quiet_easyedit_logging()
+        spec = METHODS[run.method]
         session = EasyEditSession(self.ee, editor, run, path,
                                   self.records(run.dataset, run.num_edits, run.split, run.seed),
-                                  origin=self.origin(run.method))
-        if run.method == "WISE":
+                                  origin=self.origin(run.method), spec=spec)
+        if spec.side_memory_per_chunk:
             hparams.sequential_edit = True    # WISE.py: reuse the side memory across the requests of a chunk
-        if needs_right_padding(hparams):
+        if needs_right_padding(spec):
             editor.tok.padding_side = "right"
-        if hparams.alg_name in STATS_ALGS and getattr(hparams, "mom2_adjustment", True):
+        if spec.statistics and getattr(hparams, "mom2_adjustment", True):
             ensure_stats(editor, hparams, self.stats_text)
         return session
 
 
-def needs_right_padding(hparams) -> bool:
+def needs_right_padding(spec: MethodSpec) -> bool:
     """Methods whose EasyEdit code finds a prompt's last token as ``attention_mask.sum(1) - 1``, which holds
     only with right padding, but that BaseEditor pads on the left (it pads on the right only for the ROME
     family it lists: ROME, MEMIT, EMMET, R-ROME, AlphaEdit, ...). EasyEdit's scorers read the padding side.
@@ -113,8 +116,7 @@ def needs_right_padding(hparams) -> bool:
       alone does not make FT-L edit SmolLM2 in chunks of 30 (docs/compare.md): its loss asks the last prompt
       position for every target token at once, the padded targets' pads included.
     """
-    alg = getattr(hparams, "alg_name", None)
-    return alg == "PMET" or (alg == "FT" and getattr(hparams, "objective_optimization", None) == "prompt_last")
+    return spec.right_padding
 
 
 def defer_one_row_at_a_time(model) -> int:
@@ -150,7 +152,7 @@ class EasyEditSession:
     """One method on one BaseEditor: thin calls into EasyEdit."""
 
     def __init__(self, easyeditor, editor, run: RunSpec, hparams_path: Path, prepared: PreparedRecords,
-                 origin: str = ""):
+                 origin: str = "", spec: Optional[MethodSpec] = None):
         from easyeditor.editors import utils as editor_utils
         from easyeditor.editors.batch_editor import BatchEditor
         from easyeditor.editors.editor import finalize_locality_metrics
@@ -159,6 +161,7 @@ class EasyEditSession:
         self.records, self.skipped = (prepared.edits, prepared.loc_prompts), prepared.skipped
         self._utils, self._compute, self._finalize = editor_utils, compute_edit_quality, finalize_locality_metrics
         self.alg_name = editor.alg_name
+        self.spec = spec or METHODS[run.method]
         self.batchable = bool(BatchEditor.is_batchable_method(self.alg_name))
         if self.batchable:
             editor.hparams.batch_size = run.batch_size
@@ -187,10 +190,10 @@ class EasyEditSession:
         """Copies of the weights ULTRAEDIT and EMMET change, which EasyEdit does not give back: ULTRAEDIT looks
         parameter names up in inner_params after stripping '.weight' from them, and apply_emmet_to_model drops its
         copy unless keep_original_weight=True, which BaseEditor.batch_edit never passes."""
-        hp = self.editor.hparams
-        if self.alg_name == "ULTRAEDIT":
+        hp, owned = self.editor.hparams, self.spec.owned_weights
+        if owned == "inner_params":
             names = [n if n.endswith(".weight") else f"{n}.weight" for n in hp.inner_params]
-        elif self.alg_name == "EMMET":
+        elif owned == "rewrite_module_tmp":
             names = [f"{hp.rewrite_module_tmp.format(layer)}.weight" for layer in hp.layers]
         else:
             return {}
@@ -198,11 +201,12 @@ class EasyEditSession:
         return {name: params[name].detach().clone() for name in names}
 
     def _start_on_unedited_model(self) -> None:
-        """AlphaEdit keeps the keys of all earlier edits (module global cache_c) to protect them; edits that
-        were rolled back (batch protocol) or belong to another run must not constrain this one."""
-        if self.alg_name == "AlphaEdit":
-            from easyeditor.models.alphaedit import AlphaEdit_main
-            AlphaEdit_main.cache_c_new = False
+        """Module state a method keeps across calls (AlphaEdit keeps the keys of all earlier edits, module global
+        cache_c, to protect them): edits that were rolled back (batch protocol) or belong to another run must not
+        constrain this one (``MethodSpec.reset_before_run``)."""
+        import importlib
+        for module, attribute, value in self.spec.reset_before_run:
+            setattr(importlib.import_module(module), attribute, value)
 
     def prepare(self, kwargs: dict) -> list[dict]:
         kwargs = dict(kwargs)
@@ -242,7 +246,7 @@ class EasyEditSession:
         own = self._own_copy()
         if own:
             handle = combine_restore(handle, own, self._utils.CALLABLE_RESTORE_ALGS, self.alg_name)
-        if self.alg_name == "ULTRAEDIT":
+        if self.spec.chunk_is_batch:
             editor.hparams.batch_size = len(requests)   # it edits requests[:batch_size] and needs that many
         groups = [requests] if self.batchable else [[r] for r in requests]
         for group in groups:
@@ -252,7 +256,7 @@ class EasyEditSession:
                                                      train_ds=None)
             seconds += time.perf_counter() - start
             handle = combine_restore(handle, weights_copy, self._utils.CALLABLE_RESTORE_ALGS, self.alg_name)
-            if self.alg_name == "DEFER":
+            if self.spec.rows_one_at_a_time:
                 defer_one_row_at_a_time(edited)
             if self.batchable:
                 editor.model = edited        # as batch_edit(sequential_edit=True)
@@ -276,12 +280,12 @@ class EasyEditSession:
         from ..probes import score_probes
         # DEFER's layer gates on the last input position; the probes pad on the right, so each option is
         # scored unpadded, where the last position is the option's last token
-        return score_probes(model, self.editor.tok, items, one_at_a_time=self.alg_name == "DEFER")
+        return score_probes(model, self.editor.tok, items, one_at_a_time=self.spec.rows_one_at_a_time)
 
     @property
     def can_checkpoint(self) -> bool:
         """Whether a sequential run of this method can be checkpointed and resumed (MEMoE's adapter file)."""
-        return self.alg_name == "MEMoE"
+        return self.spec.checkpointable
 
     def save_checkpoint(self, path: Path) -> None:
         from ... import save_adapter

@@ -16,41 +16,53 @@ from ..overrides import OverrideError, parse_method_assignments
 from .errors import CompareError
 
 PATH_KEYS = ("model_name", "stats_dir", "P_loc", "save_path", "load_path")
-# Methods whose covariance statistics EasyEdit computes from a Wikipedia download.
-STATS_ALGS = ("ROME", "MEMIT", "EMMET", "AlphaEdit", "PMET", "R-ROME")
 
 
 @dataclass(frozen=True)
 class MethodSpec:
+    """One method, and what running it through EasyEdit needs, as data (the backend reads these fields; it
+    compares no method names)."""
     name: str                    # the table's name: FT-L
     alg_name: str                # EasyEdit's ALG_DICT key: FT
-    hparams_class: str           # attribute of easyeditor (memoe_plugin for MEMoE)
+    hparams_class: str           # attribute of easyeditor, or of memoe_plugin.hparams (own_hparams)
     steps_key: Optional[str]     # what METHOD.steps=N sets
     fixed: tuple = ()            # (key, value) pairs that define the method
     note: str = ""
     unavailable: str = ""        # non-empty: never runnable here, and why
+    own_hparams: bool = False    # the hparams class and files are this package's (MEMoE): sections, shipped file
+    right_padding: bool = False  # EasyEdit finds the last prompt token as mask.sum() - 1 (needs_right_padding)
+    owned_weights: str = ""      # hparams key naming the weights it changes and EasyEdit does not give back
+    reset_before_run: tuple = ()  # (module, attribute, value): module state an earlier run must not leave
+    chunk_is_batch: bool = False  # it edits requests[:batch_size]: batch_size set to each call's size
+    rows_one_at_a_time: bool = False   # its layer broadcasts a batch wrongly: run rows alone (DEFER)
+    side_memory_per_chunk: bool = False  # hparams.sequential_edit within a chunk (WISE's side memory)
+    checkpointable: bool = False  # sequential runs save and resume its adapter (MEMoE)
+    statistics: bool = False      # covariance statistics from text (stats.py) unless mom2_adjustment is off
 
     def fixed_dict(self) -> dict:
         return dict(self.fixed)
 
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
-    MethodSpec("MEMoE", "MEMoE", "MEMoEHyperParams", "steps"),
+    MethodSpec("MEMoE", "MEMoE", "MEMoEHyperParams", "steps", own_hparams=True, checkpointable=True),
     MethodSpec("FT-L", "FT", "FTHyperParams", "num_steps", (("objective_optimization", "prompt_last"),),
-               "EasyEdit FT, objective_optimization prompt_last"),
+               "EasyEdit FT, objective_optimization prompt_last", right_padding=True),
     MethodSpec("FT-M", "FT", "FTHyperParams", "num_steps", (("objective_optimization", "target_new"),),
                "EasyEdit FT, objective_optimization target_new"),
     MethodSpec("LoRA", "LoRA", "LoRAHyperParams", "num_steps"),
-    MethodSpec("ROME", "ROME", "ROMEHyperParams", "v_num_grad_steps"),
-    MethodSpec("MEMIT", "MEMIT", "MEMITHyperParams", "v_num_grad_steps"),
+    MethodSpec("ROME", "ROME", "ROMEHyperParams", "v_num_grad_steps", statistics=True),
+    MethodSpec("MEMIT", "MEMIT", "MEMITHyperParams", "v_num_grad_steps", statistics=True),
     MethodSpec("GRACE", "GRACE", "GraceHyperParams", "n_iter"),
-    MethodSpec("WISE", "WISE", "WISEHyperParams", "n_iter"),
-    MethodSpec("UltraEdit", "ULTRAEDIT", "UltraEditHyperParams", None),
-    MethodSpec("AlphaEdit", "AlphaEdit", "AlphaEditHyperParams", "v_num_grad_steps"),
-    MethodSpec("EMMET", "EMMET", "EMMETHyperParams", "v_num_grad_steps"),
-    MethodSpec("R-ROME", "R-ROME", "R_ROMEHyperParams", "v_num_grad_steps"),
-    MethodSpec("PMET", "PMET", "PMETHyperParams", "v_num_grad_steps"),
-    MethodSpec("DEFER", "DEFER", "DeferHyperParams", "n_iter"),
+    MethodSpec("WISE", "WISE", "WISEHyperParams", "n_iter", side_memory_per_chunk=True),
+    MethodSpec("UltraEdit", "ULTRAEDIT", "UltraEditHyperParams", None, owned_weights="inner_params",
+               chunk_is_batch=True),
+    MethodSpec("AlphaEdit", "AlphaEdit", "AlphaEditHyperParams", "v_num_grad_steps", statistics=True,
+               reset_before_run=(("easyeditor.models.alphaedit.AlphaEdit_main", "cache_c_new", False),)),
+    MethodSpec("EMMET", "EMMET", "EMMETHyperParams", "v_num_grad_steps", statistics=True,
+               owned_weights="rewrite_module_tmp"),
+    MethodSpec("R-ROME", "R-ROME", "R_ROMEHyperParams", "v_num_grad_steps", statistics=True),
+    MethodSpec("PMET", "PMET", "PMETHyperParams", "v_num_grad_steps", statistics=True, right_padding=True),
+    MethodSpec("DEFER", "DEFER", "DeferHyperParams", "n_iter", rows_one_at_a_time=True),
     MethodSpec("MELO", "MELO", "MELOHyperParams", None, unavailable=(
         "EasyEdit's MELO loads a DistilBERT tokenizer from the Hub (hparams lora.cls_name), which is not available "
         "offline, and restore_after_edit keeps MELO's edited model (KEEP_EDITED_MODEL_ALGS; apply_melo_to_model "
@@ -125,7 +137,7 @@ def sequential_hparams_path(method: str) -> Path:
     """Where a method's file for the sequential protocol lives (it may not exist): MEMoE's
     ``smollm2-135m-sequential.yaml``, a baseline's ``hparams/compare/smollm2-135m-sequential/<METHOD>.yaml``
     (written by ``memoe-tune --protocol sequential --install``)."""
-    if method == "MEMoE":
+    if METHODS[method].own_hparams:
         return memoe_hparams("smollm2-135m").with_name("smollm2-135m-sequential.yaml")
     return compare_hparams_dir("smollm2-135m-sequential") / f"{method}.yaml"
 
@@ -142,7 +154,7 @@ def hparams_path_for(method: str, hparams_dir: Optional[Path], explicit: dict[st
         return hparams_dir / f"{method}.yaml"
     if protocol == "sequential" and sequential_hparams_path(method).is_file():
         return sequential_hparams_path(method)
-    if method == "MEMoE":
+    if METHODS[method].own_hparams:
         return memoe_hparams("smollm2-135m")
     return compare_hparams_dir("smollm2-135m") / f"{method}.yaml"
 
@@ -164,7 +176,7 @@ def build_config(method: str, path: Path, overrides: dict, model: Optional[str],
     if not isinstance(config, dict):
         raise CompareError(f"{path}: expected a YAML mapping")
     overrides = dict(overrides or {})
-    if spec.alg_name == "MEMoE":   # its sections (scope: {threshold: ...}) as the flat keys --set names
+    if spec.own_hparams:   # MEMoE's sections (scope: {threshold: ...}) as the flat keys --set names
         from ...hparams import flatten_sections
         try:
             config, overrides = flatten_sections(config), flatten_sections(overrides)

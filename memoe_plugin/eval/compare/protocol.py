@@ -21,175 +21,25 @@ import contextlib
 import dataclasses
 import datetime
 import io
-import json
 import math
-import os
 import sys
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
 from ..metrics import mean_post
 from ..state import state_fingerprint
-from ..validate import Problem, describe
+from ..validate import describe
 from .errors import CompareError, MethodUnavailable, RollbackError
 from .methods import METHODS
+from .plan import PROTOCOL_NOTES, RunSpec, chunk_ranges
+from .requests import request_kwargs
+from .resume import Resumable
 from .store import ResultStore
 
-DEFAULT_BATCH_SIZE = {"batch": 30, "sequential": 10}
-
-
-@dataclass
-class PreparedRecords:
-    """The records a run edits, WISE's irrelevant texts, and the records the check turned away."""
-    edits: list[dict]
-    loc_prompts: list[str]
-    skipped: list[Problem]
-    available: int          # usable records in the split
-
-
-# What each dataset scores besides the edit prompt (its records must have them).
-DATASET_NEEDS = {"zsre": ("rephrase_prompt", "locality_prompt"), "counterfact": ("rephrase_prompt", "locality_prompt"),
-                 "zsre-knowedit": ("rephrase_prompt",), "counterfact-knowedit": ()}
-
-
-def prepare_records(records: list[dict], num_edits: int, split: str = "all", seed: Optional[int] = None,
-                    needs: Iterable[str] = (), strict: bool = False) -> PreparedRecords:
-    """The ``num_edits`` records a run edits, after checking every record of the split.
-
-    * Every record of ``split`` (``dev``/``test``/``all``, :mod:`..splits`) is checked
-      (:func:`..validate.check_records`); unusable ones are skipped and listed, or, with
-      ``strict``, the run stops before any edit with the list.
-    * ``seed=None`` takes the first usable records in file order; a seed draws a random
-      sample of them (kept in file order), so seeds vary the records as well as the methods'
-      randomness.
-    * Records without an unrelated locality prompt (KnowEdit's only have same-subject ones)
-      get the same-subject prompt of a record *not* edited in this run: a question about
-      another subject. WISE's ``loc_prompts`` come from the same unedited records.
-    """
-    from ..splits import select
-    from ..validate import check_records, describe
-    if num_edits <= 0:
-        raise CompareError("--num-edits must be positive")
-    indexed = [dict(r, _index=i) for i, r in enumerate(records)]
-    pool = select(indexed, split)
-    usable, problems = check_records(pool, needs)
-    problems = [dataclasses.replace(p, index=pool[p.index]["_index"]) for p in problems]
-    if strict and problems:
-        raise CompareError(f"{len(problems)} of the {len(pool)} {split} records cannot be used (--strict):\n"
-                           + describe(problems, None))
-    good = [pool[i] for i in usable]
-    if len(good) < num_edits:
-        raise CompareError(f"the {split} split has {len(good)} usable records ({len(problems)} skipped); "
-                           f"--num-edits asks for {num_edits}")
-    if seed is None:
-        chosen = list(range(num_edits))
-    else:
-        import random
-        chosen = sorted(random.Random(seed).sample(range(len(good)), num_edits))
-    picked = set(chosen)
-    rest = [r for i, r in enumerate(good) if i not in picked] or good
-    edits = [dict(good[i]) for i in chosen]
-    unrelated = [(r["locality_prompt"], r["locality_ground_truth"]) if r.get("locality_prompt")
-                 else (r["same_subject"][0] if r.get("same_subject") else None) for r in rest]
-    unrelated = [u for u in unrelated if u and u[0] and u[1]]
-    for k, edit in enumerate(edits):
-        edit.pop("_index")
-        if not edit.get("locality_prompt") and unrelated:
-            edit["locality_prompt"], edit["locality_ground_truth"] = unrelated[k % len(unrelated)]
-    loc = [f"{p} {a}" for p, a in unrelated] or [f"{r['prompt']} {r['target_new']}" for r in rest]
-    return PreparedRecords(edits, [loc[i % len(loc)] for i in range(num_edits)], problems, len(good))
-
-
-def request_kwargs(records: list[dict], loc_prompts: list[str]) -> dict:
-    """Keyword arguments for EasyEdit's ``edit``/``batch_edit``/``_prepare_requests``, as its examples build them.
-
-    ``neighborhood`` is the unrelated locality prompt; records with KnowEdit's same-subject
-    prompts (``same_subject``: a list of (prompt, answer)) also get ``Relation_Specificity``,
-    all of a record's prompts in one list as EasyEdit's KnowEdit runs pass them.
-    """
-    locality = {"neighborhood": {"prompt": [r.get("locality_prompt") for r in records],
-                                 "ground_truth": [r.get("locality_ground_truth") for r in records]}}
-    if any(r.get("same_subject") for r in records):
-        locality["Relation_Specificity"] = {
-            "prompt": [[p for p, _ in r["same_subject"]] if r.get("same_subject") else None for r in records],
-            "ground_truth": [[a for _, a in r["same_subject"]] if r.get("same_subject") else None for r in records]}
-    kwargs = dict(prompts=[r["prompt"] for r in records], target_new=[r["target_new"] for r in records],
-                  ground_truth=[r.get("ground_truth") for r in records],
-                  subject=[r["subject"] for r in records],
-                  rephrase_prompts=[r.get("rephrase_prompt") for r in records],
-                  locality_inputs=locality, loc_prompts=list(loc_prompts))
-    kinds = list(dict.fromkeys(kind for r in records for kind in (r.get("portability") or {})))
-    if kinds:     # KnowEdit's portability (Reasoning, Subject_Aliasing, ...), as EasyEdit's KnowEdit runs pass it
-        def cases(r, kind, part):
-            pairs = (r.get("portability") or {}).get(kind)
-            return [pair[part] for pair in pairs] if pairs else None
-        kwargs["portability_inputs"] = {kind: {"prompt": [cases(r, kind, 0) for r in records],
-                                               "ground_truth": [cases(r, kind, 1) for r in records]}
-                                        for kind in kinds}
-    return kwargs
-
-
-def chunk_ranges(n: int, size: int) -> list[tuple[int, int]]:
-    if size <= 0:
-        raise CompareError("--batch-size must be positive")
-    return [(start, min(start + size, n)) for start in range(0, n, size)]
-
-
-def combine_restore(first, new, callable_algs: Iterable[str], alg_name: str):
-    """One restore handle for several apply calls on the same model.
-
-    EasyEdit returns, per call, either a callable (GRACE, WISE, MEMoE, ...) or a
-    dict of the original tensors it changed (FT, ROME, MEMIT, ...). The first
-    callable restores the model as it was before the first call (later GRACE calls
-    even return one that cannot restore), and for dicts the first copy of each
-    tensor is the original. PEFT methods restore with ``edited_model.unload()``.
-    """
-    if first is None:
-        return new
-    if alg_name in set(callable_algs) or callable(first):
-        return first
-    if isinstance(first, dict) and isinstance(new, dict):
-        merged = dict(new)
-        merged.update(first)
-        return merged
-    return first
-
-
-@dataclass
-class RunSpec:
-    dataset: str
-    method: str
-    protocol: str
-    batch_size: int
-    num_edits: int
-    eval_every_step: bool = False
-    split: str = "all"
-    seed: Optional[int] = None
-
-    @property
-    def key(self) -> str:
-        key = f"{self.dataset}|{self.protocol}|bs={self.batch_size}|n={self.num_edits}|{self.method}"
-        if self.split != "all":
-            key += f"|split={self.split}"
-        if self.seed is not None:
-            key += f"|seed={self.seed}"
-        return key
-
-
-PROTOCOL_NOTES = {
-    ("batch", True): "EasyEdit batch_edit per chunk (edit, score, roll back)",
-    ("batch", False): "not batchable in EasyEdit: the chunk's edits applied one after another, "
-                      "then the chunk scored, then rolled back",
-    ("sequential", True): "chunks applied one after another, no rollback; all scored after the last",
-    ("sequential", False): "edits applied one at a time (not batchable), no rollback; all scored after the last",
-}
-
-
-class Runner:
+class Runner(Resumable):
     """Runs RunSpecs on a backend, writing to a ResultStore. Backend-agnostic (tests use fakes)."""
 
     def __init__(self, backend, store: ResultStore, resume: bool = False, progress: bool = True,
@@ -228,70 +78,12 @@ class Runner:
             yield
         self.log.flush()
 
-    def _status(self, run: RunSpec) -> tuple[set[int], bool]:
-        done, complete = set(), False
-        for rec in self.store.records():
-            if rec.get("run") != run.key:
-                continue
-            if rec["type"] == "chunk" and run.protocol == "batch":
-                done.add(rec["chunk"])
-            elif rec["type"] == "run_end" and rec.get("status") == "complete":
-                complete = True
-        return done, complete
-
-    def check_fresh(self, runs: list[RunSpec]) -> None:
-        keys = {run.key for run in runs}
-        clash = sorted({rec["run"] for rec in self.store.records() if rec.get("run") in keys})
-        if clash:
-            raise CompareError(f"{self.store.path} already has results for {', '.join(clash)}; pass --resume "
-                               "to continue them, or choose another --out")
-
     # ---------------------------------------------------------------- main loop
     def run_all(self, runs: list[RunSpec]) -> None:
         if not self.resume:
             self.check_fresh(runs)
         for run in runs:
             self.run_one(run)
-
-    def _settings_digest(self, run: RunSpec) -> Optional[str]:
-        """The digest of the settings ``run`` edits with now (None where the backend gives none). Continuing or
-        skipping a run whose finished work (chunks, checkpoints, a complete run) was made with other settings
-        (its YAML edited, another --set, a file installed by memoe-tune since) would report one experiment
-        under another's settings: refused. Attempts that stopped before finishing anything do not count."""
-        digest_of = getattr(self.backend, "settings_digest", None)
-        if digest_of is None or METHODS[run.method].unavailable:
-            return None
-        try:
-            digest = digest_of(run)
-        except CompareError:
-            raise
-        except Exception:       # open_method meets it again and records it as this method's failure
-            return None
-        if not digest:
-            return None
-        records = [rec for rec in self.store.records() if rec.get("run") == run.key]
-        worked = {rec.get("attempt") for rec in records
-                  if rec["type"] in ("chunk", "checkpoint") or (rec["type"] == "run_end"
-                                                                 and rec.get("status") == "complete")}
-        before = {rec["settings_digest"] for rec in records
-                  if rec["type"] == "run_start" and rec.get("attempt") in worked and rec.get("settings_digest")}
-        if before - {digest}:
-            raise CompareError(
-                f"{self.store.path}: {run.key} has results made with other {run.method} settings (digest "
-                f"{', '.join(sorted(before - {digest}))}, now {digest}): its hparams file or --set changed since. "
-                f"Rerun with the settings it ran with, or use another --out")
-        return digest
-
-    def pending(self, run: RunSpec) -> Optional[list[int]]:
-        """The chunks of ``run`` still to edit (batch protocol), ``[]`` when the run is complete; None for a
-        sequential run that is not complete (it runs as one unit)."""
-        done, complete = self._status(run)
-        chunks = range(len(chunk_ranges(run.num_edits, run.batch_size)))
-        if complete:
-            return []
-        if run.protocol == "batch":
-            return [k for k in chunks if k not in done]
-        return None
 
     def run_one(self, run: RunSpec, only_chunks: Optional[Iterable[int]] = None) -> None:
         """Run ``run`` (what is left of it); ``only_chunks``: just these chunks of a batch-protocol run, as one
@@ -428,55 +220,6 @@ class Runner:
                            "seconds": time.perf_counter() - start})
 
     # ---------------------------------------------------------------- sequential checkpoints
-    def _checkpoint_folder(self, run: RunSpec) -> Optional[Path]:
-        if self.checkpoint_dir is None:
-            return None
-        return Path(self.checkpoint_dir) / "".join(c if c.isalnum() or c in "-_.=" else "_" for c in run.key)
-
-    def _last_checkpoint(self, run: RunSpec) -> Optional[dict]:
-        """The newest checkpoint record of ``run`` whose files are all still there."""
-        found = None
-        for rec in self.store.records():
-            if rec.get("run") == run.key and rec["type"] == "checkpoint":
-                if Path(rec["adapter"]).is_file() and Path(rec["pre"]).is_file():
-                    found = rec
-        return found
-
-    def _save_checkpoint(self, run: RunSpec, session, base: dict, chunk: int, pre: list[dict]) -> None:
-        """The adapter after ``chunk`` (everything later chunks depend on: experts, gate, keys, edit
-        list, output memory; see save_adapter) and the unedited model's scores, then one results line."""
-        folder = self._checkpoint_folder(run)
-        folder.mkdir(parents=True, exist_ok=True)
-        pre_path = folder / f"pre-{base['attempt']}.json"
-        if not pre_path.exists():
-            tmp = pre_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(pre))
-            os.replace(tmp, pre_path)
-        adapter = folder / f"chunk-{chunk:05d}.safetensors"
-        start = time.perf_counter()
-        with self._quiet():
-            session.save_checkpoint(adapter)
-        self.store.append({"type": "checkpoint", **base, "chunk": chunk, "adapter": str(adapter),
-                           "pre": str(pre_path), "seconds": time.perf_counter() - start})
-        for old in folder.glob("chunk-*.safetensors"):      # keep the newest two
-            if old.name < f"chunk-{chunk - self.checkpoint_every:05d}.safetensors":
-                old.unlink(missing_ok=True)
-
-    def _resume_from(self, run: RunSpec, session, base: dict, checkpoint: dict):
-        """Put the checkpointed adapter into the fresh model; copy the finished chunks' lines."""
-        with self._quiet():
-            edited, handle = session.load_checkpoint(Path(checkpoint["adapter"]))
-        pre = json.loads(Path(checkpoint["pre"]).read_text())
-        kept = [dict(rec, attempt=base["attempt"], resumed_from=rec["attempt"]) for rec in self.store.records()
-                if rec.get("run") == run.key and rec.get("attempt") == checkpoint["attempt"]
-                and rec["type"] in ("chunk", "case", "checkpoint") and rec.get("chunk", -1) <= checkpoint["chunk"]
-                and not (rec["type"] == "case" and rec.get("final"))]
-        self.store.append(*kept, {"type": "resumed", **base, "from_attempt": checkpoint["attempt"],
-                                  "after_chunk": checkpoint["chunk"]})
-        print(f"[memoe-compare] {run.key}: resumed after chunk {checkpoint['chunk']} from {checkpoint['adapter']}",
-              file=sys.stderr)
-        return edited, handle, pre, checkpoint["chunk"] + 1
-
     # ---------------------------------------------------------------- sequential protocol
     def _sequential(self, run: RunSpec, session, base: dict) -> None:
         ranges = chunk_ranges(run.num_edits, run.batch_size)
