@@ -65,8 +65,8 @@ def test_guard_compiles_its_pattern_once_per_use_and_forgets_restored_keys(token
     from memoe_plugin.routing import guard as guard_module
     guard = guard_module.LocalityGuard(tokenizer)
     compiled = []
-    real = guard_module.re.compile
-    monkeypatch.setattr(guard_module.re, "compile", lambda *a: compiled.append(a) or real(*a))
+    real = guard_module.AnchorIndex
+    monkeypatch.setattr(guard_module, "AnchorIndex", lambda keys: compiled.append(keys) or real(keys))
     empty = guard.state()
     for edit, key in enumerate(["Danielle Darrieux", "Toko Yasuda", "Watts Humphrey"]):
         guard.add([key], edit)
@@ -78,3 +78,33 @@ def test_guard_compiles_its_pattern_once_per_use_and_forgets_restored_keys(token
     assert len(compiled) == 1                          # keys unchanged: the same pattern
     guard.restore(empty)
     assert not any(guard.active(ids))                  # not the cached answer of the dropped key
+
+
+def _alternation_find(keys, text):
+    """What the guard used to run: one regex alternation of every anchor, longest first, as whole words."""
+    import re
+    pattern = re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, sorted(keys, key=len, reverse=True))) + r")(?!\w)")
+    return frozenset(match.group(0) for match in pattern.finditer(text))
+
+
+def test_anchor_index_finds_what_the_regex_alternation_finds():
+    """Random anchors and texts built from overlapping words, punctuation inside and around anchors, non-ASCII
+    letters and anchors that are prefixes of one another: the index and the alternation agree on every one."""
+    import random
+    from memoe_plugin.routing.guard import AnchorIndex
+    rng = random.Random(0)
+    words = ["new", "york", "city", "paris", "par", "is", "de", "la", "st", "john's", "church", "(a)", "ab-c",
+             "ab", "c", "x_y", "é", "bagnères", "ä", "1990", "«cyrano»"]
+    seps = [" ", " ", ", ", "-", "'", ".", "(", ")", ""]
+    found_any = 0
+    for _ in range(1500):
+        keys = {"".join(rng.choice(words) + (rng.choice(seps) if i < n - 1 else "") for i in range(n)).strip()
+                for n in [rng.randint(1, 3) for _ in range(rng.randint(1, 8))]} - {""}
+        text = "".join(rng.choice(words) + rng.choice(seps) for _ in range(rng.randint(1, 15)))
+        expected = _alternation_find(keys, text)
+        assert AnchorIndex(keys).find(text) == expected, (keys, text)
+        found_any += bool(expected)
+    assert found_any > 300                             # the cases are not all misses
+    # longest anchor at a position wins and the scan resumes after it, as in the alternation
+    assert AnchorIndex({"new york", "york city", "new"}).find("new york city") == {"new york"}
+    assert AnchorIndex({"paris"}).find("parisian paris.") == {"paris"}
