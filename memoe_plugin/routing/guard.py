@@ -95,7 +95,7 @@ _WORD_CHAR = re.compile(r"\w")
 
 
 class AnchorIndex:
-    """The anchors a text names as whole words, found in time that grows with the text, not the anchors.
+    r"""The anchors a text names as whole words, found in time that grows with the text, not the anchors.
 
     It finds what ``re.finditer(r"(?<!\w)(?:a|b|...)(?!\w)", text)`` finds with the anchors longest first (a
     match is not preceded or followed by a word character; the scan goes left to right, takes the longest anchor
