@@ -5,7 +5,7 @@ import torch
 import yaml
 
 from memoe_plugin.eval.state import state_fingerprint
-from test_eval_compare import fake_records
+from compare_fakes import fake_records
 
 
 def test_analyze_statistics():

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from test_eval_compare import FakeBackend, data_folder, run_main  # noqa: F401 (data_folder: autouse fixture)
+from compare_fakes import FakeBackend, data_folder, run_main  # noqa: F401 (data_folder: autouse fixture)
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (the [distributed] extra)")
 
@@ -12,7 +12,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (the [distributed]
 @pytest.fixture(scope="module")
 def local_ray():
     import ray.cloudpickle
-    for name in ("test_eval_compare", __name__):          # the fakes travel by value to the workers
+    for name in ("compare_fakes", __name__):          # the fakes travel by value to the workers
         ray.cloudpickle.register_pickle_by_value(sys.modules[name])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
