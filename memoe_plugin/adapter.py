@@ -108,7 +108,7 @@ class MEMoEAdapter:
             self.scope = KeyScope(dim, hparams.scope_threshold, self.base_module.weight.device, snap=hparams.scope_snap,
                                   input_dim=in_features, rank=hparams.scope_rank,
                                   anti_margin=hparams.scope_anti_margin,
-                                  copy_similarity=hparams.scope_copy_similarity)
+                                  copy_similarity=hparams.scope_copy_similarity, storage=hparams.scope_storage)
         if self.guard is not None or self.scope is not None:
             self.bypass.scope = ScopeVariant(self.scope, reads_block=self.scope_block is not None)
         if hparams.expert_routing == "key":
@@ -201,7 +201,10 @@ class MEMoEAdapter:
                                 "scope.anti_floor": self.scope.anti_floor})
             if self.scope.snap > 0:
                 tensors["scope.inputs"] = self.scope.inputs
-            info["scope"] = {"calibrated": self.scope.calibrated}
+            if self.scope.storage == "int8":
+                tensors.update({f"scope.{self.scope.SCALES[name]}": getattr(self.scope, self.scope.SCALES[name])
+                                for name in self.scope.SCALES if f"scope.{name}" in tensors})
+            info["scope"] = {"calibrated": self.scope.calibrated, "storage": self.scope.storage}
         if bypass.router is not None:
             tensors["expert_of"] = bypass.router.expert_of
         if self.memory is not None:
@@ -229,6 +232,13 @@ class MEMoEAdapter:
             self.guard.restore((set(guard.get("keys", [])),
                                 {key: set(ids) for key, ids in (guard.get("owners") or {}).items()}))
         if self.scope is not None and "scope.keys" in tensors:
+            stored = (info.get("scope") or {}).get("storage", "float16")
+            if stored != self.scope.storage:
+                raise ValueError(f"this adapter's key scope was saved with scope_storage: {stored}, and its hparams "
+                                 f"ask for {self.scope.storage}; load it with the scope_storage it was edited with")
+            for name, scale in self.scope.SCALES.items():
+                if self.scope.storage == "int8" and f"scope.{name}" in tensors:
+                    setattr(self.scope, scale, tensors[f"scope.{scale}"].to(device))
             self.scope.center.copy_(tensors["scope.center"].to(device))
             self.scope.keys = tensors["scope.keys"].to(device)
             self.scope.edit_ids = tensors["scope.edit_ids"].to(device)

@@ -150,6 +150,10 @@ class MEMoEHyperParams:
     scope_rank: int = option(0,
         "with `scope_keys`: compare on this many leading directions of the first call's inputs (0: all); it also "
         "bounds the bytes each key and anti-key keeps (2 per direction)", structural=True)
+    scope_storage: Literal["float16", "int8"] = option("float16",
+        "with `scope_keys`: how keys, anti-keys and key inputs are kept: `float16` (2 bytes per feature) or `int8` "
+        "(1 byte per feature and a float32 scale per row, symmetric per-row quantisation; see docs/results.md for "
+        "what it costs)", structural=True)
     scope_anti_keys: Literal["none", "relation_bank"] = option("none",
         "**extension**, with `scope_keys`: `relation_bank` keeps, for each edit, anti-keys: the inputs of "
         "prompts about its subject that ask for other relations (`routing.relations`). A position nearer one of "

@@ -262,3 +262,81 @@ def test_anti_keys_and_the_scopes_directions_survive_save_and_load(tokenizer, tm
     with torch.no_grad():
         assert torch.equal(model(**probe).logits, expected)
     remove_memoe(model)
+
+
+def test_int8_rows_keep_each_row_within_half_a_step_of_its_scale():
+    from memoe_plugin.routing.scope import pack_rows, unpack_rows
+    rows = torch.randn(50, 64) * torch.logspace(-3, 2, 50).unsqueeze(-1)      # rows of very different sizes
+    stored, scale = pack_rows(rows, torch.int8)
+    assert stored.dtype == torch.int8 and scale.shape == (50,)
+    back = unpack_rows(stored, scale)
+    assert ((back - rows).abs() <= scale.unsqueeze(-1) * 0.5001).all()
+    assert (stored.abs().amax(-1) == 127).all()                               # each row uses the full range
+    half, none = pack_rows(rows, torch.float16)
+    assert half.dtype == torch.float16 and none.numel() == 0 and torch.equal(unpack_rows(half, none), half.float())
+
+
+def test_int8_scope_keeps_half_the_bytes_decides_as_float16_and_survives_save_and_load(tokenizer, tmp_path):
+    """The same edits with the scope's rows kept as int8: the edits take, the other relation's question stays
+    out, the bytes per key row fall from 2 to 1 per feature (plus a 4-byte scale), and a saved adapter loads
+    to the same outputs; a file saved as int8 refuses float16 hparams."""
+    from memoe_plugin import load_adapter, save_adapter
+    other = tokenizer("The place of birth of Danielle Darrieux is", return_tensors="pt")["input_ids"]
+    sizes, decisions = {}, {}
+    probes = [tokenizer(p, return_tensors="pt")["input_ids"] for p in
+              ["The mother tongue of Danielle Darrieux is", "Where does Toko Yasuda live?",
+               "The place of birth of Danielle Darrieux is", "Danielle Darrieux speaks"]]
+    for storage in ("float16", "int8"):
+        model = tiny_llama(len(tokenizer))
+        apply_memoe_to_model(model, tokenizer, EDITS, anti_scoped(scope_snap=1.0, scope_storage=storage))
+        adapter = get_adapter(model)
+        scope = adapter.scope
+        assert scope.keys.dtype == scope.anti_keys.dtype == scope.inputs.dtype == getattr(torch, storage)
+        sizes[storage] = (scope.nbytes, len(scope), scope.anti_keys.shape[0])
+        widths = sum(getattr(scope, name).shape[0] * getattr(scope, name).shape[1] for name in scope.SCALES)
+        rows = sum(getattr(scope, name).shape[0] for name in scope.SCALES)
+        decisions[storage] = [adapter.route(ids)[0].tolist() for ids in probes]
+        _, delta, routed = _last_position(model, adapter, other)
+        assert routed[0] == -1 and not delta.any()
+        for request in EDITS:
+            got, wanted = predicted(model, tokenizer, request)
+            assert got == wanted
+        if storage == "int8":
+            probe = tokenizer("The mother tongue of Danielle Darrieux is Welsh", return_tensors="pt")
+            with torch.no_grad():
+                expected = model(**probe).logits
+            save_adapter(model, tmp_path / "int8.safetensors")
+            remove_memoe(model)
+            loaded = load_adapter(model, tokenizer, tmp_path / "int8.safetensors").scope
+            for name in ("keys", "key_scale", "anti_keys", "anti_scale", "inputs", "input_scale"):
+                assert torch.equal(getattr(loaded, name), getattr(scope, name)), name
+            with torch.no_grad():
+                assert torch.equal(model(**probe).logits, expected)
+            remove_memoe(model)
+        else:
+            remove_memoe(model)
+    assert decisions["int8"] == decisions["float16"]
+    (b16, keys, anti), (b8, keys8, anti8) = sizes["float16"], sizes["int8"]
+    assert (keys, anti) == (keys8, anti8)
+    assert b16 - b8 == widths - 4 * rows          # 1 byte less per feature, 4 more per row for its scale
+
+
+def test_an_int8_file_without_its_scales_or_with_another_storage_is_refused(tokenizer, tmp_path):
+    from test_persist import rewrite
+    from memoe_plugin import load_adapter, save_adapter
+    model = tiny_llama(len(tokenizer))
+    apply_memoe_to_model(model, tokenizer, EDITS[:1], anti_scoped(scope_storage="int8"))
+    path = save_adapter(model, tmp_path / "int8.safetensors") or tmp_path / "int8.safetensors"
+    remove_memoe(model)
+    no_scale = rewrite(path, tmp_path / "no_scale.safetensors",
+                       change_tensors=lambda tensors, document: tensors.pop("scope.anti_scale"))
+    with pytest.raises(ValueError, match="anti_scale.*corrupt"):
+        load_adapter(model, tokenizer, no_scale)
+    assert get_adapter(model) is None
+
+    def claim_float16(document):
+        document["hparams"]["scope_storage"] = "float16"
+    other = rewrite(path, tmp_path / "other.safetensors", change_document=claim_float16)
+    with pytest.raises(ValueError, match="scope_storage"):
+        load_adapter(model, tokenizer, other)
+    assert get_adapter(model) is None

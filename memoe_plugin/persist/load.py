@@ -122,6 +122,12 @@ def check_compatible(model: nn.Module, tokenizer, document: dict, tensors: dict,
     if anti and (len(anti) != 3 or len(set(anti)) != 1):
         raise ValueError(f"{path}: the key scope's anti-keys, their edit ids and floors do not match; the file is "
                          "corrupt.")
+    for name, scale in (("scope.keys", "scope.key_scale"), ("scope.anti_keys", "scope.anti_scale"),
+                        ("scope.inputs", "scope.input_scale")):
+        if name in tensors and tensors[name].dtype == torch.int8 and (
+                scale not in tensors or tensors[scale].shape != tensors[name].shape[:1]):
+            raise ValueError(f"{path}: the key scope's {name} are int8 but {scale} (one scale per row) is missing "
+                             "or of another length; the file is corrupt.")
     if "scope.inputs" in tensors and tensors["scope.inputs"].shape[0] != tensors["scope.keys"].shape[0]:
         raise ValueError(f"{path}: the key scope has {tensors['scope.keys'].shape[0]} keys but "
                          f"{tensors['scope.inputs'].shape[0]} key inputs; the file is corrupt.")

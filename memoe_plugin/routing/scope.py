@@ -37,6 +37,25 @@ import torch
 from torch import nn
 
 NO_FLOOR = -2.0     # an anti-key whose floor is below every cosine: nearness alone counts
+STORAGE_DTYPES = {"float16": torch.float16, "int8": torch.int8}
+
+
+def pack_rows(rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` [n, d] as kept: float16 as they are (scales empty), or int8 with one float32 scale per row
+    (``row ≈ stored * scale``, the row's largest magnitude mapped to 127; float32, as a float16 scale of a small
+    row would fall among float16's subnormals)."""
+    if dtype != torch.int8:
+        return rows.to(dtype), rows.new_zeros(0, dtype=torch.float32)
+    rows = rows.float()
+    scale = rows.abs().amax(-1).clamp_min(1e-30) / 127
+    return torch.round(rows / scale.unsqueeze(-1)).to(torch.int8), scale
+
+
+def unpack_rows(stored: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The rows :func:`pack_rows` kept, as ``dtype``."""
+    if stored.dtype != torch.int8:
+        return stored.to(dtype)
+    return stored.to(dtype) * scale.to(stored.device, dtype).unsqueeze(-1)
 
 
 class Match(NamedTuple):
@@ -81,22 +100,31 @@ class KeyScope(nn.Module):
     first call's inputs (fixed by :meth:`calibrate`), which also bounds the bytes each key keeps."""
 
     def __init__(self, dim: int, threshold: float, device=None, snap: float = 0.0, input_dim: Optional[int] = None,
-                 rank: int = 0, anti_margin: float = 0.0, copy_similarity: float = 1.0):
+                 rank: int = 0, anti_margin: float = 0.0, copy_similarity: float = 1.0, storage: str = "float16"):
         super().__init__()
+        if storage not in STORAGE_DTYPES:
+            raise ValueError(f"scope storage {storage!r}: use one of {sorted(STORAGE_DTYPES)}")
+        stored = STORAGE_DTYPES[storage]
+        self.storage = storage
         self.threshold, self.snap, self.rank = threshold, snap, rank
         self.anti_margin, self.copy_similarity = anti_margin, copy_similarity
         view = rank or dim
         self.register_buffer("center", torch.zeros(dim, device=device))
         self.register_buffer("basis", torch.zeros(dim, rank, device=device))      # used when rank > 0
-        self.register_buffer("keys", torch.zeros(0, view, device=device, dtype=torch.float16))
+        # rows kept as ``storage`` (float16, or int8 with a float32 scale per row in the *_scale buffers)
+        self.register_buffer("keys", torch.zeros(0, view, device=device, dtype=stored))
         self.register_buffer("edit_ids", torch.zeros(0, dtype=torch.long, device=device))
-        # raw bypass input of each key (only with snap > 0: 2 bytes per feature per key)
-        self.register_buffer("inputs", torch.zeros(0, input_dim or dim, device=device, dtype=torch.float16))
-        self.register_buffer("anti_keys", torch.zeros(0, view, device=device, dtype=torch.float16))
+        # raw bypass input of each key (only with snap > 0: 2 bytes per feature per key, 1 as int8)
+        self.register_buffer("inputs", torch.zeros(0, input_dim or dim, device=device, dtype=stored))
+        self.register_buffer("anti_keys", torch.zeros(0, view, device=device, dtype=stored))
+        for name in self.SCALES.values():
+            self.register_buffer(name, torch.zeros(0, device=device, dtype=torch.float32))
         self.register_buffer("anti_edit_ids", torch.zeros(0, dtype=torch.long, device=device))
         self.register_buffer("anti_floor", torch.zeros(0, device=device, dtype=torch.float16))
         self.calibrated = False
         self._key_index, self._anti_index = EditIndex(), EditIndex()
+
+    SCALES = {"keys": "key_scale", "inputs": "input_scale", "anti_keys": "anti_scale"}   # rows -> their scales
 
     def __len__(self) -> int:
         return self.keys.shape[0]
@@ -104,7 +132,22 @@ class KeyScope(nn.Module):
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.edit_ids, self.inputs, self.anti_keys,
-                                                           self.anti_edit_ids, self.anti_floor))
+                                                           self.anti_edit_ids, self.anti_floor,
+                                                           *(getattr(self, s) for s in self.SCALES.values())))
+
+    def rows(self, name: str, index: Optional[torch.Tensor] = None, dtype=torch.float32) -> torch.Tensor:
+        """The kept rows ``name`` (``keys``, ``inputs``, ``anti_keys``), or those at ``index``, as ``dtype``."""
+        stored, scale = getattr(self, name), getattr(self, self.SCALES[name])
+        if index is not None:
+            stored = stored[index.to(stored.device)]
+            scale = scale[index.to(scale.device)] if scale.numel() else scale
+        return unpack_rows(stored, scale, dtype)
+
+    def _append(self, name: str, rows: torch.Tensor) -> None:
+        stored, scale = pack_rows(rows, getattr(self, name).dtype)
+        setattr(self, name, torch.cat([getattr(self, name), stored.to(getattr(self, name).device)]))
+        scales = self.SCALES[name]
+        setattr(self, scales, torch.cat([getattr(self, scales), scale.to(getattr(self, scales).device)]))
 
     def sizes(self) -> tuple[int, int]:
         """(keys, anti-keys) held now: what :meth:`truncate` takes back to."""
@@ -135,18 +178,16 @@ class KeyScope(nn.Module):
     def add(self, x: torch.Tensor, edit_ids: torch.Tensor, inputs: Optional[torch.Tensor] = None) -> None:
         """Keep the rows of ``x`` [n, dim] as keys of the edits ``edit_ids`` [n]; ``inputs`` [n, input_dim] are
         their bypass inputs (default ``x``), kept for the snap."""
-        keys = self.view(x).to(self.keys.dtype)
-        self.keys = torch.cat([self.keys, keys.to(self.keys.device)])
+        self._append("keys", self.view(x))
         self.edit_ids = torch.cat([self.edit_ids, edit_ids.to(self.edit_ids.device, torch.long)])
         if self.snap > 0:
-            raw = x if inputs is None else inputs
-            self.inputs = torch.cat([self.inputs, raw.detach().to(self.inputs.device, self.inputs.dtype)])
+            self._append("inputs", (x if inputs is None else inputs).detach())
 
     @torch.no_grad()
     def add_anti_keys(self, x: torch.Tensor, edit_ids: torch.Tensor, floors: torch.Tensor) -> None:
         """Keep the rows of ``x`` [n, dim] as anti-keys of ``edit_ids`` [n]; ``floors`` [n] is the similarity a
         position needs to an anti-key before nearness to it counts (:data:`NO_FLOOR`: none)."""
-        self.anti_keys = torch.cat([self.anti_keys, self.view(x).to(self.anti_keys.device, self.anti_keys.dtype)])
+        self._append("anti_keys", self.view(x))
         self.anti_edit_ids = torch.cat([self.anti_edit_ids, edit_ids.to(self.anti_edit_ids.device, torch.long)])
         self.anti_floor = torch.cat([self.anti_floor, floors.to(self.anti_floor.device, self.anti_floor.dtype)])
 
@@ -158,6 +199,8 @@ class KeyScope(nn.Module):
         self.keys, self.edit_ids, self.inputs = self.keys[:keys], self.edit_ids[:keys], self.inputs[:keys]
         self.anti_keys, self.anti_edit_ids = self.anti_keys[:anti], self.anti_edit_ids[:anti]
         self.anti_floor = self.anti_floor[:anti]
+        self.key_scale, self.input_scale = self.key_scale[:keys], self.input_scale[:keys]
+        self.anti_scale = self.anti_scale[:anti]
 
     def match(self, x: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> Match:
         """Best cosine similarity of each row of ``x`` [..., dim] to a key, the edit that key belongs to, the
@@ -169,7 +212,7 @@ class KeyScope(nn.Module):
             none = torch.full(shape, -1, dtype=torch.long, device=x.device)
             return Match(flat.new_full(shape, -1.0), none, none.clone(), torch.zeros(shape, dtype=torch.bool,
                                                                                        device=x.device))
-        keys, ids, rows = self.keys, self.edit_ids, None
+        ids, rows = self.edit_ids, None
         if allowed is not None:   # only the keys of the edits some position sees: no scan of every key
             allowed = allowed.reshape(-1, allowed.shape[-1]).to(flat.device)
             rows = self._key_index.rows_of(self.edit_ids, allowed.any(0).nonzero().flatten())
@@ -177,8 +220,8 @@ class KeyScope(nn.Module):
                 none = torch.full(shape, -1, dtype=torch.long, device=x.device)
                 return Match(flat.new_full(shape, -1.0), none, none.clone(),
                              torch.zeros(shape, dtype=torch.bool, device=x.device))
-            keys, ids = self.keys[rows], self.edit_ids[rows]
-        sims = flat @ keys.to(flat.dtype).t()                            # [rows, keys in sight]
+            ids = self.edit_ids[rows]
+        sims = flat @ self.rows("keys", rows, flat.dtype).to(flat.device).t()   # [rows, keys in sight]
         if allowed is not None:
             sims = sims.masked_fill(~allowed[:, ids.to(allowed.device)], -1.0)
         best, index = sims.max(dim=-1)
@@ -203,7 +246,7 @@ class KeyScope(nn.Module):
             if not own.numel():
                 continue
             rows = candidates[edit[candidates] == e]
-            anti = self.anti_keys[own].to(flat.device, flat.dtype)
+            anti = self.rows("anti_keys", own, flat.dtype).to(flat.device)
             floor = self.anti_floor[own].to(flat.device, flat.dtype)
             for lo in range(0, rows.numel(), chunk):
                 part = rows[lo:lo + chunk]
@@ -223,7 +266,7 @@ class KeyScope(nn.Module):
             raise RuntimeError("scope_snap needs the keys' layer inputs, and this scope has none (it was saved "
                                "or built with scope_snap: 0). Edit again with scope_snap set.")
         where = where & (key >= 0)
-        target = self.inputs[key.clamp_min(0).to(self.inputs.device)].to(x.device, x.dtype)   # rows, then cast
+        target = self.rows("inputs", key.clamp_min(0), x.dtype).to(x.device)   # rows, then cast
         return torch.where(where.unsqueeze(-1), torch.lerp(x, target, self.snap), x)
 
     def in_scope(self, x: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
