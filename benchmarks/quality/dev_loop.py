@@ -75,14 +75,17 @@ def main(argv=None) -> int:
             for pair in r["same_subject"]:
                 after = target_predictions(model, tok, *pair)[0]
                 scores["same_subject"].append(sum(a == b for a, b in zip(after, before[pair])) / len(after))
-    start, edit_seconds, steps, restore = time.perf_counter(), 0.0, [], None
+    start, edit_seconds, steps, restore, kept = time.perf_counter(), 0.0, [], None, []
     for lo in range(0, len(records), args.chunk):
         chunk = records[lo:lo + args.chunk]
         t = time.perf_counter()
         _, restore = apply_memoe_to_model(model, tok, [{k: r[k] for k in ("prompt", "target_new", "subject")}
                                                        for r in chunk], hparams)
         edit_seconds += time.perf_counter() - t
-        steps.append(get_adapter(model).last_report.steps)
+        adapter = get_adapter(model)
+        steps.append(adapter.last_report.steps)
+        if adapter.scope is not None and not args.sequential:   # the key scope's bytes for this chunk's edits
+            kept.append(adapter.scope.nbytes / len(chunk))
         if not args.sequential:
             score(chunk)
             restore()
@@ -93,6 +96,7 @@ def main(argv=None) -> int:
     print(json.dumps({"data": args.data, "split": "dev", "num_edits": len(records), "sequential": args.sequential,
                       "set": args.set, **{k: mean(v) for k, v in scores.items()},
                       "mean_steps": round(sum(steps) / len(steps), 1), "edit_seconds": round(edit_seconds),
+                      "scope_bytes_per_edit": round(sum(kept) / len(kept)) if kept else None,
                       "seconds": round(time.perf_counter() - start)}), flush=True)
     return 0
 
