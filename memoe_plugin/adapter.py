@@ -292,8 +292,7 @@ class MEMoEAdapter:
         features = weight.new_zeros(batch, length, self.encoder.dim) if self.encoder.dim else None
         active = torch.zeros(batch, length, dtype=torch.bool, device=device) if self.guard else None
         pairing = self.guard is not None and self.scope is not None and len(self.scope) > 0
-        edits = max(int(self.scope.edit_ids.max()) + 1, self.guard.edit_count) if pairing else 0
-        allowed = torch.zeros(batch, length, edits, dtype=torch.bool, device=device) if pairing else None
+        seen: list[tuple[int, int, frozenset]] = []   # (row, position, edits in sight) where some edit is
         for row, (prefix, ms) in enumerate(zip(prefixes, mask_rows)):
             positions = [i for i, m in enumerate(ms) if m]
             if not positions:
@@ -304,13 +303,20 @@ class MEMoEAdapter:
                 if not any(flags):
                     continue   # the guard silences this row: its anchors are never looked at
                 active[row, positions] = torch.tensor(flags, device=device)
-                if allowed is not None:
-                    for position, edits in zip(positions, self.guard.edits_in_sight(prefix)[new]):
-                        if edits:
-                            allowed[row, position, list(edits)] = True
+                if pairing:
+                    seen += [(row, position, edits) for position, edits
+                             in zip(positions, self.guard.edits_in_sight(prefix)[new]) if edits]
             if features is not None:
                 features[row, positions] = self.encoder.features(prefix)[new]
-        return RoutingInputs(features, mask, active, allowed)
+        allowed = sight = None
+        if pairing:   # one column per edit in sight, not per edit made: its size does not grow with the edits
+            edits = sorted(frozenset().union(*(e for _, _, e in seen)))
+            column = {edit: j for j, edit in enumerate(edits)}
+            allowed = torch.zeros(batch, length, len(edits), dtype=torch.bool, device=device)
+            for row, position, in_sight in seen:
+                allowed[row, position, [column[e] for e in in_sight]] = True
+            sight = torch.tensor(edits, dtype=torch.long, device=device)
+        return RoutingInputs(features=features, token_mask=mask, active=active, allowed=allowed, sight=sight)
 
     def assign_experts(self, first: int, count: int) -> None:
         """``expert_routing: key``: the experts of edits ``first .. first + count - 1``.

@@ -5,6 +5,7 @@ import torch
 from conftest import EDITS, make_hparams, tiny_llama
 from memoe_plugin import apply_memoe_to_model, get_adapter, remove_memoe
 from memoe_plugin.training.trainer import TrainingDivergedError
+from memoe_plugin.routing.scope import KeyScope
 
 MORE = [{"prompt": "Marie Curie was born in", "target_new": "Tokyo", "subject": "Marie Curie"},
         {"prompt": "The Eiffel Tower is located in", "target_new": "Rome", "subject": "Eiffel Tower"},
@@ -61,10 +62,28 @@ def test_a_position_is_compared_only_with_the_keys_of_edits_in_sight(tokenizer):
     ids = torch.tensor([tokenizer("Toko Yasuda plays the")["input_ids"]])
     inputs = adapter.routing_features(ids, None)
     allowed = inputs.allowed[0]
+    assert inputs.sight.tolist() == [2]            # one column, for the only edit whose anchor the prompt names
     assert not allowed[0].any()                    # before the anchor: no edit in sight
-    assert allowed[-1].tolist() == [False, False, True]   # after "Toko Yasuda": only edit 2
+    assert allowed[-1].tolist() == [True]          # after "Toko Yasuda": edit 2
     assert (adapter.route(ids)[0, -1] >= 0).all()
+    none = adapter.routing_features(torch.tensor([tokenizer("The weather is mild")["input_ids"]]), None)
+    assert none.allowed.shape[-1] == 0 and none.sight.numel() == 0   # no anchor in sight: no column at all
     remove_memoe(model)
+
+
+def test_match_reads_each_allowed_column_as_the_edit_sight_names():
+    scope = KeyScope(4, threshold=0.5)
+    scope.add(torch.eye(4)[:3] + 0.01, torch.tensor([0, 5, 9]))     # one key for each of edits 0, 5 and 9
+    x = torch.eye(4)[:3] + 0.01                                       # each row nearest the key of its own edit
+    sight = torch.tensor([5, 9])
+    allowed = torch.tensor([[True, True], [True, False], [False, True]])   # row 0 may see 5 and 9, not 0
+    found = scope.match(x, allowed, sight)
+    assert found.edit[1].item() == 5                    # row 1 sees edit 5, its own key
+    assert found.edit[2].item() == 9
+    assert found.edit[0].item() in (5, 9)               # row 0's own key (edit 0) is out of sight
+    dense = torch.zeros(3, 10, dtype=torch.bool)
+    dense[:, sight] = allowed                           # the same, one column per edit id
+    assert torch.equal(scope.match(x, dense).edit, found.edit)
 
 
 def test_key_routing_gives_each_edit_its_expert_and_freezes_full_experts(tokenizer):

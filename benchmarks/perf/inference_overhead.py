@@ -1,6 +1,7 @@
 """Inference cost of a MEMoE-edited SmolLM2-135M next to the base model, measured in one run.
 
     python benchmarks/perf/inference_overhead.py [--edits 30] [--rounds 3] [--set locality_guard=false]
+        [--synthetic 10000] [--synthetic-anti 4]
 
 The adapter is trained on ZsRE edits (the file found as memoe-compare finds it:
 $MEMOE_DATA or the EasyEdit checkout; else the built-in examples)
@@ -13,6 +14,14 @@ total base tokens/s over total edited tokens/s, minus 1.
 Workloads: teacher-forced scoring of prompt + answer (batch 1 and batch 16,
 left-padded, as EasyEdit scores), and greedy ``generate`` (batch 1, 32 new tokens).
 The anchor caches start empty for each edited pass.
+
+``--synthetic N`` adds N synthetic edits after the real ones, to measure what N more edits cost at
+inference (a load test: they are never trained). Each gets an invented subject ("Velmar Quistad", in the
+locality guard), as many random keys (and snap inputs) as the real edits have on average, and
+``--synthetic-anti`` random anti-keys (the real ones have ~70 with 64 relations: at 100,000 edits that
+would not fit this machine's memory, and only the anti-keys of edits in sight are ever read); their
+experts go round the existing ones. The prompts name only the real edits' subjects and unrelated ones,
+as a user's prompts would among 100,000 edits. The script also prints the adapter's bytes.
 """
 from __future__ import annotations
 
@@ -58,6 +67,53 @@ def workloads(model, tok, recs) -> dict:
             "generate, batch 1, 32 new": [generate(p) for p in prompts]}
 
 
+SYLLABLES = ["vel", "mar", "quis", "tad", "or", "an", "tey", "bras", "ka", "mi", "rel", "do", "van", "il",
+             "sa", "kort", "pen", "na", "sab", "re", "ut", "hel", "zo", "fin"]
+
+
+def invented_name(i: int) -> str:
+    """A distinct two-word name for every ``i`` (first name and surname of three syllables each)."""
+    parts, i = [], (i * 7919 + 104729) % len(SYLLABLES) ** 6   # a bijection that scatters neighbours
+    for _ in range(6):
+        i, r = divmod(i, len(SYLLABLES))
+        parts.append(SYLLABLES[r])
+    return f"{''.join(parts[:3]).capitalize()} {''.join(parts[3:]).capitalize()}"
+
+
+@torch.no_grad()
+def add_synthetic(adapter, count: int, anti_per_edit: int, seed: int = 0, chunk: int = 20_000) -> None:
+    """``count`` untrained edits after the real ones: invented subjects in the guard, random keys."""
+    from memoe_plugin.routing.scope import NO_FLOOR
+    scope, guard = adapter.scope, adapter.guard
+    if scope is None or guard is None:
+        raise SystemExit("--synthetic needs the key scope and the locality guard (the shipped file has both)")
+    generator = torch.Generator().manual_seed(seed)
+    first = guard.edit_count
+    per_edit = max(1, round(len(scope) / max(first, 1)))
+    dim, input_dim = scope.center.shape[0], scope.inputs.shape[1]
+    for lo in range(0, count, chunk):
+        n = min(chunk, count - lo)
+        ids = torch.arange(first + lo, first + lo + n)
+        for edit in ids.tolist():
+            guard.add([invented_name(edit)], edit)
+        keys = torch.randn(n * per_edit, dim, generator=generator)
+        inputs = torch.randn(n * per_edit, input_dim, generator=generator) if scope.snap > 0 else None
+        scope.add(keys, ids.repeat_interleave(per_edit), inputs)
+        if anti_per_edit:
+            anti = torch.randn(n * anti_per_edit, dim, generator=generator)
+            scope.add_anti_keys(anti, ids.repeat_interleave(anti_per_edit),
+                                torch.full((n * anti_per_edit,), NO_FLOOR))
+    router = adapter.bypass.router
+    if router is not None:
+        router.assign(first, count, 0, adapter.bypass.experts.shape[0])
+
+
+def adapter_bytes(adapter) -> int:
+    """Bytes the adapter keeps: experts, gate and every buffer of the scope."""
+    held = sum(p.numel() * p.element_size() for p in adapter.bypass.parameters())
+    return held + (adapter.scope.nbytes if adapter.scope is not None else 0)
+
+
 def timed(run) -> tuple[int, float]:
     start = time.perf_counter()
     tokens = run()
@@ -69,6 +125,8 @@ def main(argv=None) -> int:
     parser.add_argument("--edits", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--set", nargs="*", help="hparam overrides key=value")
+    parser.add_argument("--synthetic", type=int, default=0, help="untrained synthetic edits added after the real ones")
+    parser.add_argument("--synthetic-anti", type=int, default=4, help="random anti-keys per synthetic edit")
     args = parser.parse_args(argv)
 
     from memoe_plugin import apply_memoe_to_model, get_adapter
@@ -85,6 +143,11 @@ def main(argv=None) -> int:
             run()
     _, restore = apply_memoe_to_model(model, tok, recs, hparams)
     adapter = get_adapter(model)
+    if args.synthetic:
+        start = time.perf_counter()
+        add_synthetic(adapter, args.synthetic, args.synthetic_anti)
+        print(f"added {args.synthetic} synthetic edits in {time.perf_counter() - start:.1f} s")
+    held, keys = adapter_bytes(adapter), len(adapter.scope or ())
     adapter.detach()
 
     def edited(run):
@@ -110,7 +173,9 @@ def main(argv=None) -> int:
     adapter.reattach()
     restore()
 
-    print(f"SmolLM2-135M, CPU threads={torch.get_num_threads()}, {len(recs)} edits, "
+    edits = len(recs) + args.synthetic
+    print(f"adapter: {edits} edits, {keys} keys, {held / 2**20:.1f} MiB ({held / edits / 1024:.1f} KiB per edit)")
+    print(f"SmolLM2-135M, CPU threads={torch.get_num_threads()}, {len(recs)} edits + {args.synthetic} synthetic, "
           f"routing={hparams.routing_input}, guard={hparams.locality_guard}, {args.rounds} rounds; base and "
           "edited alternate item by item; anchor caches emptied before every edited item")
     print(f"{'workload':28s} {'base tok/s':>11s} {'edited tok/s':>13s} {'overhead':>9s}")

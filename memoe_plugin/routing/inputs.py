@@ -21,7 +21,10 @@ class RoutingInputs:
     features: Optional[torch.Tensor] = None     # [batch, seq, dim]: the knowledge anchors (None: the gate sees x)
     token_mask: Optional[torch.Tensor] = None   # [batch, seq]: real (non-padding) tokens, for the balance loss
     active: Optional[torch.Tensor] = None       # [batch, seq]: the locality guard's positions (None: everywhere)
-    allowed: Optional[torch.Tensor] = None      # [batch, seq, edits]: the edits whose anchors each position sees
+    allowed: Optional[torch.Tensor] = None      # [batch, seq, m]: whether each position sees the anchors of the
+    #                                             edit ``sight[j]`` (column j); only edits some position sees
+    sight: Optional[torch.Tensor] = None        # [m] (long, ascending): the edit of each column of ``allowed``
+    #                                             (None: column j is edit j)
     states: Optional[torch.Tensor] = None       # [batch, seq, dim]: what the key scope reads, when it reads an
     #                                             earlier block (scope_layer); filled by a hook on that block
     outputs: Optional[list] = None              # when a list: the bypass appends its MixtureOutput here

@@ -202,28 +202,34 @@ class KeyScope(nn.Module):
         self.key_scale, self.input_scale = self.key_scale[:keys], self.input_scale[:keys]
         self.anti_scale = self.anti_scale[:anti]
 
-    def match(self, x: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> Match:
+    def match(self, x: torch.Tensor, allowed: Optional[torch.Tensor] = None,
+              sight: Optional[torch.Tensor] = None) -> Match:
         """Best cosine similarity of each row of ``x`` [..., dim] to a key, the edit that key belongs to, the
-        key's index, and whether that edit's anti-keys block the row; ``allowed`` [..., n_edits] (bool) limits
-        each row to the keys of some edits."""
+        key's index, and whether that edit's anti-keys block the row. ``allowed`` [..., m] (bool) limits each
+        row to the keys of some edits: column j stands for edit ``sight[j]`` (``sight`` None: for edit j)."""
         shape = x.shape[:-1]
         flat = self.view(x.reshape(-1, x.shape[-1]))
-        if not len(self):
+
+        def nothing() -> Match:
             none = torch.full(shape, -1, dtype=torch.long, device=x.device)
-            return Match(flat.new_full(shape, -1.0), none, none.clone(), torch.zeros(shape, dtype=torch.bool,
-                                                                                       device=x.device))
+            return Match(flat.new_full(shape, -1.0), none, none.clone(),
+                         torch.zeros(shape, dtype=torch.bool, device=x.device))
+
+        if not len(self):
+            return nothing()
         ids, rows = self.edit_ids, None
         if allowed is not None:   # only the keys of the edits some position sees: no scan of every key
             allowed = allowed.reshape(-1, allowed.shape[-1]).to(flat.device)
-            rows = self._key_index.rows_of(self.edit_ids, allowed.any(0).nonzero().flatten())
+            if sight is None:
+                sight = torch.arange(allowed.shape[-1], device=flat.device)
+            sight = sight.to(flat.device)
+            rows = self._key_index.rows_of(self.edit_ids, sight[allowed.any(0)])
             if not rows.numel():
-                none = torch.full(shape, -1, dtype=torch.long, device=x.device)
-                return Match(flat.new_full(shape, -1.0), none, none.clone(),
-                             torch.zeros(shape, dtype=torch.bool, device=x.device))
-            ids = self.edit_ids[rows]
+                return nothing()
+            ids = self.edit_ids[rows].to(flat.device)
         sims = flat @ self.rows("keys", rows, flat.dtype).to(flat.device).t()   # [rows, keys in sight]
-        if allowed is not None:
-            sims = sims.masked_fill(~allowed[:, ids.to(allowed.device)], -1.0)
+        if allowed is not None:   # the column of each key's edit (every key here has one: rows_of chose them)
+            sims = sims.masked_fill(~allowed[:, torch.searchsorted(sight, ids)], -1.0)
         best, index = sims.max(dim=-1)
         if rows is not None:
             index = rows.to(index.device)[index]

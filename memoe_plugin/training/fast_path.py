@@ -75,8 +75,9 @@ class UpperStack:
         self.start, self.cache = start, cache
         cut = lambda t: None if t is None else t[:, start:]   # noqa: E731
         r = self.routing
-        self.routing = RoutingInputs(cut(r.features), cut(r.token_mask), cut(r.active), cut(r.allowed),
-                                     self.routing.states)    # states: the suffix call's already (_keep)
+        self.routing = RoutingInputs(features=cut(r.features), token_mask=cut(r.token_mask), active=cut(r.active),
+                                     allowed=cut(r.allowed), sight=r.sight,
+                                     states=r.states)   # states: the suffix call's already (_keep)
 
     def _capture(self) -> None:
         stage = self.upper_layers[0] if self.upper_layers else self.final_norm

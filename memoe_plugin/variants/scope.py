@@ -58,7 +58,7 @@ class ScopeVariant:
         allowed = routing.allowed
         if allowed is not None and allowed.shape[:-1] != x.shape[:-1]:
             allowed = None
-        match = self.keys.match(self.view(x, routing), allowed)
+        match = self.keys.match(self.view(x, routing), allowed, routing.sight)
         keyed = (match.similarity >= self.keys.threshold) & ~match.blocked
         active = keyed if active is None else active & keyed
         return Selection(active, match.edit, self.keys.snap_inputs(x, match.key, active))
