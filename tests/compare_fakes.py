@@ -61,6 +61,14 @@ class FakeSession:
         damaged = int(len(self.known) > self.backend.damage_after)
         return {"toy": [1 - damaged if i % 2 else 1 for i in range(len(items))]}
 
+    def fluency(self, model):
+        """Continuations that repeat themselves once the fake model is "damaged"; loss that grows with it."""
+        damaged = int(len(self.known) > self.backend.damage_after)
+        texts = ["a b a b a b" if damaged else "a b c d e f", "g h i j k l"]
+        from memoe_plugin.eval.fluency import ngram_entropy
+        return {"continuations": texts, "entropy": [ngram_entropy(t) for t in texts],
+                "loss": [10.0 + 10.0 * damaged], "tokens": [10]}
+
     def save_checkpoint(self, path):
         path.write_text(json.dumps({"w": self.model.w.tolist(), "known": sorted(self.known)}))
 

@@ -103,6 +103,25 @@ def test_generation_and_probes_are_scored_on_the_edited_model_before_rollback(tm
     assert run_main(tmp_path / "bad", FakeBackend(), "--batch-size", "10,x") == 2
 
 
+def test_fluency_is_scored_before_and_after_the_edits_under_both_protocols(tmp_path):
+    import math
+    assert run_main(tmp_path / "batch", FakeBackend(damage_after=3), "--methods", "MEMoE", "--num-edits", "6",
+                    "--batch-size", "3", "--fluency") == 0      # chunks of 3 edits: not "damaged"
+    seen = [r for r in results(tmp_path / "batch") if r["type"] == "fluency"]
+    assert [(r["stage"], r["chunk"]) for r in seen] == [("before", None), ("after", 0)]   # the first chunk only
+    assert not [r for r in results(tmp_path / "batch") if r["type"] == "probe"]          # no probes were asked
+    (row,) = json.loads((tmp_path / "batch" / "out" / "summary.json").read_text())
+    assert row["fluency"]["continuations_changed"] == 0 and row["fluency"]["perplexity_after"] == math.exp(1.0)
+    assert run_main(tmp_path / "seq", FakeBackend(damage_after=3), "--methods", "MEMoE", "--num-edits", "6",
+                    "--batch-size", "3", "--protocol", "sequential", "--fluency") == 0
+    (row,) = json.loads((tmp_path / "seq" / "out" / "summary.json").read_text())
+    f = row["fluency"]     # 6 edits kept > 3: the fake repeats itself and its loss doubles
+    assert f["continuations_changed"] == 1 and f["entropy_after"] < f["entropy_before"]
+    assert math.isclose(f["perplexity_after"], math.exp(2.0)) and math.isclose(f["perplexity_before"], math.exp(1.0))
+    summary = (tmp_path / "seq" / "out" / "summary.md").read_text()
+    assert "## Fluency (neutral text)" in summary and "| 1 of 2 |" in summary
+
+
 def test_wild_answers_are_scored_for_every_method_under_both_protocols(tmp_path):
     for protocol in ("batch", "sequential"):
         out = tmp_path / protocol

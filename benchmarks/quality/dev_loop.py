@@ -1,7 +1,7 @@
 """Quick tuning loop on the DEV split, without EasyEdit: reliability, generality and same-subject locality.
 
     MEMOE_DATA=../shared/data python benchmarks/quality/dev_loop.py --data zsre-knowedit --num-edits 60 \
-        [--chunk 30] [--sequential] [--set layer=21 scope_keys=true]
+        [--chunk 30] [--sequential] [--set layer=21 scope_keys=true] [--dtype bfloat16]
 
 For trying settings fast while tuning. It edits with ``apply_memoe_to_model`` and scores
 with the same definitions EasyEdit uses (``memoe_plugin.eval.metrics.target_predictions``:
@@ -52,13 +52,15 @@ def main(argv=None) -> int:
     parser.add_argument("--hparams", default="smollm2-135m")
     parser.add_argument("--set", nargs="*", default=[], help="hparam overrides key=value")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="the base model's dtype (the experts train in float32 either way)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     records = [r for r in load(args.data, "dev") if r["rephrase_prompt"] or args.data == "counterfact-knowedit"]
     records = records[:args.num_edits]
     hparams = load_hparams(args.hparams, args.set)
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(hparams.model_name, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(hparams.model_name, dtype=getattr(torch, args.dtype)).eval()
     tok = AutoTokenizer.from_pretrained(hparams.model_name)
 
     def accuracy(prompt, target):
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
         restore()
     mean = lambda v: round(100 * sum(v) / len(v), 1) if v else None   # noqa: E731
     print(json.dumps({"data": args.data, "split": "dev", "num_edits": len(records), "sequential": args.sequential,
-                      "set": args.set, **{k: mean(v) for k, v in scores.items()},
+                      "set": args.set, "dtype": args.dtype, **{k: mean(v) for k, v in scores.items()},
                       "mean_steps": round(sum(steps) / len(steps), 1), "edit_seconds": round(edit_seconds),
                       "scope_bytes_per_edit": round(sum(kept) / len(kept)) if kept else None,
                       "seconds": round(time.perf_counter() - start)}), flush=True)

@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--probes", type=int, default=0, metavar="N",
                         help="general-ability probes: N items per task (0: off), scored on the unedited model and "
                         "after the first chunk of edits; see --probes-dir")
+    parser.add_argument("--fluency", action="store_true",
+                        help="also score fluency on neutral text written for the project: n-gram entropy of greedy "
+                        "continuations and perplexity, on the unedited model and after the first chunk (after the "
+                        "last, sequential)")
     parser.add_argument("--probes-dir", help="folder of the probe files (default $MEMOE_PROBES, else $MEMOE_DATA/general)")
     parser.add_argument("--probe-tasks", help="comma-separated subset of the probe tasks (default: all)")
     parser.add_argument("--num-edits", type=int, default=30)
@@ -219,7 +223,7 @@ def _main(args, argv, backend_factory) -> int:
         raise CompareError("--checkpoint-every must be >= 0 (0: no checkpoints)")
     runner = Runner(None, store, resume=args.resume, progress=not args.no_progress,
                     checkpoint_every=args.checkpoint_every, checkpoint_dir=out_dir / "checkpoints",
-                    generation=args.generation, probe_items=probe_items, wild=args.wild)
+                    generation=args.generation, probe_items=probe_items, wild=args.wild, fluency=args.fluency)
     if not args.resume:
         runner.check_fresh(runs)
     with commands_file.open("a") as handle:
@@ -237,7 +241,7 @@ def _main(args, argv, backend_factory) -> int:
                 from .distributed import run_on_ray
                 settings = dict(checkpoint_every=args.checkpoint_every, checkpoint_dir=out_dir / "checkpoints",
                                 generation=args.generation, probe_items=probe_items, wild=args.wild,
-                                threads=args.threads)
+                                fluency=args.fluency, threads=args.threads)
                 run_on_ray(runner, runs, factory, factory_kwargs, settings, address=args.ray, gpus=args.ray_gpus,
                            cpus=args.ray_cpus)
             else:

@@ -282,6 +282,10 @@ class EasyEditSession:
         # scored unpadded, where the last position is the option's last token
         return score_probes(model, self.editor.tok, items, one_at_a_time=self.spec.rows_one_at_a_time)
 
+    def fluency(self, model) -> dict:
+        from ..fluency import score_fluency
+        return score_fluency(model, self.editor.tok)   # unpadded, one text at a time (fits DEFER's gating too)
+
     @property
     def can_checkpoint(self) -> bool:
         """Whether a sequential run of this method can be checkpointed and resumed (MEMoE's adapter file)."""

@@ -45,13 +45,15 @@ class Runner(Resumable):
     def __init__(self, backend, store: ResultStore, resume: bool = False, progress: bool = True,
                  log: Optional[io.TextIOBase] = None, checkpoint_every: int = 0,
                  checkpoint_dir: Optional[Path] = None, generation: bool = False,
-                 probe_items: Optional[list] = None, probe_chunks: int = 1, wild: bool = False):
+                 probe_items: Optional[list] = None, probe_chunks: int = 1, wild: bool = False,
+                 fluency: bool = False):
         self.backend, self.store, self.resume, self.progress, self.log = backend, store, resume, progress, log
         self.checkpoint_every, self.checkpoint_dir = checkpoint_every, checkpoint_dir
         # Extra scores on the edited model, before its rollback: greedy generation for every edit
         # (generation.py), and the general-ability probes (probes.py) after the first probe_chunks chunks.
         self.generation, self.probe_items, self.probe_chunks = generation, probe_items, probe_chunks
         self.wild = wild   # also WILD-style answers: natural stop, with and without an instruction (generation.py)
+        self.fluency = fluency   # n-gram entropy and perplexity on neutral text (fluency.py), when the probes run
         self.current_chunk: Optional[int] = None
 
     # ---------------------------------------------------------------- helpers
@@ -155,7 +157,7 @@ class Runner(Resumable):
         baseline = state_fingerprint(session.model)
         bar = self._bar(len(ranges), f"{run.dataset} {run.method} batch")
         bar.update(len([k for k in done if k < len(ranges)]))
-        if self.probe_items and any(k not in done for k in range(min(self.probe_chunks, len(ranges)))):
+        if self._general and any(k not in done for k in range(min(self.probe_chunks, len(ranges)))):
             self._probe(session, base, None, "before")
         try:
             for k, (lo, hi) in enumerate(ranges):
@@ -163,7 +165,7 @@ class Runner(Resumable):
                     continue
                 self.current_chunk = k
                 kwargs = request_kwargs(records[lo:hi], loc_prompts[lo:hi])
-                probe = bool(self.probe_items) and k < self.probe_chunks
+                probe = self._general and k < self.probe_chunks
                 start = time.perf_counter()
                 with self._quiet():
                     if session.batchable and not (self.generation or self.wild or probe):
@@ -212,12 +214,25 @@ class Runner(Resumable):
             session.finalize(metric, request)
         return metrics, seconds
 
+    @property
+    def _general(self) -> bool:
+        """Whether general ability is scored (the probes, fluency or both) before and after edits."""
+        return bool(self.probe_items) or self.fluency
+
     def _probe(self, session, base: dict, chunk: Optional[int], stage: str, model=None) -> None:
-        start = time.perf_counter()
-        with self._quiet():
-            scores = session.probe(session.model if model is None else model, self.probe_items)
-        self.store.append({"type": "probe", **base, "chunk": chunk, "stage": stage, "tasks": scores,
-                           "seconds": time.perf_counter() - start})
+        model = session.model if model is None else model
+        if self.probe_items:
+            start = time.perf_counter()
+            with self._quiet():
+                scores = session.probe(model, self.probe_items)
+            self.store.append({"type": "probe", **base, "chunk": chunk, "stage": stage, "tasks": scores,
+                               "seconds": time.perf_counter() - start})
+        if self.fluency:
+            start = time.perf_counter()
+            with self._quiet():
+                scores = session.fluency(model)
+            self.store.append({"type": "fluency", **base, "chunk": chunk, "stage": stage, **scores,
+                               "seconds": time.perf_counter() - start})
 
     # ---------------------------------------------------------------- sequential checkpoints
     # ---------------------------------------------------------------- sequential protocol
@@ -232,7 +247,7 @@ class Runner(Resumable):
         bar = self._bar(len(requests) + len(ranges) + len(requests), f"{run.dataset} {run.method} sequential")
         try:
             edited, handle, first = None, None, 0
-            if self.probe_items:
+            if self._general:
                 self._probe(session, base, None, "before")
             if checkpoint is not None:
                 edited, handle, pre, first = self._resume_from(run, session, base, checkpoint)
@@ -266,7 +281,7 @@ class Runner(Resumable):
                     if self.generation or self.wild:
                         final[-1]["generation"] = self._generated(session, edited, request)
                 bar.update(1)
-            if self.probe_items:
+            if self._general:
                 self._probe(session, base, len(ranges) - 1, "after", edited)
             with self._quiet():
                 session.restore(edited, handle)

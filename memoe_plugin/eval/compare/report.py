@@ -41,6 +41,8 @@ def summarise(records: list[dict]) -> list[dict]:
             row["restore"] = rec
         elif kind == "probe":
             row.setdefault("probes", {}).setdefault(rec["attempt"], []).append(rec)
+        elif kind == "fluency":
+            row.setdefault("fluency", {}).setdefault(rec["attempt"], []).append(rec)
     return [_summarise_run(row) for row in runs.values()]
 
 
@@ -75,6 +77,7 @@ def _summarise_run(row: dict) -> dict:
     cases.sort(key=lambda c: c["index"])
     out.update(aggregate([c["metric"] for c in cases]))
     out["probes"] = _probe_changes(row.get("probes", {}))
+    out["fluency"] = _fluency_change(row.get("fluency", {}))
     out["cases"] = len(cases)
     out["portability_unscored"] = sum(1 for c in cases if c["metric"].get("post", {}).get("portability_unscored"))
     out["edit_seconds"] = sum(float(r.get("edit_seconds") or 0.0) for r in chunk_recs) if chunk_recs else None
@@ -111,6 +114,17 @@ def _probe_changes(attempts: dict) -> dict:
         changes["all"] = paired_change([x for task in tasks for x in before["tasks"][task]],
                                        [x for task in tasks for x in after["tasks"][task]])
         return changes
+    return {}
+
+
+def _fluency_change(attempts: dict) -> dict:
+    """Fluency before the edits and after the first scored chunk, from the newest attempt that has both."""
+    from ..fluency import fluency_change
+    for attempt in reversed(list(attempts)):
+        before = next((r for r in attempts[attempt] if r["stage"] == "before"), None)
+        after = next((r for r in attempts[attempt] if r["stage"] == "after"), None)
+        if before is not None and after is not None:
+            return fluency_change(before, after)
     return {}
 
 
@@ -287,6 +301,7 @@ def markdown_summary(rows: list[dict], commands: Optional[list[str]] = None) -> 
                              f"{_fmt(s['locality'])} | {_fmt(s.get('same_subject'))} | {_fmt(s['average'])} |")
             lines.append("")
     lines += general_ability_table(rows)
+    lines += fluency_table(rows)
     if notes:
         lines += ["Problems:", ""] + list(dict.fromkeys(notes)) + [""]
     return "\n".join(lines)
@@ -295,6 +310,25 @@ def markdown_summary(rows: list[dict], commands: Optional[list[str]] = None) -> 
 GENERATION_LABELS = {"gen_em": "EM", "gen_f1": "F1", "gen_em_rephrase": "Gen. EM", "gen_f1_rephrase": "Gen. F1",
                      "wild_em": "WILD", "wild_em_rephrase": "WILD Gen.", "wild_em_instructed": "WILD instr.",
                      "wild_em_rephrase_instructed": "WILD Gen. instr."}
+
+
+def fluency_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: per run with fluency scores, n-gram entropy and perplexity before and after the edits."""
+    scored = [r for r in rows if r.get("fluency")]
+    if not scored:
+        return []
+    lines = ["## Fluency (neutral text)", "",
+             "n-gram entropy (bits, ROME's weighting) of greedy continuations of neutral prompts and perplexity "
+             "of neutral passages (memoe_plugin/eval/fluency.py), on the unedited model and after the first chunk "
+             "of edits (after the last, sequential); with seeds, the first seed's.", "",
+             "| dataset | protocol | edits | method | entropy before | entropy after | perplexity before | "
+             "perplexity after | continuations changed |", "|" + "---|" * 9]
+    for r in sorted(scored, key=lambda r: (r["dataset"], r["protocol"], r["batch_size"] or 0, r["method"])):
+        f, edits = r["fluency"], r["batch_size"] if r["protocol"] == "batch" else r["num_edits"]
+        lines.append(f"| {r['dataset']} | {r['protocol']} | {edits} | {r['method']} | {f['entropy_before']:.3f} | "
+                     f"{f['entropy_after']:.3f} | {f['perplexity_before']:.2f} | {f['perplexity_after']:.2f} | "
+                     f"{f['continuations_changed']} of {f['continuations']} |")
+    return lines + [""]
 
 
 def general_ability_table(rows: list[dict]) -> list[str]:
