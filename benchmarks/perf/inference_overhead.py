@@ -16,7 +16,7 @@ left-padded, as EasyEdit scores), and greedy ``generate`` (batch 1, 32 new token
 The anchor caches start empty for each edited pass.
 
 ``--synthetic N`` adds N synthetic edits after the real ones, to measure what N more edits cost at
-inference (a load test: they are never trained). Each gets an invented subject ("Velmar Quistad", in the
+inference (a load test: they are never trained). Each gets an invented subject (memoe_plugin.eval.synthetic, in the
 locality guard), as many random keys (and snap inputs) as the real edits have on average, and
 ``--synthetic-anti`` random anti-keys (the real ones have ~70 with 64 relations: at 100,000 edits that
 would not fit this machine's memory, and only the anti-keys of edits in sight are ever read); their
@@ -67,22 +67,10 @@ def workloads(model, tok, recs) -> dict:
             "generate, batch 1, 32 new": [generate(p) for p in prompts]}
 
 
-SYLLABLES = ["vel", "mar", "quis", "tad", "or", "an", "tey", "bras", "ka", "mi", "rel", "do", "van", "il",
-             "sa", "kort", "pen", "na", "sab", "re", "ut", "hel", "zo", "fin"]
-
-
-def invented_name(i: int) -> str:
-    """A distinct two-word name for every ``i`` (first name and surname of three syllables each)."""
-    parts, i = [], (i * 7919 + 104729) % len(SYLLABLES) ** 6   # a bijection that scatters neighbours
-    for _ in range(6):
-        i, r = divmod(i, len(SYLLABLES))
-        parts.append(SYLLABLES[r])
-    return f"{''.join(parts[:3]).capitalize()} {''.join(parts[3:]).capitalize()}"
-
-
 @torch.no_grad()
 def add_synthetic(adapter, count: int, anti_per_edit: int, seed: int = 0, chunk: int = 20_000) -> None:
     """``count`` untrained edits after the real ones: invented subjects in the guard, random keys."""
+    from memoe_plugin.eval.synthetic import invented_subject
     from memoe_plugin.routing.scope import NO_FLOOR
     scope, guard = adapter.scope, adapter.guard
     if scope is None or guard is None:
@@ -95,7 +83,7 @@ def add_synthetic(adapter, count: int, anti_per_edit: int, seed: int = 0, chunk:
         n = min(chunk, count - lo)
         ids = torch.arange(first + lo, first + lo + n)
         for edit in ids.tolist():
-            guard.add([invented_name(edit)], edit)
+            guard.add([invented_subject(edit)], edit)
         keys = torch.randn(n * per_edit, dim, generator=generator)
         inputs = torch.randn(n * per_edit, input_dim, generator=generator) if scope.snap > 0 else None
         scope.add(keys, ids.repeat_interleave(per_edit), inputs)

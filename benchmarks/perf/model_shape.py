@@ -7,7 +7,7 @@
 A randomly initialised model is built from the configuration of the named shape (Llama-2-7B,
 Llama-3-8B, or a 1B Llama for a CPU), with SmolLM2's tokenizer (so the vocabulary is 49,152, not the
 real model's; every other dimension is the real one). The edits are synthetic facts: invented
-subjects ("Velmar Quistad") with a relation of the project's relation bank and an answer drawn from
+subjects (memoe_plugin.eval.synthetic) with a relation of the project's relation bank and an answer drawn from
 a fixed list. This is a load test of the code at that shape, not a quality claim: a random model
 knows nothing, and the edits only have to be trained into it.
 
@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import os
-import random
 import sys
 import time
 
@@ -37,26 +36,6 @@ SHAPES = {   # the real models' configurations (hidden, intermediate, layers, he
     "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                      num_key_value_heads=4, max_position_embeddings=2048),
 }
-NAMES = ["Vel", "Quist", "Oran", "Tey", "Brask", "Mirel", "Dovan", "Ilsa", "Kort", "Penna", "Sabre", "Uthel"]
-ANSWERS = ["Lisbon", "Oslo", "chemistry", "violin", "Toyota", "Spanish", "surgeon", "Kenya", "jazz", "Nintendo"]
-
-
-def synthetic_edits(count: int, seed: int = 0) -> list[dict]:
-    """``count`` invented facts: a made-up two-word subject, a relation of the bank, an answer from a list."""
-    from memoe_plugin.routing.relations import CLOZE, RELATIONS
-    rng, labels = random.Random(seed), [names[0] for names in RELATIONS.values()]
-    edits, seen = [], set()
-    while len(edits) < count:
-        subject = f"{rng.choice(NAMES)}{rng.choice(NAMES).lower()} {rng.choice(NAMES)}{rng.randint(10, 999)}"
-        label = rng.choice(labels)
-        if (subject, label) in seen:
-            continue
-        seen.add((subject, label))
-        edits.append({"prompt": CLOZE.format(label=label, subject=subject), "target_new": rng.choice(ANSWERS),
-                      "subject": subject})
-    return edits
-
-
 def peak_bytes(device) -> int:
     import torch
     if device.type == "cuda":
@@ -124,6 +103,7 @@ def main(argv=None) -> int:
     from memoe_plugin.assets.smollm2 import export_smollm2
     from memoe_plugin.eval.metrics import token_accuracy
     from memoe_plugin.eval.overrides import load_hparams
+    from memoe_plugin.eval.synthetic import synthetic_facts
     if args.threads:
         torch.set_num_threads(args.threads)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -140,7 +120,7 @@ def main(argv=None) -> int:
                       "parameters": sum(p.numel() for p in model.parameters()), "layer": hp.layer,
                       "base_tokens_per_s": round(base_tps, 1), "set": args.set}), flush=True)
     for size in [int(b) for b in args.batches.split(",")]:
-        edits = synthetic_edits(size)
+        edits = synthetic_facts(size)
         before = reset_peak(device)
         start = time.perf_counter()
         _, restore = apply_memoe_to_model(model, tok, edits, hp)
