@@ -46,6 +46,23 @@ def test_shipped_hparams_fit_smollm2(method, protocol):
     assert all(0 <= layer < 30 for layer in layers), layers
 
 
+@pytest.mark.parametrize("method", ["FT-M", "LoRA", "UltraEdit"])
+def test_the_gemma_files_are_the_smollm2_files_at_the_same_relative_depth(method):
+    gemma = yaml.safe_load((compare_hparams_dir("gemma3-270m") / f"{method}.yaml").read_text())
+    smol = yaml.safe_load((compare_hparams_dir("smollm2-135m") / f"{method}.yaml").read_text())
+    assert gemma["alg_name"] == METHODS[method].alg_name and "gemma3-270m" in gemma["model_name"]
+    assert "llama" in gemma["model_name"]          # EasyEdit picks its loader by words in the path
+
+    def layers(config):
+        found = list(config.get("layers", []))
+        return found + [int(n) for p in config.get("inner_params", []) for n in re.findall(r"layers[.\[](\d+)", p)]
+    assert sorted(set(layers(gemma))) == sorted({layer * 18 // 30 for layer in layers(smol)})
+    assert {k: v for k, v in gemma.items() if k not in ("model_name", "tokenizer_name", "layers", "inner_params")} \
+        == {k: v for k, v in smol.items() if k not in ("model_name", "tokenizer_name", "layers", "inner_params")}
+    for key, value in METHODS[method].fixed:
+        assert gemma[key] == value
+
+
 def test_each_methods_needs_are_data_on_its_spec_and_the_backend_names_no_method():
     """The backend reads MethodSpec fields; a new method is one registry entry, not a switch in the backend."""
     import inspect
