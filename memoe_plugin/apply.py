@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .hparams import CONTEXT_PREFIXES, MEMoEHyperParams, structural_keys
-from .adapter import MEMoEAdapter, get_adapter, resolve_module
+from .adapter import MEMoEAdapter, get_adapter
+from .locate import resolve_module
 from .training.trainer import train_experts
 
 # Settings that fix the adapter's shape: they must not change between sequential edits (the fields marked

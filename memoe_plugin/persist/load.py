@@ -7,7 +7,8 @@ from typing import Union
 import torch
 from torch import nn
 
-from ..adapter import MEMoEAdapter, get_adapter, resolve_module
+from ..adapter import MEMoEAdapter, get_adapter
+from ..locate import resolve_module
 from ..hparams import MEMoEHyperParams
 from ..layer import projection_shape
 from .file import PathLike, read_adapter_file
