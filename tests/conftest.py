@@ -72,6 +72,16 @@ def tiny_model(request, tokenizer):
     return tiny_gpt2(len(tokenizer)), lambda **kw: make_hparams(GPT2_TEMPLATE, model_name="tiny-gpt2", **kw)
 
 
+def assert_edits_answered(model, tokenizer, requests):
+    """Every request's target is the model's greedy prediction after its prompt, token by token."""
+    for request in requests:
+        full = tokenizer(request["prompt"] + " " + request["target_new"], return_tensors="pt")
+        n = len(tokenizer(request["prompt"])["input_ids"])
+        with torch.no_grad():
+            got = model(**full).logits[0].argmax(-1)[n - 1:-1].tolist()
+        assert got == full["input_ids"][0, n:].tolist(), request
+
+
 def state_copy(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from conftest import EDITS, make_hparams, tiny_llama
+from conftest import EDITS, assert_edits_answered, make_hparams, tiny_llama
 from memoe_plugin import apply_memoe_to_model, get_adapter, remove_memoe
 from memoe_plugin.training.preservation import (GENERIC_TEMPLATES, Preservation, candidate_prompts,
                                                 subject_template)
@@ -70,11 +70,6 @@ def test_training_with_preservation_moves_the_subjects_other_answers_less(tokeni
         model = tiny_llama(len(tokenizer))
         apply_memoe_to_model(model, tokenizer, EDITS, make_hparams(preserve_weight=weight, **hparams))
         drift[weight] = float(_drift(model, tokenizer, prompts, reference))
-        for request in EDITS:
-            full = tokenizer(request["prompt"] + " " + request["target_new"], return_tensors="pt")
-            n = len(tokenizer(request["prompt"])["input_ids"])
-            with torch.no_grad():
-                got = model(**full).logits[0].argmax(-1)[n - 1:-1].tolist()
-            assert got == full["input_ids"][0, n:].tolist()
+        assert_edits_answered(model, tokenizer, EDITS)
         remove_memoe(model)
     assert drift[20.0] < 0.6 * drift[0.0], drift

@@ -1,7 +1,5 @@
 """training/scope_keys.py: which positions of an edit become the scope's keys, and the anti-keys' prompts."""
-import torch
-
-from conftest import EDITS, make_hparams, tiny_llama
+from conftest import EDITS, assert_edits_answered, make_hparams, tiny_llama
 from memoe_plugin import apply_memoe_to_model, get_adapter, remove_memoe
 
 
@@ -36,12 +34,7 @@ def test_after_anchor_keys_every_position_after_the_anchor_up_to_the_last_target
             expected.append(last - first + 1)
             assert int((adapter.scope.edit_ids == edit).sum()) == last - first + 1, (positions, request)
         counts[positions] = sum(expected)
-        for request in EDITS:
-            full = tokenizer(request["prompt"] + " " + request["target_new"], return_tensors="pt")
-            n = len(tokenizer(request["prompt"])["input_ids"])
-            with torch.no_grad():
-                got = model(**full).logits[0].argmax(-1)[n - 1:-1].tolist()
-            assert got == full["input_ids"][0, n:].tolist()
+        assert_edits_answered(model, tokenizer, EDITS)
         remove_memoe(model)
     assert counts["after_anchor"] > counts["targets"]                # the prompts' words after the subject too
 
