@@ -220,18 +220,16 @@ class Runner(Resumable):
         return bool(self.probe_items) or self.fluency
 
     def _probe(self, session, base: dict, chunk: Optional[int], stage: str, model=None) -> None:
+        """Score general ability on ``model``: one ``probe`` record (the probes) and one ``fluency`` record."""
         model = session.model if model is None else model
-        if self.probe_items:
-            start = time.perf_counter()
-            with self._quiet():
-                scores = session.probe(model, self.probe_items)
-            self.store.append({"type": "probe", **base, "chunk": chunk, "stage": stage, "tasks": scores,
-                               "seconds": time.perf_counter() - start})
+        scorers = [("probe", lambda: {"tasks": session.probe(model, self.probe_items)})] if self.probe_items else []
         if self.fluency:
+            scorers.append(("fluency", lambda: session.fluency(model)))
+        for kind, score in scorers:
             start = time.perf_counter()
             with self._quiet():
-                scores = session.fluency(model)
-            self.store.append({"type": "fluency", **base, "chunk": chunk, "stage": stage, **scores,
+                scores = score()
+            self.store.append({"type": kind, **base, "chunk": chunk, "stage": stage, **scores,
                                "seconds": time.perf_counter() - start})
 
     # ---------------------------------------------------------------- sequential checkpoints

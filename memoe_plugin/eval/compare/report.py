@@ -99,33 +99,35 @@ def _summarise_run(row: dict) -> dict:
     return out
 
 
-def _probe_changes(attempts: dict) -> dict:
-    """Per probe task (and ``all`` tasks pooled), the paired change after the first probed chunk, from the
-    newest attempt that has a before and an after probe."""
-    from ..probes import paired_change
-    for attempt in reversed(list(attempts)):
-        records = attempts[attempt]
-        before = next((r for r in records if r["stage"] == "before"), None)
-        after = next((r for r in records if r["stage"] == "after"), None)
-        if before is None or after is None:
-            continue
-        tasks = [task for task in before["tasks"] if task in after["tasks"]]
-        changes = {task: paired_change(before["tasks"][task], after["tasks"][task]) for task in tasks}
-        changes["all"] = paired_change([x for task in tasks for x in before["tasks"][task]],
-                                       [x for task in tasks for x in after["tasks"][task]])
-        return changes
-    return {}
-
-
-def _fluency_change(attempts: dict) -> dict:
-    """Fluency before the edits and after the first scored chunk, from the newest attempt that has both."""
-    from ..fluency import fluency_change
+def _before_after(attempts: dict) -> Optional[tuple[dict, dict]]:
+    """The "before" and "after" records of the newest attempt that has both (probes and fluency alike)."""
     for attempt in reversed(list(attempts)):
         before = next((r for r in attempts[attempt] if r["stage"] == "before"), None)
         after = next((r for r in attempts[attempt] if r["stage"] == "after"), None)
         if before is not None and after is not None:
-            return fluency_change(before, after)
-    return {}
+            return before, after
+    return None
+
+
+def _probe_changes(attempts: dict) -> dict:
+    """Per probe task (and ``all`` tasks pooled), the paired change after the first probed chunk."""
+    from ..probes import paired_change
+    pair = _before_after(attempts)
+    if pair is None:
+        return {}
+    before, after = pair
+    tasks = [task for task in before["tasks"] if task in after["tasks"]]
+    changes = {task: paired_change(before["tasks"][task], after["tasks"][task]) for task in tasks}
+    changes["all"] = paired_change([x for task in tasks for x in before["tasks"][task]],
+                                   [x for task in tasks for x in after["tasks"][task]])
+    return changes
+
+
+def _fluency_change(attempts: dict) -> dict:
+    """Fluency before the edits and after the first scored chunk."""
+    from ..fluency import fluency_change
+    pair = _before_after(attempts)
+    return {} if pair is None else fluency_change(*pair)
 
 
 def combine_seeds(rows: list[dict]) -> list[dict]:
