@@ -20,6 +20,7 @@ from .routing.anchors import RoutingFeatureEncoder, check_round_trip
 from .routing.extractors import make_extractor
 from .routing.guard import LocalityGuard
 from .routing.scope import KeyScope
+from .routing.template import ChatTemplate
 from .compat import CacheNotFollowedError, bound_arguments, continuation_length
 from .hparams import MEMoEHyperParams
 from .layer import MoEBypass, projection_shape
@@ -52,6 +53,7 @@ class MEMoEAdapter:
         self.encoder = RoutingFeatureEncoder(tokenizer, embedding, hparams.routing_input,
                                              self.extractor, hparams.anchor_cache_size)
         self.guard = LocalityGuard(tokenizer, hparams.anchor_cache_size) if hparams.locality_guard else None
+        self.template = chat_template(tokenizer, hparams)
         generator = torch.Generator().manual_seed(hparams.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
@@ -141,90 +143,15 @@ class MEMoEAdapter:
 
     # ----------------------------------------------------------------- state
     def state(self) -> tuple[dict, dict]:
-        """Everything the edits put into the adapter: ``(tensors, info)``, the tensors on the CPU and the
-        info JSON-able. :meth:`load_state` takes them back; save_adapter writes them."""
-        bypass = self.bypass
-        tensors = {"experts": bypass.experts, "gate.weight": bypass.gate.weight,
-                   "gate_shift": bypass.gate_shift, "gate_scale": bypass.gate_scale}
-        info = {"num_experts": int(bypass.experts.shape[0]), "gate_calibrated": self.gate_calibrated,
-                "edits": [dict(edit) for edit in self.edits]}
-        if self.guard is not None:
-            info["guard"] = {"keys": sorted(self.guard.keys),
-                             "owners": {key: sorted(ids) for key, ids in sorted(self.guard.owners.items())}}
-        if self.scope is not None:
-            tensors.update({"scope.center": self.scope.center, "scope.keys": self.scope.keys,
-                            "scope.edit_ids": self.scope.edit_ids})
-            if self.scope.rank:
-                tensors["scope.basis"] = self.scope.basis
-            if self.scope.anti_keys.shape[0]:
-                tensors.update({"scope.anti_keys": self.scope.anti_keys,
-                                "scope.anti_edit_ids": self.scope.anti_edit_ids,
-                                "scope.anti_floor": self.scope.anti_floor})
-            if self.scope.snap > 0:
-                tensors["scope.inputs"] = self.scope.inputs
-            if self.scope.storage == "int8":
-                tensors.update({f"scope.{self.scope.SCALES[name]}": getattr(self.scope, self.scope.SCALES[name])
-                                for name in self.scope.SCALES if f"scope.{name}" in tensors})
-            info["scope"] = {"calibrated": self.scope.calibrated, "storage": self.scope.storage}
-        if bypass.router is not None:
-            tensors["expert_of"] = bypass.router.expert_of
-        if self.memory is not None:
-            memory_tensors, info["memory"] = self.memory.state()
-            tensors.update(memory_tensors)
-        return {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}, info
+        """Everything the edits put into the adapter: ``(tensors, info)``, the tensors on the CPU and the info
+        JSON-able (``persist.state``). :meth:`load_state` takes them back; save_adapter writes them."""
+        from .persist.state import adapter_state
+        return adapter_state(self)
 
-    @torch.no_grad()
     def load_state(self, tensors: dict, info: dict) -> None:
         """Put a saved :meth:`state` into this (freshly attached) adapter."""
-        bypass = self.bypass
-        device = bypass.experts.device
-        bypass.resize_experts(int(info.get("num_experts", tensors["experts"].shape[0])))
-        bypass.experts.copy_(tensors["experts"].to(device))
-        bypass.gate.weight.copy_(tensors["gate.weight"].to(device))
-        for name in ("gate_shift", "gate_scale"):
-            if name in tensors:
-                getattr(bypass, name).copy_(tensors[name].to(device))
-        self.gate_calibrated = bool(info.get("gate_calibrated", "gate_shift" in tensors))
-        for parameter in bypass.trainable_parameters:   # as train_experts leaves them
-            parameter.requires_grad_(False)
-        self.edits = [dict(edit) for edit in info.get("edits", [])]
-        if self.guard is not None:
-            guard = info.get("guard") or {}
-            self.guard.restore((set(guard.get("keys", [])),
-                                {key: set(ids) for key, ids in (guard.get("owners") or {}).items()}))
-        if self.scope is not None and "scope.keys" in tensors:
-            stored = (info.get("scope") or {}).get("storage", "float16")
-            if stored != self.scope.storage:
-                raise ValueError(f"this adapter's key scope was saved with scope_storage: {stored}, and its hparams "
-                                 f"ask for {self.scope.storage}; load it with the scope_storage it was edited with")
-            for name, scale in self.scope.SCALES.items():
-                if self.scope.storage == "int8" and f"scope.{name}" in tensors:
-                    setattr(self.scope, scale, tensors[f"scope.{scale}"].to(device))
-            self.scope.center.copy_(tensors["scope.center"].to(device))
-            self.scope.keys = tensors["scope.keys"].to(device)
-            self.scope.edit_ids = tensors["scope.edit_ids"].to(device)
-            if self.scope.rank:
-                if "scope.basis" not in tensors:
-                    raise ValueError("this adapter was saved without the key scope's directions (scope_rank: 0), and "
-                                     "its hparams ask for scope_rank > 0; load it with the scope_rank it was edited "
-                                     "with")
-                self.scope.basis.copy_(tensors["scope.basis"].to(device))
-            if "scope.anti_keys" in tensors:
-                self.scope.anti_keys = tensors["scope.anti_keys"].to(device)
-                self.scope.anti_edit_ids = tensors["scope.anti_edit_ids"].to(device)
-                self.scope.anti_floor = tensors["scope.anti_floor"].to(device)
-            if self.scope.snap > 0:
-                if "scope.inputs" not in tensors:
-                    raise ValueError("this adapter was saved without the keys' layer inputs (scope_snap: 0), "
-                                     "and its hparams ask for scope_snap > 0; load it with the scope_snap it "
-                                     "was edited with")
-                self.scope.inputs = tensors["scope.inputs"].to(device)
-            self.scope.calibrated = bool(info.get("scope", {}).get("calibrated", True))
-        if bypass.router is not None and "expert_of" in tensors:
-            bypass.router.expert_of = tensors["expert_of"].to(device)
-        if self.memory is not None and "memory" in info:
-            self.memory.load_state({k: v.to(device) for k, v in tensors.items() if k.startswith("memory.")},
-                                   info["memory"])
+        from .persist.state import load_adapter_state
+        load_adapter_state(self, tensors, info)
 
     # --------------------------------------------------------------- routing
     def routing_features(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
@@ -253,22 +180,40 @@ class MEMoEAdapter:
         features = weight.new_zeros(batch, length, self.encoder.dim) if self.encoder.dim else None
         active = torch.zeros(batch, length, dtype=torch.bool, device=device) if self.guard else None
         pairing = self.guard is not None and self.scope is not None and len(self.scope) > 0
+        source = torch.full((batch, length), -1, dtype=torch.long, device=device) if self.template else None
+        kind = torch.zeros((batch, length), dtype=torch.int8, device=device) if self.template else None
         seen: list[tuple[int, int, frozenset]] = []   # (row, position, edits in sight) where some edit is
         for row, (prefix, ms) in enumerate(zip(prefixes, mask_rows)):
             positions = [i for i, m in enumerate(ms) if m]
             if not positions:
                 continue
-            new = slice(len(prefix) - len(positions), None)
+            offset = len(prefix) - len(positions)
+            # the guard and the anchors read what the conversation wrote, never the chat template's own text; a
+            # template token reads the conversation's last token before it (``reads``)
+            own, reads = (prefix, None) if self.template is None else self.template.split(prefix)
+            lift = (lambda values, empty: values[offset:]) if reads is None else \
+                (lambda values, empty: [values[r] if r >= 0 else empty for r in reads[offset:]])
+            if source is not None:
+                at = [i for i, template in enumerate(self.template.mask(prefix)) if not template]   # own -> position
+                source[row, positions] = torch.tensor([positions[at[r] - offset] if r >= 0 and at[r] >= offset
+                                                       else -1 for r in reads[offset:]], device=device)
+                kind[row, positions] = torch.tensor(self.template.kinds(prefix)[offset:], dtype=torch.int8,
+                                                    device=device)
             if active is not None:
-                flags = self.guard.active(prefix)[new]
+                flags = lift(self.guard.active(own), False)
                 if not any(flags):
                     continue   # the guard silences this row: its anchors are never looked at
                 active[row, positions] = torch.tensor(flags, device=device)
                 if pairing:
                     seen += [(row, position, edits) for position, edits
-                             in zip(positions, self.guard.edits_in_sight(prefix)[new]) if edits]
+                             in zip(positions, lift(self.guard.edits_in_sight(own), frozenset())) if edits]
             if features is not None:
-                features[row, positions] = self.encoder.features(prefix)[new]
+                rows_of = self.encoder.features(own)
+                if reads is None:
+                    features[row, positions] = rows_of[offset:]
+                elif len(own):
+                    index = torch.tensor(reads[offset:], device=rows_of.device)
+                    features[row, positions] = rows_of[index.clamp_min(0)] * (index >= 0).unsqueeze(-1)
         allowed = sight = None
         if pairing:   # one column per edit in sight, not per edit made: its size does not grow with the edits
             edits = sorted(frozenset().union(*(e for _, _, e in seen)))
@@ -277,7 +222,8 @@ class MEMoEAdapter:
             for row, position, in_sight in seen:
                 allowed[row, position, [column[e] for e in in_sight]] = True
             sight = torch.tensor(edits, dtype=torch.long, device=device)
-        return RoutingInputs(features=features, token_mask=mask, active=active, allowed=allowed, sight=sight)
+        return RoutingInputs(features=features, token_mask=mask, active=active, allowed=allowed, sight=sight,
+                             source=source, kind=kind)
 
     def assign_experts(self, first: int, count: int) -> None:
         """``expert_routing: key``: the experts of edits ``first .. first + count - 1``.
@@ -362,6 +308,18 @@ class MEMoEAdapter:
         with torch.no_grad(), self.recording() as outputs:
             self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return outputs[-1].routing
+
+
+def chat_template(tokenizer, hparams: MEMoEHyperParams) -> Optional[ChatTemplate]:
+    """The tokenizer's chat template when ``hparams.chat`` asks for it (``auto``: when there is one)."""
+    if hparams.chat == "off":
+        return None
+    if not getattr(tokenizer, "chat_template", None):
+        if hparams.chat == "on":
+            raise ValueError("chat: on, but this tokenizer has no chat template (tokenizer.chat_template is empty); "
+                             "set chat: auto or off, or load the tokenizer of the instruct model")
+        return None
+    return ChatTemplate(tokenizer, hparams.anchor_cache_size)
 
 
 def _guarded_generate(model, generate, *args, **kwargs):

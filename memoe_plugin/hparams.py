@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 import yaml
+
+from .hparams_types import coerce as _coerce, type_name  # noqa: F401 (type_name: the reference's)
 
 ALG_NAME = "MEMoE"
 ANCHOR_BACKENDS = ("auto", "offline", "nltk")
@@ -25,7 +26,8 @@ EXPERT_INITS = ("zeros",)
 GATE_NORMS = ("none", "center")
 SCOPE_POSITIONS = ("targets", "after_anchor")
 EXPERT_ROUTINGS = ("gate", "key")
-SCOPE_ANTI_KEYS = ("none", "relation_bank")
+SCOPE_ANTI_KEYS = ("none", "relation_bank", "prototypes")
+CHAT_MODES = ("auto", "on", "off")
 EVALUATION_TYPES = ("generate-text", "LLM-judge")   # EasyEdit's real-world evaluation (None: teacher forcing)
 # Neutral text put before edit prompts in training (context_prefixes); none holds an entity.
 CONTEXT_PREFIXES = ("Here is a fact.", "I read that", "Let me tell you something.", "To be precise,",
@@ -154,18 +156,31 @@ class MEMoEHyperParams:
         "with `scope_keys`: how keys, anti-keys and key inputs are kept: `float16` (2 bytes per feature) or `int8` "
         "(1 byte per feature and a float32 scale per row, symmetric per-row quantisation; see docs/results.md for "
         "what it costs)", structural=True)
-    scope_anti_keys: Literal["none", "relation_bank"] = option("none",
-        "**extension**, with `scope_keys`: `relation_bank` keeps, for each edit, anti-keys: the inputs of "
-        "prompts about its subject that ask for other relations (`routing.relations`). A position nearer one of "
-        "its matched edit's anti-keys than that edit's key is out of scope (see below). `none`: off", structural=True)
+    scope_anti_keys: Literal["none", "relation_bank", "prototypes"] = option("none",
+        "**extension**, with `scope_keys`: anti-keys, what other questions about an edit's subject look like at "
+        "the layer; a position nearer one of its matched edit's anti-keys than that edit's key is out of scope "
+        "(see below). `prototypes`: built from one vector per edit (its subject, from `scope_anti_probes` short "
+        "prompts) and the relation prototypes the model's layer gives the bank's relations on generic subjects, "
+        "computed once per model and layer and cached; `relation_bank`: the inputs of prompts about the edit's "
+        "subject for every relation of the bank (`routing.relations`), kept per edit; `none`: off",
+        structural=True)
     scope_anti_relations: int = option(64,
-        "how many relations of the bank (the ones most subjects have come first) the anti-keys ask about; each "
-        "costs up to two short forward passes per edit")
+        "how many relations of the bank (the ones most subjects have come first) the anti-keys ask about; with "
+        "`relation_bank` each costs up to two short forward passes per edit", structural=True)
+    scope_anti_probes: int = option(4,
+        "with `scope_anti_keys: prototypes`: the short prompts per edit (\"The {relation} of {subject} is\" for the "
+        "bank's first relations the edit does not ask) whose inputs, less their relations' prototypes, give the "
+        "edit's subject vector")
     scope_anti_margin: float = option(0.0,
         "how much nearer an anti-key than the key a position must be to be put out of scope")
     scope_copy_similarity: float = option(0.97,
         "an anti-key worded as the edit itself (`same_frame`) counts only where a position is at least this "
         "similar to it: a near-copy of another fact's question, not a rewording of the edit")
+    scope_stop_keys: bool = option(False,
+        "**extension**, with `scope_keys`: each edit also keeps the layer input at its answer's last token as an "
+        "anti-key, so that the position after the answer (which resembles its keys, and would repeat the "
+        "answer's last token through the snap) goes back to the base model: the answer ends where it should",
+        structural=True)
     scope_positions: Literal["targets", "after_anchor"] = option("targets",
         "which positions of an edit become keys: `targets` (those that predict a target token) or `after_anchor` "
         "(every position after the anchor's last token up to those, which needs `locality_guard`)")
@@ -182,6 +197,12 @@ class MEMoEHyperParams:
         "(the call's other edits' templates and a fixed list), whose next-token distributions are kept by a KL "
         "term (see below). 0 turns it off")
     preserve_weight: float = option(1.0, "weight of the preservation KL term")
+    chat: Literal["auto", "on", "off"] = option("off",
+        "**extension.** Edits that hold when the model is asked through its chat template. `auto` (when the "
+        "tokenizer has a chat template) or `on`: each edit is also trained as EasyEdit scores it with "
+        "`use_chat_template` (its user turn and the generation prompt, then the target), the template's own "
+        "tokens never count as anchors, and the key scope decides a template token on the conversation's last "
+        "token before it (see below). `off`: raw prompts only", structural=True)
 
     # ------------------------------------------------------------------------
     @classmethod
@@ -281,6 +302,13 @@ class MEMoEHyperParams:
         need(self.scope_anti_keys == "none" or self.scope_keys, "scope_anti_keys",
              "'none' unless scope_keys is true: anti-keys are compared with the key scope's keys")
         need(self.scope_anti_relations >= 1, "scope_anti_relations", "an integer >= 1")
+        need(not self.scope_stop_keys or self.scope_keys, "scope_stop_keys",
+             "false unless scope_keys is true: stop keys are anti-keys of the key scope")
+        need(self.scope_anti_probes >= 1, "scope_anti_probes", "an integer >= 1")
+        need(self.chat in CHAT_MODES, "chat", f"one of {CHAT_MODES}")
+        need(self.chat != "off" or not self.use_chat_template, "chat",
+             "'auto' or 'on' with use_chat_template: true (EasyEdit then asks every edit through the chat "
+             "template, so MEMoE must train it there)")
         need(-1.0 <= self.scope_anti_margin <= 2.0, "scope_anti_margin", "a number in [-1, 2]")
         need(-1.0 <= self.scope_copy_similarity <= 1.0, "scope_copy_similarity", "a cosine similarity in [-1, 1]")
         need(self.expert_routing in EXPERT_ROUTINGS, "expert_routing", f"one of {EXPERT_ROUTINGS}")
@@ -343,42 +371,6 @@ def flatten_sections(config: dict) -> dict:
         else:
             flat[key] = value
     return flat
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check one YAML value against its field type; accept '1e-4'-style strings for floats."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
-    for option in options:
-        if typing.get_origin(option) is Literal:
-            if value in typing.get_args(option):
-                return value
-            continue
-        if option is type(None) and value is None:
-            return None
-        if option is bool and isinstance(value, bool):
-            return value
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if option is float and not isinstance(value, bool):
-            if isinstance(value, (int, float)):
-                return float(value)
-            if isinstance(value, str):
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
-        if option is str and isinstance(value, str):
-            return value
-    names = " or ".join(type_name(o) for o in options)
-    raise ValueError(f"{key} = {value!r} ({type(value).__name__}): expected {names}")
-
-
-def type_name(option) -> str:
-    """How the YAML reference and the errors name a field type."""
-    if typing.get_origin(option) is Literal:
-        values = [f"`{v}`" for v in typing.get_args(option)]
-        return "one of " + ", ".join(values)
-    return "unset" if option is type(None) else getattr(option, "__name__", str(option))
 
 
 def structural_keys() -> tuple[str, ...]:

@@ -73,10 +73,15 @@ class MoEBypass(nn.Module):
             routing.outputs.append(mixed)
         return out + mixed.delta.to(out.dtype)
 
-    def mixture(self, x: torch.Tensor, routing: Optional[RoutingInputs] = None) -> MixtureOutput:
-        """``scale * sum_e G_e(x) W_e x`` with ``G = top_k(softmax(W_g R(x) + noise))``, and the balance loss."""
+    def mixture(self, x: torch.Tensor, routing: Optional[RoutingInputs] = None,
+                where: Optional[Selection] = None) -> MixtureOutput:
+        """``scale * sum_e G_e(x) W_e x`` with ``G = top_k(softmax(W_g R(x) + noise))``, and the balance loss.
+
+        ``where``: the scope's :class:`Selection` for ``x`` and ``routing`` when the caller has it (training computes
+        it once per batch: it depends on frozen inputs and on keys that do not change while the experts learn)."""
         routing = routing or RoutingInputs()
-        where = self.scope.select(x, routing) if self.scope is not None else Selection.everywhere(x)
+        if where is None:
+            where = self.scope.select(x, routing) if self.scope is not None else Selection.everywhere(x)
         if where.nowhere:
             return self._silent(x, where)
         if self.router is not None:

@@ -169,14 +169,14 @@ def test_context_prefixes_add_entity_free_variants():
     from conftest import make_hparams
     from memoe_plugin.routing.extractors import OfflineExtractor
     from memoe_plugin.hparams import CONTEXT_PREFIXES
-    from memoe_plugin.apply import with_context_prefixes
-    batch = with_context_prefixes(EDITS, make_hparams(context_prefixes=2))
+    from memoe_plugin.apply import training_variants
+    batch = training_variants(EDITS, make_hparams(context_prefixes=2))
     assert len(batch) == 3 * len(EDITS) and batch[:3] == EDITS
     assert batch[3]["prompt"] == f"{CONTEXT_PREFIXES[0]} {EDITS[0]['prompt']}"
     assert all(b["target_new"] == e["target_new"] for b, e in zip(batch[3:6], EDITS))
     for prefix in CONTEXT_PREFIXES:   # the prefixes bring no knowledge anchor of their own
         assert OfflineExtractor()(prefix + " x") == []
-    assert with_context_prefixes(EDITS, make_hparams()) == EDITS
+    assert training_variants(EDITS, make_hparams()) == EDITS
 
 
 def test_a_later_call_uses_its_own_settings_or_refuses_the_ones_it_cannot_honour(tokenizer):

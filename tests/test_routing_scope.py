@@ -204,7 +204,7 @@ def test_anti_keys_rule_nearness_and_the_floor_of_an_anti_key_in_the_edits_own_w
     sizes = scope.sizes()
     scope.add_anti_keys(torch.ones(2, 3), torch.tensor([0, 0]), torch.tensor([NO_FLOOR, NO_FLOOR]))
     scope.truncate(sizes)                                             # a failed call takes its anti-keys back
-    assert scope.sizes() == (1, 2)
+    assert scope.sizes() == (1, 2, 0)
 
 
 def test_another_relation_of_the_subject_is_kept_out_while_the_edit_takes(tokenizer):

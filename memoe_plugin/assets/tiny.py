@@ -27,6 +27,23 @@ def train_tokenizer(corpus: Sequence[str], vocab_size: int = 400, padding_side: 
     return tokenizer
 
 
+# A chat template of the ChatML kind (SmolLM2's and Qwen's), with a default system turn naming an entity, for tests
+# of edits asked through a template.
+CHAT_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\nYou are Helpful Bot, made by Hugging Face<|im_end|>\n' }}{% endif %}"
+                 "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def train_chat_tokenizer(corpus: Sequence[str], vocab_size: int = 400):
+    """:func:`train_tokenizer` with ``<|im_start|>`` and ``<|im_end|>`` as special tokens and :data:`CHAT_TEMPLATE`."""
+    tokenizer = train_tokenizer(list(corpus) + ["system user assistant You are Helpful Bot, made by Hugging Face"],
+                                vocab_size)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 4):
     """A random Llama with hidden size 32 (``model.layers.{}.mlp.down_proj``), in eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -114,3 +114,54 @@ def wild_scores(model, tokenizer, request: dict) -> dict:
             text = wild_answer(model, tokenizer, prompt, instruction)
             out[f"wild_{name}{suffix}"] = {"text": text, "exact_match": exact_match(text, target)}
     return out
+
+
+CHAT_MAX_TOKENS = 32
+
+
+@torch.no_grad()
+def chat_reply(model, tokenizer, prompt: str, max_new_tokens: int = CHAT_MAX_TOKENS) -> str:
+    """The model's greedy reply to ``prompt`` asked as a user turn through the tokenizer's chat template (with the
+    template's default system turn, if it has one), up to the end of the turn or ``max_new_tokens`` tokens."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+    device = next(model.parameters()).device
+    encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def contains_answer(reply: str, target: str) -> float:
+    """1.0 when the normalised ``target`` appears in the normalised ``reply`` as whole words, else 0.0."""
+    reply, target = normalize_answer(reply), normalize_answer(target)
+    return float(bool(target) and f" {target} " in f" {reply} ")
+
+
+def chat_prompts(request: dict) -> dict:
+    """What ``--chat`` asks through the template: the edit prompt, its rephrasing and the unrelated prompt (EasyEdit's
+    request format: ``rephrase_prompt``, ``locality['neighborhood']['prompt']``), those the request has."""
+    unrelated = ((request.get("locality") or {}).get("neighborhood") or {}).get("prompt")
+    if isinstance(unrelated, list):
+        unrelated = unrelated[0] if unrelated else None
+    prompts = {"chat_rewrite": request.get("prompt"), "chat_rephrase": request.get("rephrase_prompt"),
+               "chat_unrelated": unrelated}
+    return {name: prompt for name, prompt in prompts.items() if isinstance(prompt, str) and prompt}
+
+
+def chat_scores(model, tokenizer, request: dict, before: dict | None = None) -> dict:
+    """Replies through the chat template: for the edit prompt and its rephrasing, whether the reply contains the new
+    answer; for the unrelated prompt, whether the reply is the one the unedited model gave (``before``: the unedited
+    model's :func:`chat_scores`; without it, the replies alone)."""
+    out = {}
+    for name, prompt in chat_prompts(request).items():
+        text = chat_reply(model, tokenizer, prompt)
+        score = {"text": text}
+        if name == "chat_unrelated":
+            if before is not None and name in before:
+                score["unchanged"] = float(text == before[name]["text"])
+        else:
+            score["contains"] = contains_answer(text, request["target_new"])
+        out[name] = score
+    return out

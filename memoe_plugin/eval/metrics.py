@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Optional
 
 SCORES = ("reliability", "generality", "locality", "same_subject")
@@ -48,7 +49,11 @@ GENERATION_SCORES = {"gen_em": ("rewrite", "exact_match"), "gen_f1": ("rewrite",
                      # WILD-style (memoe-compare --wild): natural stop, exact match; plain and behind an instruction
                      "wild_em": ("wild_rewrite", "exact_match"), "wild_em_rephrase": ("wild_rephrase", "exact_match"),
                      "wild_em_instructed": ("wild_rewrite_instructed", "exact_match"),
-                     "wild_em_rephrase_instructed": ("wild_rephrase_instructed", "exact_match")}
+                     "wild_em_rephrase_instructed": ("wild_rephrase_instructed", "exact_match"),
+                     # asked through the chat template (memoe-compare --chat): the reply contains the new answer;
+                     # the unrelated prompt's reply is the unedited model's
+                     "chat_edit": ("chat_rewrite", "contains"), "chat_rephrase": ("chat_rephrase", "contains"),
+                     "chat_unrelated": ("chat_unrelated", "unchanged")}
 
 
 def aggregate(metrics: list[dict]) -> dict:
@@ -75,11 +80,38 @@ def aggregate(metrics: list[dict]) -> dict:
     pre_em = [m["pre_generation"]["rewrite"]["exact_match"] for m in metrics
               if "rewrite" in (m.get("pre_generation") or {})]
     out["pre_gen_em"] = 100.0 * sum(pre_em) / len(pre_em) if pre_em else None
+    # CounterFact's rephrasings are of two kinds (ROME's paraphrase prompts: an unrelated sentence, then the fact
+    # reworded; and its generation prompts, which often ask another fact of the subject): generality of each
+    for kind, wanted in (("generality_paraphrase", True), ("generality_other", False)):
+        values = [flat_mean(m.get("post", {}).get("rephrase_acc")) for m in metrics
+                  if is_paraphrase_prompt(*_rephrase_and_subject(m)) == wanted]
+        values = [v for v in values if v is not None]
+        out[kind] = 100.0 * sum(values) / len(values) if values else None
     parts = [out[k] for k in SCORES if out[k] is not None]
     # The paper's average is over reliability, generality and locality; where the data also
     # scores same-subject locality (KnowEdit), it is the fourth column of the mean.
     out["average"] = sum(parts) / len(parts) if parts and out["reliability"] is not None else None
     return out
+
+
+_SENTENCE_END = re.compile(r"[.!?:;\n][\"')\]]*\s")
+
+
+def is_paraphrase_prompt(prompt: Optional[str], subject: Optional[str]) -> Optional[bool]:
+    """Whether ``prompt`` puts a sentence of other text before the fact (ROME's paraphrase prompts: "A Maranon Week is
+    annually held since 1990. Howard Glacier is in"): the text before the subject's first mention ends a sentence.
+    None when the prompt or subject is missing or the subject is not in the prompt."""
+    if not isinstance(prompt, str) or not isinstance(subject, str) or not subject.strip():
+        return None
+    at = prompt.lower().find(subject.strip().lower())
+    if at < 0:
+        return None
+    return bool(_SENTENCE_END.search(prompt[:at] + " "))
+
+
+def _rephrase_and_subject(metric: dict) -> tuple[Optional[str], Optional[str]]:
+    request = metric.get("requested_rewrite") or {}
+    return request.get("rephrase_prompt"), request.get("subject")
 
 
 def mean_post(metrics: list[dict], key: str) -> float:

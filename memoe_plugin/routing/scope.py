@@ -36,7 +36,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-NO_FLOOR = -2.0     # an anti-key whose floor is below every cosine: nearness alone counts
+NO_FLOOR = -2.0     # an anti-key whose floor is below every cosine: nearness alone counts, by ``anti_margin``
+ANY_FLOOR = -1.0    # an anti-key that counts wherever a position is nearer it than its key, whatever the margin
 STORAGE_DTYPES = {"float16": torch.float16, "int8": torch.int8}
 
 
@@ -114,6 +115,10 @@ class KeyScope(nn.Module):
         # rows kept as ``storage`` (float16, or int8 with a float32 scale per row in the *_scale buffers)
         self.register_buffer("keys", torch.zeros(0, view, device=device, dtype=stored))
         self.register_buffer("edit_ids", torch.zeros(0, dtype=torch.long, device=device))
+        # what each key's position was (routing.template: plain text, a conversation's own token, a chat template
+        # token read at the conversation's last token): a key matches positions of its kind only, since its snap
+        # input was trained for that context
+        self.register_buffer("key_kind", torch.zeros(0, dtype=torch.int8, device=device))
         # raw bypass input of each key (only with snap > 0: 2 bytes per feature per key, 1 as int8)
         self.register_buffer("inputs", torch.zeros(0, input_dim or dim, device=device, dtype=stored))
         self.register_buffer("anti_keys", torch.zeros(0, view, device=device, dtype=stored))
@@ -121,19 +126,35 @@ class KeyScope(nn.Module):
             self.register_buffer(name, torch.zeros(0, device=device, dtype=torch.float32))
         self.register_buffer("anti_edit_ids", torch.zeros(0, dtype=torch.long, device=device))
         self.register_buffer("anti_floor", torch.zeros(0, device=device, dtype=torch.float16))
+        # scope_anti_keys: prototypes. Shared: each relation's effect on the input in each context [contexts,
+        # relations, dim] and each context's offset [contexts, dim] (routing.prototypes). Per edit: its subject
+        # vector, and which relations it asks itself (no anti-key of its own relation)
+        self.register_buffer("proto_effects", torch.zeros(0, 0, dim, device=device))
+        self.register_buffer("proto_offsets", torch.zeros(0, dim, device=device))
+        self.register_buffer("subjects", torch.zeros(0, dim, device=device, dtype=stored))
+        self.register_buffer("subject_ids", torch.zeros(0, dtype=torch.long, device=device))
+        self.register_buffer("subject_skip", torch.zeros(0, 0, dtype=torch.bool, device=device))
         self.calibrated = False
-        self._key_index, self._anti_index = EditIndex(), EditIndex()
+        self._key_index, self._anti_index, self._subject_index = EditIndex(), EditIndex(), EditIndex()
 
-    SCALES = {"keys": "key_scale", "inputs": "input_scale", "anti_keys": "anti_scale"}   # rows -> their scales
+    SCALES = {"keys": "key_scale", "inputs": "input_scale", "anti_keys": "anti_scale",
+              "subjects": "subject_scale"}   # rows -> their scales
 
     def __len__(self) -> int:
         return self.keys.shape[0]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.edit_ids, self.inputs, self.anti_keys,
-                                                           self.anti_edit_ids, self.anti_floor,
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.edit_ids, self.key_kind, self.inputs,
+                                                           self.anti_keys, self.anti_edit_ids, self.anti_floor,
+                                                           self.subjects, self.subject_ids, self.subject_skip,
                                                            *(getattr(self, s) for s in self.SCALES.values())))
+
+    @property
+    def shared_nbytes(self) -> int:
+        """Bytes kept once, whatever the number of edits: the centre, the directions and the relation prototypes."""
+        return sum(t.numel() * t.element_size() for t in (self.center, self.basis, self.proto_effects,
+                                                           self.proto_offsets))
 
     def rows(self, name: str, index: Optional[torch.Tensor] = None, dtype=torch.float32) -> torch.Tensor:
         """The kept rows ``name`` (``keys``, ``inputs``, ``anti_keys``), or those at ``index``, as ``dtype``."""
@@ -149,9 +170,9 @@ class KeyScope(nn.Module):
         scales = self.SCALES[name]
         setattr(self, scales, torch.cat([getattr(self, scales), scale.to(getattr(self, scales).device)]))
 
-    def sizes(self) -> tuple[int, int]:
-        """(keys, anti-keys) held now: what :meth:`truncate` takes back to."""
-        return len(self), self.anti_keys.shape[0]
+    def sizes(self) -> tuple[int, int, int]:
+        """(keys, anti-keys, subject vectors) held now: what :meth:`truncate` takes back to."""
+        return len(self), self.anti_keys.shape[0], self.subjects.shape[0]
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor) -> None:
@@ -175,11 +196,15 @@ class KeyScope(nn.Module):
         return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor, edit_ids: torch.Tensor, inputs: Optional[torch.Tensor] = None) -> None:
+    def add(self, x: torch.Tensor, edit_ids: torch.Tensor, inputs: Optional[torch.Tensor] = None,
+            kind: Optional[torch.Tensor] = None) -> None:
         """Keep the rows of ``x`` [n, dim] as keys of the edits ``edit_ids`` [n]; ``inputs`` [n, input_dim] are
-        their bypass inputs (default ``x``), kept for the snap."""
+        their bypass inputs (default ``x``), kept for the snap; ``kind`` [n] is what each key's position was
+        (``routing.template``; default: plain text)."""
         self._append("keys", self.view(x))
         self.edit_ids = torch.cat([self.edit_ids, edit_ids.to(self.edit_ids.device, torch.long)])
+        kinds = torch.zeros(x.shape[0], dtype=torch.int8) if kind is None else kind.to(torch.int8)
+        self.key_kind = torch.cat([self.key_kind, kinds.to(self.key_kind.device)])
         if self.snap > 0:
             self._append("inputs", (x if inputs is None else inputs).detach())
 
@@ -192,21 +217,44 @@ class KeyScope(nn.Module):
         self.anti_floor = torch.cat([self.anti_floor, floors.to(self.anti_floor.device, self.anti_floor.dtype)])
 
     @torch.no_grad()
-    def truncate(self, sizes: tuple[int, int]) -> None:
-        """Drop the keys and anti-keys added after ``sizes`` (:meth:`sizes`; a failed edit call takes its own
-        back)."""
-        keys, anti = sizes
+    def set_prototypes(self, effects: torch.Tensor, offsets: torch.Tensor) -> None:
+        """The relation prototypes the synthetic anti-keys are made of (``scope_anti_keys: prototypes``)."""
+        self.proto_effects = effects.to(self.center.device, torch.float32)
+        self.proto_offsets = offsets.to(self.center.device, torch.float32)
+
+    @property
+    def has_prototypes(self) -> bool:
+        return self.proto_effects.numel() > 0
+
+    @torch.no_grad()
+    def add_subjects(self, vectors: torch.Tensor, edit_ids: torch.Tensor, skip: torch.Tensor) -> None:
+        """Keep each edit's subject vector [n, dim] and the relations it asks [n, relations] (bool)."""
+        self._append("subjects", vectors.float())
+        self.subject_ids = torch.cat([self.subject_ids, edit_ids.to(self.subject_ids.device, torch.long)])
+        have = self.subject_skip if self.subject_skip.shape[0] else self.subject_skip.new_zeros(0, skip.shape[1])
+        self.subject_skip = torch.cat([have, skip.to(have.device, torch.bool)])
+
+    @torch.no_grad()
+    def truncate(self, sizes: tuple[int, ...]) -> None:
+        """Drop the keys, anti-keys and subject vectors added after ``sizes`` (:meth:`sizes`; a failed edit call
+        takes its own back)."""
+        keys, anti, subjects = (tuple(sizes) + (self.subjects.shape[0],))[:3]
+        self.subjects, self.subject_ids = self.subjects[:subjects], self.subject_ids[:subjects]
+        self.subject_skip, self.subject_scale = self.subject_skip[:subjects], self.subject_scale[:subjects]
         self.keys, self.edit_ids, self.inputs = self.keys[:keys], self.edit_ids[:keys], self.inputs[:keys]
+        self.key_kind = self.key_kind[:keys]
         self.anti_keys, self.anti_edit_ids = self.anti_keys[:anti], self.anti_edit_ids[:anti]
         self.anti_floor = self.anti_floor[:anti]
         self.key_scale, self.input_scale = self.key_scale[:keys], self.input_scale[:keys]
         self.anti_scale = self.anti_scale[:anti]
 
     def match(self, x: torch.Tensor, allowed: Optional[torch.Tensor] = None,
-              sight: Optional[torch.Tensor] = None) -> Match:
+              sight: Optional[torch.Tensor] = None, kind: Optional[torch.Tensor] = None) -> Match:
         """Best cosine similarity of each row of ``x`` [..., dim] to a key, the edit that key belongs to, the
         key's index, and whether that edit's anti-keys block the row. ``allowed`` [..., m] (bool) limits each
-        row to the keys of some edits: column j stands for edit ``sight[j]`` (``sight`` None: for edit j)."""
+        row to the keys of some edits: column j stands for edit ``sight[j]`` (``sight`` None: for edit j).
+        ``kind`` [...]: what each row is (``routing.template``: plain text, a conversation's own token, a chat
+        template token), matched with keys of its kind only; None: every row is plain."""
         shape = x.shape[:-1]
         flat = self.view(x.reshape(-1, x.shape[-1]))
 
@@ -228,6 +276,11 @@ class KeyScope(nn.Module):
                 return nothing()
             ids = self.edit_ids[rows].to(flat.device)
         sims = flat @ self.rows("keys", rows, flat.dtype).to(flat.device).t()   # [rows, keys in sight]
+        kinds = self.key_kind if rows is None else self.key_kind[rows.to(self.key_kind.device)]
+        row_kinds = (torch.zeros(flat.shape[0], dtype=torch.int8, device=flat.device) if kind is None
+                     else kind.reshape(-1).to(flat.device, torch.int8))
+        if bool(kinds.any()) or bool(row_kinds.any()):
+            sims = sims.masked_fill(row_kinds.unsqueeze(-1) != kinds.to(flat.device).unsqueeze(0), -1.0)
         if allowed is not None:   # the column of each key's edit (every key here has one: rows_of chose them)
             sims = sims.masked_fill(~allowed[:, torch.searchsorted(sight, ids)], -1.0)
         best, index = sims.max(dim=-1)
@@ -244,16 +297,15 @@ class KeyScope(nn.Module):
         the key: by more than ``anti_margin``, or, for an anti-key with a floor, at all and at least as near as
         the floor."""
         blocked = torch.zeros_like(best, dtype=torch.bool)
-        if not self.anti_keys.shape[0]:
+        if not self.anti_keys.shape[0] and not self.subjects.shape[0]:
             return blocked
         candidates = ((best >= self.threshold) & (edit >= 0)).nonzero().flatten()
         for e in edit[candidates].unique().tolist():
-            own = self._anti_index.rows_of(self.anti_edit_ids, torch.tensor([e]))
-            if not own.numel():
+            anti, floor = self.anti_keys_of(e, flat.dtype)
+            if not anti.shape[0]:
                 continue
             rows = candidates[edit[candidates] == e]
-            anti = self.rows("anti_keys", own, flat.dtype).to(flat.device)
-            floor = self.anti_floor[own].to(flat.device, flat.dtype)
+            anti, floor = anti.to(flat.device), floor.to(flat.device)
             for lo in range(0, rows.numel(), chunk):
                 part = rows[lo:lo + chunk]
                 sims = flat[part] @ anti.t()                               # [part, own]
@@ -262,6 +314,30 @@ class KeyScope(nn.Module):
                                                                                                 self.anti_margin))
                 blocked[part] = ((sims > key + margin) & (sims >= floor)).any(-1)   # a tie keeps the key
         return blocked
+
+    def anti_keys_of(self, edit: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """One edit's anti-keys (unit views [n, view]) and their floors [n]: those kept (relation_bank, stop keys) and
+        those made from its subject vector and the relation prototypes."""
+        own = self._anti_index.rows_of(self.anti_edit_ids, torch.tensor([edit]))
+        anti = [self.rows("anti_keys", own, dtype)] if own.numel() else []
+        floor = [self.anti_floor[own].to(dtype)] if own.numel() else []
+        if self.subjects.shape[0] and self.has_prototypes:
+            row = self._subject_index.rows_of(self.subject_ids, torch.tensor([edit]))
+            for r in row.tolist():
+                subject = self.rows("subjects", torch.tensor([r]), torch.float32)[0]
+                made = self.view(self.prototype_inputs(subject, r)).to(dtype)
+                anti.append(made.to(self.anti_floor.device))
+                floor.append(torch.full((made.shape[0],), NO_FLOOR, dtype=dtype, device=self.anti_floor.device))
+        if not anti:
+            return torch.zeros(0, self.keys.shape[1], dtype=dtype), torch.zeros(0, dtype=dtype)
+        return torch.cat(anti), torch.cat(floor)
+
+    def prototype_inputs(self, subject: torch.Tensor, row: int) -> torch.Tensor:
+        """The synthetic anti-key inputs of subject vector ``row``: the subject plus each relation's effect it does
+        not ask, in each context, shifted by the context's offset (``routing.prototypes``)."""
+        skip = self.subject_skip[row].to(self.proto_effects.device)
+        effects = self.proto_effects[:, ~skip[:self.proto_effects.shape[1]]]
+        return (subject.to(effects.device) + effects + self.proto_offsets.unsqueeze(1)).reshape(-1, subject.shape[-1])
 
     def snap_inputs(self, x: torch.Tensor, key: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """``x`` [..., input_dim] with the rows at ``where`` moved the share ``snap`` of the way to the raw input
@@ -275,6 +351,7 @@ class KeyScope(nn.Module):
         target = self.rows("inputs", key.clamp_min(0), x.dtype).to(x.device)   # rows, then cast
         return torch.where(where.unsqueeze(-1), torch.lerp(x, target, self.snap), x)
 
-    def in_scope(self, x: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
-        found = self.match(x, allowed)
+    def in_scope(self, x: torch.Tensor, allowed: Optional[torch.Tensor] = None,
+                 kind: Optional[torch.Tensor] = None) -> torch.Tensor:
+        found = self.match(x, allowed, kind=kind)
         return (found.similarity >= self.threshold) & ~found.blocked

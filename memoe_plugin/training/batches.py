@@ -7,18 +7,27 @@ what is trained is what is scored.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 
 @dataclass
 class EditBatch:
-    input_ids: torch.Tensor        # [batch, seq], right-padded
+    input_ids: torch.Tensor        # [batch, seq], left-padded: every row's last token in the last column
     attention_mask: torch.Tensor
     rows: torch.Tensor             # target token i sits at (rows[i], positions[i] + 1)
     positions: torch.Tensor        # position whose logits predict target token i
     targets: torch.Tensor          # the target token ids
     indices: torch.Tensor          # row r is request indices[r] of the list the batches were built from
+    position_ids: torch.Tensor     # [batch, seq]: each row's own token positions (0 at its first real token)
+
+    def model_inputs(self, start: int = 0, stop: Optional[int] = None) -> dict:
+        """Keyword arguments of a model call on columns ``start:stop``: the ids, the attention mask of columns
+        ``0:stop`` (a call after a cached prefix sees it), and the rows' own positions, so that padding shifts no
+        position (a model with absolute positions, GPT-2, computes exactly what it computes on the row alone)."""
+        return {"input_ids": self.input_ids[:, start:stop], "attention_mask": self.attention_mask[:, :stop],
+                "position_ids": self.position_ids[:, start:stop]}
 
 
 def build_edit_batches(tokenizer, requests: list[dict], device, max_buckets: int = 3,
@@ -27,7 +36,10 @@ def build_edit_batches(tokenizer, requests: list[dict], device, max_buckets: int
     where a bucket would hold over ``micro_batch`` requests (0: no bound): training runs one bucket's graph at a
     time (``train_micro_batch``), so the bound caps its memory."""
     lengths = [len(tokenizer(r["prompt"] + " " + r["target_new"])["input_ids"]) for r in requests]
-    order = sorted(range(len(requests)), key=lengths.__getitem__)
+    answers = [length - len(tokenizer(r["prompt"])["input_ids"]) for r, length in zip(requests, lengths)]
+    # rows are left-padded, and the layers above the adapter run from a bucket's first column where the bypass
+    # acts, which the longest answer sets: rows with answers of one length train together
+    order = sorted(range(len(requests)), key=lambda i: (answers[i], lengths[i]))
     buckets = max(1, min(max_buckets, len(requests) // min_bucket))
     if micro_batch:
         buckets = max(buckets, -(-len(requests) // micro_batch))
@@ -37,39 +49,48 @@ def build_edit_batches(tokenizer, requests: list[dict], device, max_buckets: int
 
 
 def build_edit_batch(tokenizer, requests: list[dict], device, indices=None) -> EditBatch:
-    """Tokenise ``prompt + ' ' + target_new`` as EasyEdit's scoring does; right-pad."""
-    sequences, rows, positions, targets = [], [], [], []
-    for row, request in enumerate(requests):
+    """Tokenise ``prompt + ' ' + target_new`` as EasyEdit's scoring does; left-pad, so that the answers of all rows
+    sit in the last columns (training runs the layers above the adapter only from the first column where the bypass
+    acts in some row: ``fast_path``)."""
+    sequences, prompt_lengths, rows, positions, targets = [], [], [], [], []
+    for request in requests:
         prompt, target = request["prompt"], request["target_new"]
         full = tokenizer(prompt + " " + target)["input_ids"]
         prompt_len = len(tokenizer(prompt)["input_ids"])
         if len(full) <= prompt_len:
             raise ValueError(f"target_new {target!r} adds no tokens after prompt {prompt!r}")
         sequences.append(full)
+        prompt_lengths.append(prompt_len)
+    width = max(len(s) for s in sequences)
+    for row, (full, prompt_len) in enumerate(zip(sequences, prompt_lengths)):
+        pad = width - len(full)
         for pos in range(prompt_len, len(full)):
             rows.append(row)
-            positions.append(pos - 1)
+            positions.append(pad + pos - 1)
             targets.append(full[pos])
-    input_ids, attention_mask = right_padded(tokenizer, sequences)
-    as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)
+    input_ids, attention_mask = padded(tokenizer, sequences, left=True)
+    as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)   # noqa: E731
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     return EditBatch(input_ids.to(device), attention_mask.to(device), as_long(rows), as_long(positions),
-                     as_long(targets), as_long(list(range(len(requests))) if indices is None else list(indices)))
+                     as_long(targets), as_long(list(range(len(requests))) if indices is None else list(indices)),
+                     position_ids.to(device))
 
 
-def right_padded(tokenizer, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists as one right-padded ``[batch, seq]`` batch and its attention mask."""
+def padded(tokenizer, sequences: list[list[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one ``[batch, seq]`` batch, right- (or ``left``-) padded, and its attention mask."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id if pad_id is not None else 0, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     for row, seq in enumerate(sequences):
-        input_ids[row, :len(seq)] = torch.tensor(seq)
-        attention_mask[row, :len(seq)] = 1
+        where = slice(width - len(seq), width) if left else slice(0, len(seq))
+        input_ids[row, where] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, where] = 1
     return input_ids, attention_mask
 
 
 def build_prompt_batch(tokenizer, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prompts tokenised alone, right-padded: ``(input_ids, attention_mask, index of each last token)``."""
-    input_ids, attention_mask = right_padded(tokenizer, [tokenizer(text)["input_ids"] for text in texts])
+    input_ids, attention_mask = padded(tokenizer, [tokenizer(text)["input_ids"] for text in texts])
     last = attention_mask.sum(1) - 1
     return input_ids.to(device), attention_mask.to(device), last.to(device)

@@ -76,21 +76,33 @@ def capture_bypass(adapter, enabled: bool = False, stage: Optional[nn.Module] = 
             handle.remove()
 
 
+class _Stop(Exception):
+    """Raised once what a capture needs is recorded: the layers above are not run."""
+
+
 def run_batches(adapter, batches, enabled: bool = False) -> Capture:
-    """Run each batch through the whole model (no cache) inside :func:`capture_bypass`."""
+    """Run each batch (no cache) inside :func:`capture_bypass`, up to and including the bypass: what it reads and
+    the routing inputs it ran with are recorded, and the layers above it are not run."""
+    def stop(module, args, output):
+        raise _Stop
+
     with capture_bypass(adapter, enabled=enabled) as record:
-        for batch in batches:
-            adapter.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        handle = adapter.bypass.register_forward_hook(stop)
+        try:
+            for batch in batches:
+                try:
+                    adapter.model(**batch.model_inputs(), use_cache=False)
+                except _Stop:
+                    pass
+        finally:
+            handle.remove()
     return record
 
 
-class _Stop(Exception):
-    """Raised by :func:`scope_views` once the scope's input is captured: the layers above are not needed."""
-
-
 @torch.no_grad()
-def scope_views(adapter, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-    """What the key scope reads at the last token of each text (``[len(texts), dim]``), from the unedited model.
+def scope_views(adapter, texts: list[str], batch_size: int = 64, own_last: bool = False) -> torch.Tensor:
+    """What the key scope reads at the last token of each text (``[len(texts), dim]``), from the unedited model;
+    ``own_last``: at the last token that is not the chat template's own (texts asked through the template).
 
     Each batch runs only up to the block the scope reads (the bypass, or ``scope_layer``)."""
     from .batches import build_prompt_batch
@@ -110,6 +122,10 @@ def scope_views(adapter, texts: list[str], batch_size: int = 64) -> torch.Tensor
         for lo in range(0, len(texts), batch_size):
             input_ids, attention_mask, last = build_prompt_batch(adapter.tokenizer, texts[lo:lo + batch_size],
                                                                  bypass.experts.device)
+            if own_last and adapter.template is not None:
+                lengths = attention_mask.sum(1).tolist()   # right-padded: the real tokens come first
+                last = torch.tensor([adapter.template.last_own(ids[:n]) for ids, n in zip(input_ids.tolist(), lengths)],
+                                    device=last.device)
             seen.clear()
             try:
                 adapter.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from ..compat import CacheNotFollowedError, cache_argument_name, output_cache
-from ..routing.inputs import RoutingInputs
 from .batches import EditBatch
 from .capture import capture_bypass
 
@@ -29,7 +28,9 @@ FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
 class UpperStack:
     """Runs the model from just after the adapted layer, reusing frozen activations."""
 
-    def __init__(self, adapter, batch: EditBatch, skip_silent_prefix: bool = True):
+    def __init__(self, adapter, batch: EditBatch, skip_silent_prefix: bool = True, known=None):
+        """``known``: the bypass call of ``batch`` when the caller has it (a ``capture.BypassCall``: the keys were
+        taken from it), which spares a full pass when a silent prefix is cut."""
         self.adapter, self.batch = adapter, batch
         model, hp = adapter.model, adapter.hparams
         layers_path = hp.module_template.split("{}")[0].rstrip(".")
@@ -40,50 +41,56 @@ class UpperStack:
         if self.final_norm is None or self.head is None:
             raise LookupError("no final norm / LM head found")
         self.routing = adapter.routing_features(batch.input_ids, batch.attention_mask)
-        self.start, self.cache = 0, None
+        self.start, self.cache, self.where = 0, None, None
+        x = self.x = None if known is None else known.x
+        self.routing.states = None if known is None else known.states
+        if x is None or not skip_silent_prefix:
+            self._capture()
+        if adapter.bypass.scope is not None:   # frozen inputs, keys that do not change in training: once
+            with torch.no_grad():
+                self.where = adapter.bypass.scope.select(self.x, self.routing)
         start = self._silent_prefix_length() if skip_silent_prefix else 0
         if start > 0 and self.upper_layers:
             self._capture_after_prefix(start)
-        else:
+        elif self.x is x and x is not None:
             self._capture()
 
     def _silent_prefix_length(self) -> int:
-        """Positions where the locality guard keeps the bypass silent in every row, and no loss is taken.
+        """Columns where the bypass adds nothing in any row, before the first target.
 
-        Their states never change in training, so the layers above the adapter can keep their keys and
-        values in a KV cache and recompute only the positions after them.
+        The bypass acts only where the scope selects (the locality guard, the key scope: both decided on frozen
+        inputs and on keys that do not change while training), so these columns' states never change in training;
+        the layers above the adapter keep their keys and values in a KV cache and recompute only the columns after
+        them. Rows are left-padded, so every row's answer sits in the last columns.
         """
-        active, mask = self.routing.active, self.routing.token_mask
+        routing = self.routing
+        active = None if self.where is None else self.where.active
         if active is None:
             return 0
-        real_and_active = active & mask.bool()
-        any_active = real_and_active.any(dim=0)
+        acting = active & routing.token_mask.bool().to(active.device)
+        any_active = acting.any(dim=0)
         first_active = int(any_active.nonzero()[0]) if any_active.any() else active.shape[1]
         return min(first_active, int(self.batch.positions.min()))
 
     def _capture_after_prefix(self, start: int) -> None:
-        """Fill a KV cache with the silent prefix, then capture the rest as it enters the upper layers."""
+        """Fill a KV cache with the silent prefix, then capture the rest as it enters the upper layers. The bypass
+        keeps reading every column (``self.x``, the full pass's): the key scope may read an earlier column (a chat
+        template token reads the conversation's last token), and only the columns from ``start`` go up."""
         batch, model = self.batch, self.adapter.model
+        x, states = self.x, self.routing.states
         with capture_bypass(self.adapter, stage=self.upper_layers[0]) as record:
-            prefix = model(input_ids=batch.input_ids[:, :start], attention_mask=batch.attention_mask[:, :start],
-                           use_cache=True)
+            prefix = model(**batch.model_inputs(0, start), use_cache=True)
             cache = output_cache(prefix)
-            model(input_ids=batch.input_ids[:, start:], attention_mask=batch.attention_mask,
-                  use_cache=True, **{cache_argument_name(model): cache})
+            model(**batch.model_inputs(start), use_cache=True, **{cache_argument_name(model): cache})
         self._keep(record)
+        self.x, self.routing.states = x, states
         truncate_cache(cache, start)
         self.start, self.cache = start, cache
-        cut = lambda t: None if t is None else t[:, start:]   # noqa: E731
-        r = self.routing
-        self.routing = RoutingInputs(features=cut(r.features), token_mask=cut(r.token_mask), active=cut(r.active),
-                                     allowed=cut(r.allowed), sight=r.sight,
-                                     states=r.states)   # states: the suffix call's already (_keep)
 
     def _capture(self) -> None:
         stage = self.upper_layers[0] if self.upper_layers else self.final_norm
         with capture_bypass(self.adapter, stage=stage) as record:
-            self.adapter.model(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask,
-                               use_cache=False)
+            self.adapter.model(**self.batch.model_inputs(), use_cache=False)
         self._keep(record)
 
     def _keep(self, record) -> None:
@@ -95,8 +102,8 @@ class UpperStack:
 
     def target_logits(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The target positions' logits and the bypass's balance loss, running only the layers above it."""
-        mixed = self.adapter.bypass.mixture(self.x, self.routing)
-        hidden = self.hidden + mixed.delta.to(self.hidden.dtype)
+        mixed = self.adapter.bypass.mixture(self.x, self.routing, self.where)
+        hidden = self.hidden + mixed.delta[:, self.start:].to(self.hidden.dtype)
         try:
             for layer in self.upper_layers:
                 hidden = layer(hidden, *self.args, **self.kwargs)
@@ -136,8 +143,7 @@ def full_target_logits(adapter, batch: EditBatch) -> torch.Tensor:
 def full_logits_and_aux(adapter, batch: EditBatch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The target positions' logits from a full forward pass, and the bypass's balance loss in it."""
     with adapter.recording() as outputs:
-        logits = adapter.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               use_cache=False).logits
+        logits = adapter.model(**batch.model_inputs(), use_cache=False).logits
     aux = outputs[-1].aux_loss if outputs else None
     return logits[batch.rows, batch.positions].float(), aux
 
@@ -173,13 +179,22 @@ def _trained_looking_experts(bypass):
                 p.copy_(value)
 
 
-def _logits_function(adapter, batch: EditBatch):
-    """The fastest correct way to get (target logits, balance loss): the cached upper stack, else full passes."""
+def _logits_function(adapter, batch: EditBatch, known=None):
+    """The fastest correct way to get (target logits, balance loss): the cached upper stack, else full passes.
+
+    Each shortcut (a cut silent prefix, the plain cached stack) is checked against a full pass the first time an
+    adapter uses it; the verdict holds for the adapter's later batches (``adapter.fast_path_checked``): it is a
+    property of the architecture, not of the batch."""
     full = lambda: full_logits_and_aux(adapter, batch)   # noqa: E731
     failures = (LookupError, KeyError, IndexError, TypeError, CacheNotFollowedError)
+    checked = adapter.__dict__.setdefault("fast_path_checked", {})
+    if checked.get("plain") is False:
+        return full, False
     try:
         try:
-            stack = UpperStack(adapter, batch)
+            if checked.get("prefix") is False:
+                raise LookupError("a cut prefix disagreed with the full model on this adapter before")
+            stack = UpperStack(adapter, batch, known=known)
             with torch.no_grad():
                 stack.target_logits()          # a cache that cannot be cut back fails here, not mid-training
         except LookupError:                    # no silent-prefix cache on this architecture: the plain path
@@ -187,26 +202,33 @@ def _logits_function(adapter, batch: EditBatch):
     except failures as err:
         warnings.warn(f"MEMoE: training with full forward passes ({err})")
         return full, False
-    with torch.no_grad(), _trained_looking_experts(adapter.bypass):
-        reference, shortcut = full()[0], stack.target_logits()[0]
-    if stack.cache is not None and not torch.allclose(reference, shortcut, rtol=1e-3, atol=1e-3):
-        stack = UpperStack(adapter, batch, skip_silent_prefix=False)   # the plain cached path, checked below
+    path = "prefix" if stack.cache is not None else "plain"
+    if path not in checked:
         with torch.no_grad(), _trained_looking_experts(adapter.bypass):
-            shortcut = stack.target_logits()[0]
-    if not torch.allclose(reference, shortcut, rtol=1e-3, atol=1e-3):
-        gap = (reference - shortcut).abs().max().item()
-        warnings.warn(f"MEMoE: cached activations disagree with the full model (max gap {gap:.2e}); "
-                      "training with full forward passes instead")
-        return full, False
+            reference, shortcut = full()[0], stack.target_logits()[0]
+        checked[path] = torch.allclose(reference, shortcut, rtol=1e-3, atol=1e-3)
+        if not checked[path] and path == "prefix":
+            stack = UpperStack(adapter, batch, skip_silent_prefix=False)   # the plain cached path, checked below
+            with torch.no_grad(), _trained_looking_experts(adapter.bypass):
+                shortcut = stack.target_logits()[0]
+            checked["plain"] = torch.allclose(reference, shortcut, rtol=1e-3, atol=1e-3)
+            path = "plain"
+        if not checked[path]:
+            gap = (reference - shortcut).abs().max().item()
+            warnings.warn(f"MEMoE: cached activations disagree with the full model (max gap {gap:.2e}); "
+                          "training with full forward passes instead")
+            return full, False
     return stack.target_logits, True
 
 
-def bucket_logits_functions(adapter, batches: list[EditBatch]):
+def bucket_logits_functions(adapter, batches: list[EditBatch], known: Optional[list] = None):
     """Per bucket, a function returning (its target logits, its balance loss); and whether all are cached.
+    ``known``: each bucket's bypass call (``capture.BypassCall``) when the caller has it.
 
     Training calls them one at a time and backpropagates each before the next, so one bucket's graph is
     held at a time (``train_micro_batch``)."""
-    functions = [_logits_function(adapter, batch) for batch in batches]
+    known = known or [None] * len(batches)
+    functions = [_logits_function(adapter, batch, call) for batch, call in zip(batches, known)]
     return [function for function, _ in functions], all(cached for _, cached in functions)
 
 

@@ -22,6 +22,7 @@ import torch
 
 from ..layer import MoEBypass
 from ..routing.inputs import RoutingInputs
+from ..routing.template import TEMPLATE
 from .capture import run_batches
 
 
@@ -37,7 +38,10 @@ class OutputMemory:
         self.capacity = capacity
         self.x: Optional[torch.Tensor] = None          # [rows, in]
         self.features: Optional[torch.Tensor] = None   # [rows, feature_dim], None without routing features
-        self.states: Optional[torch.Tensor] = None     # [rows, dim] what the key scope read (scope_layer), or None
+        self.states: Optional[torch.Tensor] = None     # [rows, dim] what the key scope read (scope_layer, or at a
+        #                                                chat template token: the conversation's last token), or None
+        self.kind: Optional[torch.Tensor] = None       # [rows] (int8) what each row was for the key scope
+        #                                                (routing.template), or None without a chat template
         self.delta: Optional[torch.Tensor] = None      # [rows, out]
         self.seen = 0
         self._rng = random.Random(seed)
@@ -53,6 +57,8 @@ class OutputMemory:
             tensors["memory.features"] = self.features
         if self.states is not None:
             tensors["memory.states"] = self.states
+        if self.kind is not None:
+            tensors["memory.kind"] = self.kind
         version, internal, gauss = self._rng.getstate()
         return tensors, {"capacity": self.capacity, "seen": self.seen,
                          "rng": [version, list(internal), gauss]}
@@ -61,25 +67,28 @@ class OutputMemory:
         self.x, self.delta = tensors.get("memory.x"), tensors.get("memory.delta")
         self.features = tensors.get("memory.features")
         self.states = tensors.get("memory.states")
+        self.kind = tensors.get("memory.kind")
         self.seen = int(info["seen"])
         version, internal, gauss = info["rng"]
         self._rng.setstate((version, tuple(internal), gauss))
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.x, self.features, self.delta, self.states)
-                   if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.x, self.features, self.delta, self.states,
+                                                           self.kind) if t is not None)
 
     def add(self, x: torch.Tensor, features: Optional[torch.Tensor], delta: torch.Tensor,
-            states: Optional[torch.Tensor] = None) -> None:
+            states: Optional[torch.Tensor] = None, kind: Optional[torch.Tensor] = None) -> None:
         """Keep new rows; past ``capacity``, each row seen so far stays with equal probability."""
         x, delta = x.detach().half(), delta.detach().half()
         features = None if features is None else features.detach().half()
         states = None if states is None else states.detach().half()
+        kind = None if kind is None else kind.detach().to(torch.int8)
         if self.x is None:
             self.x, self.delta = x[:0], delta[:0]
             self.features = None if features is None else features[:0]
             self.states = None if states is None else states[:0]
+            self.kind = None if kind is None else kind[:0]
         keep_new, replace = [], []
         for i in range(x.shape[0]):
             self.seen += 1
@@ -96,6 +105,8 @@ class OutputMemory:
                     self.features[slot] = features[i]
                 if states is not None:
                     self.states[slot] = states[i]
+                if kind is not None:
+                    self.kind[slot] = kind[i]
         if keep_new:
             index = torch.tensor(keep_new, dtype=torch.long, device=x.device)
             self.x = torch.cat([self.x, x[index]])
@@ -104,6 +115,8 @@ class OutputMemory:
                 self.features = torch.cat([self.features, features[index]])
             if states is not None:
                 self.states = torch.cat([self.states, states[index]])
+            if kind is not None:
+                self.kind = torch.cat([self.kind, kind[index]])
 
     @torch.no_grad()
     def routes_on(self, bypass: MoEBypass, experts: list[int], chunk: int = 4096) -> MemoryRoutes:
@@ -120,7 +133,9 @@ class OutputMemory:
         rows, inputs, chosen = [], [], []
         for lo in range(0, len(self), chunk):
             states = None if self.states is None else self.states[lo:lo + chunk].to(bypass.experts.device)
-            where = bypass.scope.select(self.x[lo:lo + chunk].to(bypass.experts.dtype), RoutingInputs(states=states))
+            kind = None if self.kind is None else self.kind[lo:lo + chunk]
+            where = bypass.scope.select(self.x[lo:lo + chunk].to(bypass.experts.dtype),
+                                        RoutingInputs(states=states, kind=kind))
             x, expert = where.expert_input, bypass.router.route(where)[0]
             keep = (expert[:, 0] >= 0) & wanted[expert[:, 0].clamp_min(0).to(wanted.device)]
             rows.append(keep.nonzero().flatten() + lo)
@@ -153,7 +168,8 @@ class OutputMemory:
             x = self.x[index].to(dtype).unsqueeze(0)
             features = None if self.features is None else self.features[index].to(dtype).unsqueeze(0)
             states = None if self.states is None else self.states[index].unsqueeze(0)
-            now = bypass.mixture(x, RoutingInputs(features=features, states=states)).delta[0]
+            kind = None if self.kind is None else self.kind[index].unsqueeze(0)
+            now = bypass.mixture(x, RoutingInputs(features=features, states=states, kind=kind)).delta[0]
         old = self.delta[index].to(now.dtype)
         return (now - old).pow(2).sum(-1).mean() / old.pow(2).sum(-1).mean().clamp_min(1e-12)
 
@@ -180,4 +196,9 @@ def remember_edits(adapter, batches) -> None:
         # later edits add keys near it, and its stored output could then never be met again
         x, delta = mixed.expert_input, mixed.delta
         features = None if routing.features is None else routing.features[rows]
-        memory.add(x[rows], features, delta[rows], None if call.states is None else call.states[rows])
+        states, kind = call.states, None
+        if routing.source is not None and bypass.scope is not None:   # a chat template token reads an earlier one
+            views, kind, _ = bypass.scope.view(call.x, routing)
+            states = torch.where((kind == TEMPLATE).unsqueeze(-1), views, x if states is None else states)
+            kind = kind[rows]
+        memory.add(x[rows], features, delta[rows], None if states is None else states[rows], kind)

@@ -6,15 +6,15 @@ from typing import Optional
 import torch
 
 from ..routing.relations import SAME_FRAME, anti_key_prompts
-from ..routing.scope import NO_FLOOR
+from ..routing.scope import ANY_FLOOR, NO_FLOOR
 from .batches import EditBatch
 from .capture import run_batches, scope_views
 
 
 @torch.no_grad()
-def register_keys(adapter, batches: list[EditBatch], requests: list[dict], first_edit: int) -> None:
+def register_keys(adapter, batches: list[EditBatch], requests: list[dict], first_edit: int) -> list:
     """Add the scope's view at the key positions of ``batches`` as keys, and (``scope_anti_keys``) the anti-keys
-    of the call's new edits.
+    of the call's new edits; return each batch's bypass call (``capture.BypassCall``), which training reuses.
 
     A request's keys belong to its ``_edit`` id (set by apply; replayed and prefixed copies keep
     their edit's id), else to ``first_edit`` + its index. The first call also fixes the scope's
@@ -25,15 +25,45 @@ def register_keys(adapter, batches: list[EditBatch], requests: list[dict], first
     views = [call.x if call.states is None else call.states for call in record.bypass]
     anti, anti_ids, floors = anti_keys(adapter, requests, first_edit)
     if not scope.calibrated:   # on the edits' own tokens only: a centre pulled toward the anti-key prompts
-        # (clozes about the subjects) brought other questions about a subject nearer its keys (docs/results.md)
-        scope.calibrate(torch.cat([view[b.attention_mask.bool()].float() for view, b in zip(views, batches)]))
+        # (clozes about the subjects) brought other questions about a subject nearer its keys (docs/results.md),
+        # and the chat template's own tokens (a system turn) are no edit's
+        scope.calibrate(torch.cat([view[own_tokens(b, call)].float() for view, b, call
+                                   in zip(views, batches, record.bypass)]))
+    stops, stop_ids = [], []
     for call, view, batch in zip(record.bypass, views, batches):
         rows, positions = key_positions(adapter, batch, call)
+        # at a chat template token the scope reads the conversation's last token before it (routing.source)
+        read = positions if call.routing.source is None else call.routing.source[rows, positions]
+        readable = read >= 0
+        rows, positions, read = rows[readable], positions[readable], read[readable]
         ids = torch.tensor([requests[i].get("_edit", first_edit + i) for i in batch.indices.tolist()],
                            dtype=torch.long, device=rows.device)
-        scope.add(view[rows, positions], ids[rows], inputs=call.x[rows, positions])
+        kind = None if call.routing.kind is None else call.routing.kind[rows, positions]
+        scope.add(view[rows, read], ids[rows], inputs=call.x[rows, positions], kind=kind)
+        if adapter.hparams.scope_stop_keys:   # the answer's last token: where the edit has said all it has to say
+            last = torch.full((batch.input_ids.shape[0],), -1, dtype=torch.long, device=rows.device)
+            last.scatter_reduce_(0, batch.rows, batch.positions + 1, reduce="amax")
+            kept = last >= 0
+            stops.append(view[kept.nonzero().flatten(), last[kept]])
+            stop_ids.append(ids[kept])
+    if stops:
+        stop_rows = torch.cat(stops)
+        scope.add_anti_keys(stop_rows, torch.cat(stop_ids), torch.full((stop_rows.shape[0],), ANY_FLOOR))
     if anti is not None:
         scope.add_anti_keys(anti, anti_ids, floors)
+    if adapter.hparams.scope_anti_keys == "prototypes":
+        from .prototypes import add_subject_vectors
+        add_subject_vectors(adapter, requests, first_edit)
+    return record.bypass
+
+
+def own_tokens(batch: EditBatch, call) -> torch.Tensor:
+    """[batch, seq] (bool): the real tokens of ``batch`` that are not the chat template's own."""
+    real = batch.attention_mask.bool()
+    source = call.routing.source
+    if source is None:
+        return real
+    return real & (source == torch.arange(source.shape[-1], device=source.device))
 
 
 def anti_keys(adapter, requests: list[dict], first_edit: int) -> tuple[Optional[torch.Tensor], torch.Tensor,
@@ -42,7 +72,7 @@ def anti_keys(adapter, requests: list[dict], first_edit: int) -> tuple[Optional[
     have theirs), their edit ids and floors; ``(None, ...)`` when there are none."""
     device = adapter.bypass.experts.device
     empty = (None, torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, device=device))
-    if adapter.hparams.scope_anti_keys == "none":
+    if adapter.hparams.scope_anti_keys != "relation_bank":
         return empty
     texts, ids, floors, done = [], [], [], set()
     for i, request in enumerate(requests):

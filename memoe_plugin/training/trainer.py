@@ -61,10 +61,9 @@ def train_experts(adapter, requests: list[dict], progress: bool = False,
     scope = adapter.scope
     keys_before = None if scope is None else scope.sizes()
     try:
-        if scope is not None:
-            register_keys(adapter, batches, requests, len(adapter.edits))
+        known = register_keys(adapter, batches, requests, len(adapter.edits)) if scope is not None else None
         with bypass.learning_only(learning_ids) as experts:   # earlier experts: no gradient, no Adam state
-            report = _fit(adapter, batches, experts, subjects_of or requests, progress)
+            report = _fit(adapter, batches, experts, subjects_of or requests, progress, known)
             if not all(torch.isfinite(p).all() for p in (experts, bypass.gate.weight)):
                 raise TrainingDivergedError(f"MEMoE training left non-finite expert weights; the edit was not "
                                             f"kept. Lower lr (now {hp.lr}) or scale (now {hp.scale}).")
@@ -87,7 +86,8 @@ def train_experts(adapter, requests: list[dict], progress: bool = False,
     return report
 
 
-def _fit(adapter, batches, experts: torch.nn.Parameter, subjects_of: list[dict], progress: bool) -> TrainReport:
+def _fit(adapter, batches, experts: torch.nn.Parameter, subjects_of: list[dict], progress: bool,
+         known: Optional[list] = None) -> TrainReport:
     """The optimisation loop of :func:`train_experts` on ``experts`` (the learning ones) and the gate."""
     hp, bypass = adapter.hparams, adapter.bypass
     targets = torch.cat([b.targets for b in batches])
@@ -97,7 +97,7 @@ def _fit(adapter, batches, experts: torch.nn.Parameter, subjects_of: list[dict],
     optimizer = torch.optim.Adam([{"params": [experts]},
                                   {"params": [bypass.gate.weight], "lr": lr * hp.gate_lr_scale}],
                                  lr=lr, weight_decay=hp.weight_decay)
-    buckets, cached = bucket_logits_functions(adapter, batches)
+    buckets, cached = bucket_logits_functions(adapter, batches, known)
     preservation, preserved_logits = None, None
     if hp.preserve_prompts and hp.preserve_weight > 0:
         preservation = Preservation(adapter, subjects_of, hp.preserve_prompts, hp.seed)

@@ -14,6 +14,7 @@ import torch
 
 from ..routing.inputs import RoutingInputs
 from ..routing.scope import KeyScope
+from ..routing.template import TEMPLATE
 
 
 class Selection(NamedTuple):
@@ -58,19 +59,37 @@ class ScopeVariant:
         allowed = routing.allowed
         if allowed is not None and allowed.shape[:-1] != x.shape[:-1]:
             allowed = None
-        match = self.keys.match(self.view(x, routing), allowed, routing.sight)
+        view, kind, readable = self.view(x, routing)
+        match = self.keys.match(view, allowed, routing.sight, kind=kind)
         keyed = (match.similarity >= self.keys.threshold) & ~match.blocked
+        if readable is not None:
+            keyed = keyed & readable
         active = keyed if active is None else active & keyed
         return Selection(active, match.edit, self.keys.snap_inputs(x, match.key, active))
 
-    def view(self, x: torch.Tensor, routing: RoutingInputs) -> torch.Tensor:
-        """What the key scope compares: the bypass input, or the residual stream that entered ``scope_layer``."""
-        if not self.reads_block:
-            return x
-        states = routing.states
-        if states is None or states.shape[:-1] != x.shape[:-1]:
-            got = None if states is None else tuple(states.shape)
-            raise RuntimeError(f"MEMoE's key scope reads the residual stream of an earlier block (scope_layer), and "
-                               f"got {got} for the layer input {tuple(x.shape)}. Run the adapted module through the "
-                               "whole model (model(input_ids=...) or model.generate).")
-        return states.to(x.device)
+    def view(self, x: torch.Tensor, routing: RoutingInputs
+             ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """What the key scope compares at each position (a chat template token reads the conversation's last token
+        before it: ``routing.source``), what each position is (``routing.kind``), and where there is anything to read
+        (None: everywhere)."""
+        base = x
+        if self.reads_block:
+            states = routing.states
+            if states is None or states.shape[:-1] != x.shape[:-1]:
+                got = None if states is None else tuple(states.shape)
+                raise RuntimeError(f"MEMoE's key scope reads the residual stream of an earlier block (scope_layer), "
+                                   f"and got {got} for the layer input {tuple(x.shape)}. Run the adapted module "
+                                   "through the whole model (model(input_ids=...) or model.generate).")
+            base = states.to(x.device)
+        source = routing.source
+        if source is not None and source.shape == x.shape[:-1]:
+            source = source.to(x.device)
+            readable = source >= 0
+            index = source.clamp_min(0).unsqueeze(-1).expand(*source.shape, base.shape[-1])
+            return torch.gather(base, -2, index), routing.kind, readable
+        kind = routing.kind
+        if kind is not None and routing.states is not None and kind.shape == x.shape[:-1]:
+            kind = kind.to(x.device)
+            views = torch.where((kind == TEMPLATE).unsqueeze(-1), routing.states.to(x.device, base.dtype), base)
+            return views, kind, None
+        return base, None, None

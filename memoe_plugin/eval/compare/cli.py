@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also score WILD-style answers (the real-world evaluation of arXiv 2502.11177, offline): "
                         "greedy decoding to a natural stop ('.', newline, end of sequence), exact match with the "
                         "target, with and without a short instruction in front of the prompt")
+    parser.add_argument("--chat", action="store_true",
+                        help="also ask the edit prompt, its rephrasing and the unrelated prompt through the "
+                        "tokenizer's chat template (its default system turn, one user turn, the generation prompt), "
+                        "greedy replies of up to 32 tokens: an edit counts when its reply contains the new answer, "
+                        "the unrelated reply when it is the unedited model's")
     parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                         help="run each independent unit of work (a batch run's chunk, a sequential run) as a Ray "
                         "task: on a local cluster (no ADDRESS), on the cluster `ray start` made (auto), or at "
@@ -223,7 +228,8 @@ def _main(args, argv, backend_factory) -> int:
         raise CompareError("--checkpoint-every must be >= 0 (0: no checkpoints)")
     runner = Runner(None, store, resume=args.resume, progress=not args.no_progress,
                     checkpoint_every=args.checkpoint_every, checkpoint_dir=out_dir / "checkpoints",
-                    generation=args.generation, probe_items=probe_items, wild=args.wild, fluency=args.fluency)
+                    generation=args.generation, probe_items=probe_items, wild=args.wild, fluency=args.fluency,
+                    chat=args.chat)
     if not args.resume:
         runner.check_fresh(runs)
     with commands_file.open("a") as handle:
@@ -241,7 +247,7 @@ def _main(args, argv, backend_factory) -> int:
                 from .distributed import run_on_ray
                 settings = dict(checkpoint_every=args.checkpoint_every, checkpoint_dir=out_dir / "checkpoints",
                                 generation=args.generation, probe_items=probe_items, wild=args.wild,
-                                fluency=args.fluency, threads=args.threads)
+                                fluency=args.fluency, chat=args.chat, threads=args.threads)
                 run_on_ray(runner, runs, factory, factory_kwargs, settings, address=args.ray, gpus=args.ray_gpus,
                            cpus=args.ray_cpus)
             else:

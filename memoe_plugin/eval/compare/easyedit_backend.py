@@ -276,6 +276,10 @@ class EasyEditSession:
         from ..generation import wild_scores
         return wild_scores(model, self.editor.tok, request)
 
+    def chat_scores(self, model, request: dict, before: Optional[dict] = None) -> dict:
+        from ..generation import chat_scores
+        return chat_scores(model, self.editor.tok, request, before)
+
     def probe(self, model, items) -> dict:
         from ..probes import score_probes
         # DEFER's layer gates on the last input position; the probes pad on the right, so each option is

@@ -46,7 +46,7 @@ class Runner(Resumable):
                  log: Optional[io.TextIOBase] = None, checkpoint_every: int = 0,
                  checkpoint_dir: Optional[Path] = None, generation: bool = False,
                  probe_items: Optional[list] = None, probe_chunks: int = 1, wild: bool = False,
-                 fluency: bool = False):
+                 fluency: bool = False, chat: bool = False):
         self.backend, self.store, self.resume, self.progress, self.log = backend, store, resume, progress, log
         self.checkpoint_every, self.checkpoint_dir = checkpoint_every, checkpoint_dir
         # Extra scores on the edited model, before its rollback: greedy generation for every edit
@@ -54,15 +54,23 @@ class Runner(Resumable):
         self.generation, self.probe_items, self.probe_chunks = generation, probe_items, probe_chunks
         self.wild = wild   # also WILD-style answers: natural stop, with and without an instruction (generation.py)
         self.fluency = fluency   # n-gram entropy and perplexity on neutral text (fluency.py), when the probes run
+        self.chat = chat         # replies through the tokenizer's chat template (generation.chat_scores)
         self.current_chunk: Optional[int] = None
 
     # ---------------------------------------------------------------- helpers
-    def _generated(self, session, model, request: dict) -> dict:
+    @property
+    def _generates(self) -> bool:
+        return self.generation or self.wild or self.chat
+
+    def _generated(self, session, model, request: dict, before: Optional[dict] = None) -> dict:
         """The generation-based scores of one edit on ``model``: greedy answers with the target's token budget
-        (``generation``) and WILD-style answers (``wild``)."""
+        (``generation``), WILD-style answers (``wild``) and replies through the chat template (``chat``; ``before``:
+        the unedited model's replies)."""
         scores = session.generation_scores(model, request) if self.generation else {}
         if self.wild:
             scores.update(session.wild_scores(model, request))
+        if self.chat:
+            scores.update(session.chat_scores(model, request, before))
         return scores
 
     def _bar(self, total: int, desc: str):
@@ -168,7 +176,7 @@ class Runner(Resumable):
                 probe = self._general and k < self.probe_chunks
                 start = time.perf_counter()
                 with self._quiet():
-                    if session.batchable and not (self.generation or self.wild or probe):
+                    if session.batchable and not (self._generates or probe):
                         metrics = session.batch_edit(kwargs)
                         edit_seconds = float(metrics[0].get("time", math.nan)) if metrics else 0.0
                     else:
@@ -201,12 +209,15 @@ class Runner(Resumable):
         if self.generation:       # the unedited model's greedy answers: what exact match gains by the edit
             for metric, request in zip(metrics, requests):
                 metric["pre_generation"] = session.generation_scores(session.model, request)
+        if self.chat:             # the unedited model's chat replies: what "unchanged" compares with
+            for metric, request in zip(metrics, requests):
+                metric["pre_chat"] = session.chat_scores(session.model, request)
         edited, handle, seconds = session.apply(requests, None)
         for metric, request in zip(metrics, requests):
             metric["time"] = seconds
             metric["post"] = session.evaluate(edited, request)
-            if self.generation or self.wild:
-                metric["generation"] = self._generated(session, edited, request)
+            if self._generates:
+                metric["generation"] = self._generated(session, edited, request, metric.get("pre_chat"))
         if probe:
             self._probe(session, base, chunk, "after", edited)
         session.restore(edited, handle)
@@ -255,6 +266,8 @@ class Runner(Resumable):
                 for request in requests:          # "pre" on the unedited model, for every edit
                     with self._quiet():
                         pre.append(session.evaluate(session.model, request))
+                        if self.chat:             # kept with "pre", so that a resumed run has it too
+                            pre[-1]["chat"] = session.chat_scores(session.model, request)
                     bar.update(1)
             for k, (lo, hi) in enumerate(ranges):
                 if k < first:
@@ -276,8 +289,9 @@ class Runner(Resumable):
                 with self._quiet():
                     final.append({"case_id": i, "requested_rewrite": request, "pre": pre[i],
                                   "post": session.evaluate(edited, request)})
-                    if self.generation or self.wild:
-                        final[-1]["generation"] = self._generated(session, edited, request)
+                    if self._generates:
+                        final[-1]["generation"] = self._generated(session, edited, request,
+                                                                  pre[i].get("chat") if self.chat else None)
                 bar.update(1)
             if self._general:
                 self._probe(session, base, len(ranges) - 1, "after", edited)

@@ -14,6 +14,9 @@ from .methods import METHODS
 from .plan import chunk_ranges, parse_key
 from .store import _jsonable
 
+# CounterFact's generality split by kind of rephrasing (metrics.is_paraphrase_prompt), beside its Gen. column
+SPLIT_LABELS = {"generality_paraphrase": "Gen. para.", "generality_other": "Gen. other"}
+
 
 def summarise(records: list[dict]) -> list[dict]:
     """One row per run key, from the results.jsonl records (the latest attempt wins where attempts overlap)."""
@@ -145,7 +148,8 @@ def combine_seeds(rows: list[dict]) -> list[dict]:
         group.sort(key=lambda r: (r["seed"] is None, r["seed"]))
         row = dict(group[0], seeds=[r["seed"] for r in group], cases=sum(r["cases"] for r in group),
                    portability_unscored=sum(r.get("portability_unscored", 0) for r in group))
-        for key in SCORES + tuple(GENERATION_SCORES) + ("average", "portability", "edit_seconds", "seconds_per_edit"):
+        for key in SCORES + tuple(GENERATION_SCORES) + tuple(SPLIT_LABELS) + ("average", "portability", "edit_seconds",
+                                                                               "seconds_per_edit"):
             values = [r.get(key) for r in group if r.get(key) is not None]
             row[key] = statistics.fmean(values) if values else None
             row[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else None
@@ -167,6 +171,7 @@ def _fmt(value, digits=1, sd=None) -> str:
 
 CSV_FIELDS = ("dataset", "split", "seed", "protocol", "batch_size", "num_edits", "method", "status", "cases",
               "reliability", "generality", "locality", "same_subject", "average", "portability", *GENERATION_SCORES,
+              *SPLIT_LABELS,
               "edit_seconds",
               "seconds_per_edit", "rollback", "skipped_records", "portability_unscored", "note", "hparams_origin", "error")
 
@@ -243,7 +248,10 @@ def markdown_summary(rows: list[dict], commands: Optional[list[str]] = None) -> 
         lines.append("")
         def scored(d, key):
             return any(by.get((d, m), {}).get(key) is not None for m in methods)
-        columns = {d: [("reliability", "Rel."), ("generality", "Gen."), ("locality", "Loc.")]
+        columns = {d: [("reliability", "Rel."), ("generality", "Gen.")]
+                   + ([(key, label) for key, label in SPLIT_LABELS.items()] if d == "counterfact"
+                      and scored(d, "generality_paraphrase") else [])
+                   + [("locality", "Loc.")]
                    + ([("same_subject", "Same-subj.")] if scored(d, "same_subject") else [])
                    + [("average", "Avg.")]
                    + ([("portability", "Port.")] if scored(d, "portability") else [])
@@ -311,7 +319,8 @@ def markdown_summary(rows: list[dict], commands: Optional[list[str]] = None) -> 
 
 GENERATION_LABELS = {"gen_em": "EM", "gen_f1": "F1", "gen_em_rephrase": "Gen. EM", "gen_f1_rephrase": "Gen. F1",
                      "wild_em": "WILD", "wild_em_rephrase": "WILD Gen.", "wild_em_instructed": "WILD instr.",
-                     "wild_em_rephrase_instructed": "WILD Gen. instr."}
+                     "wild_em_rephrase_instructed": "WILD Gen. instr.", "chat_edit": "Chat",
+                     "chat_rephrase": "Chat Gen.", "chat_unrelated": "Chat unrel. kept"}
 
 
 def fluency_table(rows: list[dict]) -> list[str]:

@@ -1,0 +1,134 @@
+"""The chat template's own tokens (routing/template.py) and edits asked through a template, on tiny models."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CORPUS, EDITS, LLAMA_TEMPLATE, make_hparams
+
+from memoe_plugin import apply_memoe_to_model, get_adapter
+from memoe_plugin.apply import training_variants
+from memoe_plugin.assets.tiny import tiny_llama, train_chat_tokenizer
+from memoe_plugin.routing.template import IN_CHAT, PLAIN, TEMPLATE, USER, ChatTemplate
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    return train_chat_tokenizer(CORPUS)
+
+
+def chat_hparams(**overrides):
+    values = dict(locality_guard=True, scope_keys=True, scope_threshold=0.4, scope_snap=1.0, expert_routing="key",
+                  chat="auto", steps=150, early_stop=True, lr=5e-2)
+    values.update(overrides)
+    return make_hparams(LLAMA_TEMPLATE, **values)
+
+
+def test_the_fragments_are_found_and_each_position_gets_its_kind(chat_tokenizer):
+    template = ChatTemplate(chat_tokenizer)
+    text = template.wrap("The capital of Japan is") + " Warsaw"
+    ids = chat_tokenizer(text)["input_ids"]
+    kinds = template.kinds(ids)
+    question = chat_tokenizer("The capital of Japan is", add_special_tokens=False)["input_ids"]
+    start = next(i for i in range(len(ids)) if ids[i:i + len(question)] == question)
+    end = start + len(question)
+    answer = len(ids) - len(chat_tokenizer(" Warsaw", add_special_tokens=False)["input_ids"])
+    assert set(kinds[:start]) == {TEMPLATE}                        # the system turn and the user header
+    assert set(kinds[start:end]) == {USER}                         # what the user wrote
+    assert set(kinds[end:answer]) == {TEMPLATE}                    # end of turn and the generation prompt
+    assert set(kinds[answer:]) == {IN_CHAT}                        # what the assistant says
+    own, reads = template.split(ids)
+    assert reads[answer - 1] == end - 1 - sum(1 for k in kinds[:end] if k == TEMPLATE)   # the question's last token
+    assert all(r == -1 for r in reads[end:answer - 1])             # the rest of the fragment reads nothing
+    assert all(r == -1 for r in reads[:start])
+    assert template.kinds(chat_tokenizer("The capital of Japan is Warsaw")["input_ids"]) == [PLAIN] * len(
+        chat_tokenizer("The capital of Japan is Warsaw")["input_ids"])
+    assert template.turn_end == "<|im_end|>"
+
+
+def test_a_tokenizer_without_a_template_is_refused_or_left_alone(tokenizer):
+    with pytest.raises(ValueError, match="no chat template"):
+        ChatTemplate(tokenizer)
+    assert ChatTemplate.of(tokenizer) is None
+    model = tiny_llama(len(tokenizer))
+    with pytest.raises(ValueError, match="chat: on, but this tokenizer has no chat template"):
+        apply_memoe_to_model(model, tokenizer, EDITS[:1], chat_hparams(chat="on"))
+    assert get_adapter(model) is None
+    _, restore = apply_memoe_to_model(model, tokenizer, EDITS[:1], chat_hparams(chat="auto", steps=2))
+    assert get_adapter(model).template is None      # auto: raw prompts only
+    restore()
+
+
+def test_use_chat_template_needs_chat_training():
+    with pytest.raises(ValueError, match="chat.*use_chat_template"):
+        make_hparams(use_chat_template=True, chat="off")
+    assert make_hparams(use_chat_template=True, chat="auto").use_chat_template
+
+
+def test_the_templates_own_tokens_never_count_as_an_anchor(chat_tokenizer):
+    """An edit about "Hugging Face", named in the template's default system turn: a chat about something else
+    never wakes the guard, and the anchors of a chat are the conversation's own entities."""
+    model = tiny_llama(len(chat_tokenizer))
+    edit = {"prompt": "The founder of Hugging Face is", "target_new": "Warsaw", "subject": "Hugging Face"}
+    _, restore = apply_memoe_to_model(model, chat_tokenizer, [edit], chat_hparams(steps=5))
+    adapter = get_adapter(model)
+    template = adapter.template
+    unrelated = chat_tokenizer(template.wrap("The capital of Japan is"), return_tensors="pt")
+    routing = adapter.routing_features(unrelated["input_ids"], unrelated["attention_mask"])
+    assert not routing.active.any()
+    asked = chat_tokenizer(template.wrap("The founder of Hugging Face is"), return_tensors="pt")
+    routing = adapter.routing_features(asked["input_ids"], asked["attention_mask"])
+    assert routing.active[0, -1]                    # named by the user, the subject is in sight
+    assert adapter.encoder.prompt_entities(template.split(asked["input_ids"][0].tolist())[0]) == ("Hugging Face",)
+    restore()
+
+
+def test_training_sees_each_edit_as_easyedit_asks_it_through_the_template(chat_tokenizer):
+    variants = training_variants(EDITS, chat_hparams(), ChatTemplate(chat_tokenizer))
+    assert variants[:len(EDITS)] == EDITS
+    wrapped = variants[len(EDITS):]
+    assert [v["prompt"] for v in wrapped] == [ChatTemplate(chat_tokenizer).wrap(e["prompt"]) for e in EDITS]
+    assert [v["target_new"] for v in wrapped] == [e["target_new"] + "<|im_end|>" for e in EDITS]
+
+
+def answered(model, tokenizer, prompt, target) -> bool:
+    """EasyEdit's teacher-forced check: every target token of ``prompt + ' ' + target`` is the greedy prediction."""
+    full = tokenizer(prompt + " " + target, return_tensors="pt")
+    n = len(tokenizer(prompt)["input_ids"])
+    with torch.no_grad():
+        got = model(**full).logits[0].argmax(-1)[n - 1:-1].tolist()
+    return got == full["input_ids"][0, n:].tolist()
+
+
+def test_an_edit_holds_asked_raw_and_through_the_template_and_the_base_model_comes_back(chat_tokenizer):
+    model = tiny_llama(len(chat_tokenizer), seed=3)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    _, restore = apply_memoe_to_model(model, chat_tokenizer, EDITS, chat_hparams(scope_stop_keys=True))
+    adapter = get_adapter(model)
+    kinds = adapter.scope.key_kind.tolist()
+    assert {PLAIN, TEMPLATE, IN_CHAT} <= set(kinds)      # raw keys, the generation prompt's, the reply's
+    for edit in EDITS:
+        assert answered(model, chat_tokenizer, edit["prompt"], edit["target_new"]), edit
+        assert answered(model, chat_tokenizer, adapter.template.wrap(edit["prompt"]), edit["target_new"]), edit
+    restore()
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
+def test_the_position_after_the_answer_goes_back_to_the_base_model(chat_tokenizer):
+    """Stop keys: the answer's last token is an anti-key of its edit, so the position that follows the answer is out
+    of scope. Without them, at a threshold every position passes, the answer's last token acts too (on a real model
+    it resembles the keys, and repeats the answer's last token through the snap: "September12666")."""
+    edit = EDITS[1]
+    full = chat_tokenizer(edit["prompt"] + " " + edit["target_new"], return_tensors="pt")
+    n = len(chat_tokenizer(edit["prompt"])["input_ids"])
+    acting = {}
+    for stop in (False, True):
+        model = tiny_llama(len(chat_tokenizer), seed=3)
+        _, restore = apply_memoe_to_model(model, chat_tokenizer, [edit],
+                                          chat_hparams(scope_stop_keys=stop, chat="off", scope_threshold=-1.0))
+        with get_adapter(model).recording() as outputs:
+            model(**full)
+        acting[stop] = (outputs[-1].routing[0, :, 0] >= 0).tolist()
+        assert answered(model, chat_tokenizer, edit["prompt"], edit["target_new"])
+        restore()
+    assert all(acting[True][n - 1:-1]) and all(acting[False][n - 1:-1])   # every position predicting the answer
+    assert acting[False][-1] and not acting[True][-1]                     # after the answer: only without stop keys

@@ -1,0 +1,124 @@
+"""Relation prototypes (scope_anti_keys: prototypes): built once per model and layer, cached, refused for another
+model or layer, and the anti-keys they make per edit."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CORPUS, EDITS, LLAMA_TEMPLATE, make_hparams
+
+from memoe_plugin import apply_memoe_to_model, get_adapter, load_adapter, save_adapter
+from memoe_plugin.assets.tiny import tiny_llama, train_chat_tokenizer
+from memoe_plugin.routing import prototypes as proto
+from memoe_plugin.routing.relations import GENERIC_SUBJECTS, RELATIONS
+from memoe_plugin.training import prototypes as building
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMOE_CACHE", str(tmp_path))
+    return tmp_path / "relations"
+
+
+def hparams(**overrides):
+    values = dict(locality_guard=True, scope_keys=True, scope_threshold=0.4, scope_snap=1.0, expert_routing="key",
+                  scope_anti_keys="prototypes", scope_anti_relations=8, scope_anti_probes=2, steps=30)
+    values.update(overrides)
+    return make_hparams(LLAMA_TEMPLATE, **values)
+
+
+def count_builds(monkeypatch) -> list:
+    built = []
+    real = building.build_prototypes
+    monkeypatch.setattr(building, "build_prototypes", lambda adapter, identity: built.append(1) or
+                        real(adapter, identity))
+    return built
+
+
+def test_prototypes_are_built_once_per_model_and_layer_and_read_from_the_cache(tokenizer, cache, monkeypatch):
+    built = count_builds(monkeypatch)
+    model = tiny_llama(len(tokenizer))
+    _, restore = apply_memoe_to_model(model, tokenizer, EDITS[:2], hparams())
+    scope = get_adapter(model).scope
+    assert built == [1] and len(list(cache.glob("*.safetensors"))) == 1
+    assert scope.proto_effects.shape == (1, 8, model.config.intermediate_size)   # plain text only: no template
+    assert scope.subjects.shape[0] == 2                                       # one subject vector per edit
+    effects = scope.proto_effects.clone()
+    apply_memoe_to_model(model, tokenizer, EDITS[2:], hparams())              # a later call: nothing rebuilt
+    restore()
+    _, restore = apply_memoe_to_model(model, tokenizer, EDITS[:1], hparams())  # a new adapter, same model: the file
+    assert built == [1]
+    assert torch.equal(get_adapter(model).scope.proto_effects, effects)
+    restore()
+    _, restore = apply_memoe_to_model(model, tokenizer, EDITS[:1], hparams(layer=1))   # another layer: built anew
+    assert built == [1, 1] and len(list(cache.glob("*.safetensors"))) == 2
+    restore()
+    other = tiny_llama(len(tokenizer), seed=7)                                 # other weights: built anew
+    _, restore = apply_memoe_to_model(other, tokenizer, EDITS[:1], hparams())
+    assert built == [1, 1, 1]
+    restore()
+
+
+def test_a_prototypes_file_of_another_model_or_layer_is_refused(tokenizer, cache):
+    model = tiny_llama(len(tokenizer))
+    _, restore = apply_memoe_to_model(model, tokenizer, EDITS[:1], hparams())
+    adapter = get_adapter(model)
+    identity = building.prototype_identity(adapter)
+    path = proto.cache_path(identity)
+    assert proto.load_prototypes(path, identity).relations == tuple(list(RELATIONS)[:8])
+    for key, value in (("module", "model.layers.1.mlp.down_proj"), ("weight_sha256", "0" * 64)):
+        with pytest.raises(ValueError, match=f"another model or layer \\({key} differ"):
+            proto.load_prototypes(path, dict(identity, **{key: value}))
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable relation-prototypes file"):
+        proto.load_prototypes(path, identity)
+    restore()
+
+
+def test_the_prototypes_are_relation_effects_over_generic_subjects(tokenizer, cache):
+    plain = torch.randn(len(GENERIC_SUBJECTS), 5, 7)
+    chat = plain + 3.0
+    effects, offsets = proto.relation_effects(plain, {"chat": chat})
+    assert torch.allclose(effects[0], plain.mean(0) - plain.mean((0, 1)), atol=1e-6)
+    assert torch.allclose(effects[1], effects[0], atol=1e-5)     # a context that shifts every input moves no effect
+    assert torch.allclose(offsets[1], torch.full((7,), 3.0), atol=1e-5) and not offsets[0].any()
+
+
+def test_made_anti_keys_keep_another_relation_of_the_subject_out_and_cost_a_few_passes(tokenizer, cache):
+    """On a subject whose layer inputs are exactly subject + relation (so that the prototypes are exact), an edit's
+    made anti-key for another relation blocks that relation's question, and not the edit's own."""
+    from memoe_plugin.routing.scope import KeyScope
+    torch.manual_seed(0)
+    dim, relations = 16, 4
+    effects = torch.randn(1, relations, dim)
+    subject = torch.randn(dim) * 0.3
+    scope = KeyScope(dim, threshold=0.0)
+    scope.calibrate(torch.zeros(1, dim))
+    scope.set_prototypes(effects, torch.zeros(1, dim))
+    own = subject + effects[0, 1]
+    scope.add(own.unsqueeze(0), torch.tensor([0]))
+    scope.add_subjects(subject.unsqueeze(0), torch.tensor([0]), torch.tensor([[False, True, False, False]]))
+    other = subject + effects[0, 2]
+    found = scope.match(torch.stack([own + 0.01 * torch.randn(dim), other]))
+    assert found.blocked.tolist() == [False, True]
+    anti, _ = scope.anti_keys_of(0)
+    assert anti.shape[0] == relations - 1                       # its own relation asks nothing of itself
+
+
+def test_prototype_anti_keys_survive_save_and_load_in_chat(cache, tmp_path):
+    tokenizer = train_chat_tokenizer(CORPUS)
+    model = tiny_llama(len(tokenizer))
+    hp = hparams(chat="auto")
+    apply_memoe_to_model(model, tokenizer, EDITS[:2], hp)
+    scope = get_adapter(model).scope
+    assert scope.proto_effects.shape[0] == 2                     # plain text and the chat template
+    save_adapter(model, tmp_path / "a.safetensors")
+    text = tokenizer(get_adapter(model).template.wrap(EDITS[0]["prompt"]), return_tensors="pt")
+    with torch.no_grad():
+        before = model(**text).logits
+    fresh = tiny_llama(len(tokenizer))
+    load_adapter(fresh, tokenizer, tmp_path / "a.safetensors")
+    loaded = get_adapter(fresh).scope
+    for name in ("subjects", "subject_ids", "subject_skip", "proto_effects", "proto_offsets", "key_kind"):
+        assert torch.equal(getattr(loaded, name), getattr(scope, name)), name
+    with torch.no_grad():
+        assert torch.allclose(fresh(**text).logits, before, atol=1e-6)
