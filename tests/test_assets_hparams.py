@@ -23,8 +23,9 @@ ARCHITECTURES = {
     "smollm2-135m": ("LlamaConfig", "LlamaForCausalLM", 30),
 }
 TINY_LAYERS = 4
-RECIPE = {"locality_guard": True, "scope_keys": True, "scope_snap": 1.0, "scope_anti_keys": "relation_bank",
-          "expert_routing": "key", "lr": 5e-3, "lr_width": 1536, "scope_threshold": 0.4}
+RECIPE = {"locality_guard": True, "scope_keys": True, "scope_snap": 1.0, "scope_anti_keys": "prototypes",
+          "scope_anti_probes": 4, "scope_anti_margin": -0.1, "scope_stop_keys": True, "scope_storage": "int8",
+          "chat": "auto", "expert_routing": "key", "lr": 5e-3, "lr_width": 1536, "scope_threshold": 0.4}
 
 
 def tiny(config_name: str, model_name: str, vocab_size: int):

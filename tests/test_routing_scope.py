@@ -164,7 +164,7 @@ def test_the_expert_reads_the_input_moved_toward_the_matched_keys(snap, tokenize
     x, delta, routed = _last_position(model, adapter, reworded)
     key = int(adapter.scope.match(x).key)
     assert adapter.scope.edit_ids[key] == 0
-    read = x if snap == 0 else torch.lerp(x, adapter.scope.inputs[key].float(), snap)
+    read = x if snap == 0 else torch.lerp(x, adapter.scope.key_inputs(torch.tensor(key)).float(), snap)
     expert = adapter.bypass.experts[int(routed[0])]
     assert torch.allclose(delta, adapter.hparams.scale * read @ expert, atol=1e-5)
     if snap:

@@ -122,3 +122,62 @@ def test_prototype_anti_keys_survive_save_and_load_in_chat(cache, tmp_path):
         assert torch.equal(getattr(loaded, name), getattr(scope, name)), name
     with torch.no_grad():
         assert torch.allclose(fresh(**text).logits, before, atol=1e-6)
+
+
+
+def test_the_shipped_sequential_file_keeps_the_same_scope_across_calls_on_a_tiny_model(cache, monkeypatch):
+    """smollm2-135m-sequential.yaml ships the batch file's scope: on a tiny chat model, edits made in two sequential
+    calls (no rollback) each get their subject vector against prototypes built once (plain and chat), keys taken in
+    raw and chat-wrapped text, stop keys after the answers and int8 storage; unloading restores the model exactly."""
+    from conftest import assert_state_equal, state_copy
+
+    from memoe_plugin import MEMoEHyperParams
+    from memoe_plugin.assets import hparams_path
+    from memoe_plugin.routing.template import PLAIN, TEMPLATE
+    built = count_builds(monkeypatch)
+    tokenizer = train_chat_tokenizer(CORPUS)
+    model = tiny_llama(len(tokenizer))
+    saved = state_copy(model)
+    hp = MEMoEHyperParams.from_hparams(hparams_path("MEMoE") / "smollm2-135m-sequential.yaml")
+    assert (hp.scope_anti_keys, hp.scope_stop_keys, hp.chat, hp.scope_storage) == ("prototypes", True, "auto", "int8")
+    hp.layer, hp.device, hp.anchor_backend, hp.steps, hp.lr, hp.lr_width = 2, "cpu", "offline", 20, 5e-2, 0
+    hp.scope_threshold, hp.scope_anti_relations, hp.memory_rows = 0.0, 8, 0
+    _, restore = apply_memoe_to_model(model, tokenizer, EDITS[:2], hp)
+    apply_memoe_to_model(model, tokenizer, EDITS[2:], hp)                # sequential: no rollback in between
+    scope = get_adapter(model).scope
+    assert built == [1] and len(list(cache.glob("*.safetensors"))) == 1
+    assert sorted(scope.subject_ids.tolist()) == [0, 1, 2]              # one subject vector per edit, both calls
+    assert scope.proto_effects.shape[:2] == (2, 8)                       # plain and chat prototypes
+    assert scope.keys.dtype == torch.int8
+    assert {PLAIN, TEMPLATE} <= set(scope.key_kind.tolist())             # raw and chat-wrapped keys
+    assert (scope.anti_floor < 0).any()                                  # stop keys after the answers
+    for row, edit in enumerate(scope.subject_ids.tolist()):   # made: each relation it neither asks nor resembles,
+        made = 2 * int((~scope.subject_skip[row]).sum())        # in both contexts; kept: its stop keys
+        kept = int((scope.anti_edit_ids == edit).sum())
+        assert scope.anti_keys_of(edit)[0].shape[0] == made + kept
+    restore()
+    assert get_adapter(model) is None
+    assert_state_equal(model, saved)
+
+
+def test_a_made_anti_key_that_would_block_its_own_edit_is_left_out():
+    """A relation whose prototype, for this subject, lands where the edit's own key is (as on a random model, whose
+    layer inputs hardly depend on the relation) never becomes the edit's anti-key: the edit's own prompt stays in
+    scope; a relation that lands elsewhere stays an anti-key."""
+    from memoe_plugin.routing.scope import KeyScope
+    torch.manual_seed(0)
+    dim = 16
+    effects = torch.randn(1, 3, dim)
+    effects[0, 2] = effects[0, 1] + 0.01 * torch.randn(dim)      # relation 2 looks like the edit's relation 1
+    subject = torch.randn(dim) * 0.3
+    scope = KeyScope(dim, threshold=0.0, anti_margin=-0.1)
+    scope.calibrate(torch.zeros(1, dim))
+    scope.set_prototypes(effects, torch.zeros(1, dim))
+    own = subject + effects[0, 1]
+    scope.add(own.unsqueeze(0), torch.tensor([0]))
+    near = building.blocks_own_keys(scope, subject, 0)
+    assert near.tolist() == [False, True, True]                 # its own relation and its look-alike
+    scope.add_subjects(subject.unsqueeze(0), torch.tensor([0]), near.unsqueeze(0))
+    found = scope.match(torch.stack([own, subject + effects[0, 0]]))
+    assert found.blocked.tolist() == [False, True]
+    assert building.blocks_own_keys(scope, subject, 5).tolist() == [False, False, False]   # an edit with no keys

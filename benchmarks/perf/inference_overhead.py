@@ -16,11 +16,10 @@ left-padded, as EasyEdit scores), and greedy ``generate`` (batch 1, 32 new token
 The anchor caches start empty for each edited pass.
 
 ``--synthetic N`` adds N synthetic edits after the real ones, to measure what N more edits cost at
-inference (a load test: they are never trained). Each gets an invented subject (memoe_plugin.eval.synthetic, in the
-locality guard), as many random keys (and snap inputs) as the real edits have on average, and
-``--synthetic-anti`` random anti-keys (the real ones have ~70 with 64 relations: at 100,000 edits that
-would not fit this machine's memory, and only the anti-keys of edits in sight are ever read); their
-experts go round the existing ones. The prompts name only the real edits' subjects and unrelated ones,
+inference (a load test: they are never trained). Each is shaped as the real edits are (``add_synthetic``): an
+invented subject (memoe_plugin.eval.synthetic, in the locality guard), as many random keys (and snap inputs) of the
+same kinds as the real edits have on average, as many kept anti-keys (stop keys; ``--synthetic-anti`` overrides
+the count) and, with prototype anti-keys, a subject vector; their experts go round the existing ones. The prompts name only the real edits' subjects and unrelated ones,
 as a user's prompts would among 100,000 edits. The script also prints the adapter's bytes.
 """
 from __future__ import annotations
@@ -68,8 +67,11 @@ def workloads(model, tok, recs) -> dict:
 
 
 @torch.no_grad()
-def add_synthetic(adapter, count: int, anti_per_edit: int, seed: int = 0, chunk: int = 20_000) -> None:
-    """``count`` untrained edits after the real ones: invented subjects in the guard, random keys."""
+def add_synthetic(adapter, count: int, anti_per_edit=None, seed: int = 0, chunk: int = 20_000) -> None:
+    """``count`` untrained edits after the real ones, shaped as the real ones are: invented subjects in the guard, as
+    many random keys per edit as the real edits have (of the same kinds: plain, the chat template's, the reply's),
+    as many kept anti-keys per edit (stop keys, or the relation bank's: ``anti_per_edit`` overrides the count) and,
+    with prototype anti-keys, one random subject vector each."""
     from memoe_plugin.eval.synthetic import invented_subject
     from memoe_plugin.routing.scope import NO_FLOOR
     scope, guard = adapter.scope, adapter.guard
@@ -78,6 +80,8 @@ def add_synthetic(adapter, count: int, anti_per_edit: int, seed: int = 0, chunk:
     generator = torch.Generator().manual_seed(seed)
     first = guard.edit_count
     per_edit = max(1, round(len(scope) / max(first, 1)))
+    anti = round(scope.anti_keys.shape[0] / max(first, 1)) if anti_per_edit is None else anti_per_edit
+    subjects = scope.subjects.shape[0] > 0
     dim, input_dim = scope.center.shape[0], scope.inputs.shape[1]
     for lo in range(0, count, chunk):
         n = min(chunk, count - lo)
@@ -86,11 +90,14 @@ def add_synthetic(adapter, count: int, anti_per_edit: int, seed: int = 0, chunk:
             guard.add([invented_subject(edit)], edit)
         keys = torch.randn(n * per_edit, dim, generator=generator)
         inputs = torch.randn(n * per_edit, input_dim, generator=generator) if scope.snap > 0 else None
-        scope.add(keys, ids.repeat_interleave(per_edit), inputs)
-        if anti_per_edit:
-            anti = torch.randn(n * anti_per_edit, dim, generator=generator)
-            scope.add_anti_keys(anti, ids.repeat_interleave(anti_per_edit),
-                                torch.full((n * anti_per_edit,), NO_FLOOR))
+        kinds = scope.key_kind[torch.randint(len(scope), (n * per_edit,), generator=generator)]
+        scope.add(keys, ids.repeat_interleave(per_edit), inputs, kind=kinds)
+        if anti:
+            rows = torch.randn(n * anti, dim, generator=generator)
+            scope.add_anti_keys(rows, ids.repeat_interleave(anti), torch.full((n * anti,), NO_FLOOR))
+        if subjects:
+            skip = scope.subject_skip[torch.randint(scope.subject_skip.shape[0], (n,), generator=generator)]
+            scope.add_subjects(torch.randn(n, dim, generator=generator), ids, skip)
     router = adapter.bypass.router
     if router is not None:
         router.assign(first, count, 0, adapter.bypass.experts.shape[0])
@@ -114,7 +121,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--set", nargs="*", help="hparam overrides key=value")
     parser.add_argument("--synthetic", type=int, default=0, help="untrained synthetic edits added after the real ones")
-    parser.add_argument("--synthetic-anti", type=int, default=4, help="random anti-keys per synthetic edit")
+    parser.add_argument("--synthetic-anti", type=int, default=None,
+                        help="kept anti-keys per synthetic edit (default: as many as the real edits keep)")
     args = parser.parse_args(argv)
 
     from memoe_plugin import apply_memoe_to_model, get_adapter

@@ -3,6 +3,7 @@
     python benchmarks/perf/model_shape.py --shape llama2-7b --dtype bfloat16 --batches 30,100,1000   # on a GPU
     python benchmarks/perf/model_shape.py --shape llama-1b --batches 30 --threads 2                  # on a CPU
         [--baseline FT-M] [--set scope_anti_keys=none] [--device cuda]
+    python benchmarks/perf/model_shape.py --shape llama3-8b --sequential 1000 --chunk 10 [--baseline FT-M]
 
 A randomly initialised model is built from the configuration of the named shape (Llama-2-7B,
 Llama-3-8B, or a 1B Llama for a CPU), with SmolLM2's tokenizer (so the vocabulary is 49,152, not the
@@ -17,7 +18,11 @@ the loaded model (``torch.cuda.max_memory_allocated`` on a GPU, the process's pe
 a CPU), the teacher-forced accuracy of the edits, and the inference overhead (tokens per second of
 the edited model against the unedited one, on prompts that name no edited subject and on prompts that
 do). With ``--baseline FT-M`` EasyEdit's FT-M edits the same facts on the same model in the same run
-(it needs ``EASYEDIT_PATH``), for its time and memory. One JSON line per measurement.
+(it needs ``EASYEDIT_PATH``), for its time and memory. ``--sequential N`` edits N synthetic facts in calls of
+``--chunk`` with no rollback instead (the sequential file, ``llama-7b-sequential`` settings: the recipe with a new
+expert every 50 edits and the output memory), printing the seconds per edit of every tenth of the stream, the peak
+memory, the adapter's bytes and the inference overhead at the end, and the accuracy of the first and last
+hundred edits after the last call. One JSON line per measurement.
 """
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ SHAPES = {   # the real models' configurations (hidden, intermediate, layers, he
                       num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0),
     "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                      num_key_value_heads=4, max_position_embeddings=2048),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,   # a smoke test
+                 num_key_value_heads=2, max_position_embeddings=256),
 }
 def peak_bytes(device) -> int:
     import torch
@@ -96,6 +103,8 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", default="", help="FT-M: EasyEdit's FT-M on the same edits (EASYEDIT_PATH)")
     parser.add_argument("--set", nargs="*", default=[], help="MEMoE hparam overrides key=value")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--sequential", type=int, default=0, help="N synthetic edits in calls of --chunk, no rollback")
+    parser.add_argument("--chunk", type=int, default=10)
     args = parser.parse_args(argv)
     import torch
     from transformers import AutoTokenizer
@@ -119,6 +128,8 @@ def main(argv=None) -> int:
     print(json.dumps({"shape": args.shape, "dtype": args.dtype, "device": str(device),
                       "parameters": sum(p.numel() for p in model.parameters()), "layer": hp.layer,
                       "base_tokens_per_s": round(base_tps, 1), "set": args.set}), flush=True)
+    if args.sequential:
+        return sequential(args, model, tok, hp, device, plain, base_tps)
     for size in [int(b) for b in args.batches.split(",")]:
         edits = synthetic_facts(size)
         before = reset_peak(device)
@@ -148,29 +159,84 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_baseline(args, model, tok, edits, device) -> dict:
-    """EasyEdit's FT-M on the same model and edits (its apply function, as BaseEditor calls it)."""
+def sequential(args, model, tok, hp, device, plain, base_tps) -> int:
+    """``--sequential``: MEMoE's sequential settings on N synthetic edits in calls of ``--chunk``, no rollback."""
+    from memoe_plugin import apply_memoe_to_model, get_adapter
+    from memoe_plugin.eval.metrics import token_accuracy
+    from memoe_plugin.eval.synthetic import synthetic_facts
+    hp.edits_per_expert, hp.memory_rows, hp.memory_weight, hp.memory_batch = 50, 20000, 50.0, 1024
+    edits = synthetic_facts(args.sequential)
+    before = reset_peak(device)
+    times, tenth = [], max(args.chunk, args.sequential // 10)
+    for lo in range(0, len(edits), args.chunk):
+        start = time.perf_counter()
+        _, restore = apply_memoe_to_model(model, tok, edits[lo:lo + args.chunk], hp)
+        if device.type == "cuda":
+            import torch
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+        if (lo + args.chunk) % tenth == 0:
+            print(json.dumps({"method": "MEMoE", "edits": lo + args.chunk,
+                              "seconds_per_edit_last_tenth": round(sum(times[-tenth // args.chunk:]) / tenth, 3)}),
+                  flush=True)
+    peak = peak_bytes(device) - before
+    adapter = get_adapter(model)
+    first, last = edits[:100], edits[-100:]
+    accuracy = {name: round(100 * sum(token_accuracy(model, tok, e["prompt"], e["target_new"]) for e in part)
+                            / len(part), 1) for name, part in (("first_100", first), ("last_100", last))}
+    edited_plain = tokens_per_second(model, tok, plain, device)
+    tensors, _ = adapter.state()
+    kept = sum(t.numel() * t.element_size() for t in tensors.values())
+    restore()
+    print(json.dumps({"method": "MEMoE", "edits": len(edits), "chunk": args.chunk, "edit_seconds": round(sum(times), 1),
+                      "seconds_per_edit": round(sum(times) / len(edits), 3),
+                      "last_over_first_tenth": round(sum(times[-tenth // args.chunk:]) /
+                                                     sum(times[:tenth // args.chunk]), 2),
+                      "peak_above_model_gib": round(peak / 2**30, 2), "kept_bytes": kept,
+                      "overhead_plain": round(1 - edited_plain / base_tps, 3), **accuracy}), flush=True)
+    if args.baseline:
+        for name in args.baseline.split(","):
+            print(json.dumps(run_baseline(args, model, tok, edits, device, name, chunk=args.chunk)), flush=True)
+    return 0
+
+
+def run_baseline(args, model, tok, edits, device, name=None, chunk: int = 0) -> dict:
+    """An EasyEdit method (``--baseline``: FT-M, UltraEdit, ...) on the same model and edits, through its apply function as
+    BaseEditor calls it, with its shipped compare file moved to the shape's depth; in calls of ``chunk`` with no
+    rollback between them (0: one call). The model's weights are put back afterwards."""
     import memoe_plugin
     memoe_plugin.register(os.environ.get("EASYEDIT_PATH"))
-    from easyeditor import FTHyperParams
+    import easyeditor
+    import torch
+    import yaml
     from easyeditor.util.alg_dict import ALG_DICT
     from memoe_plugin.assets import compare_hparams_dir
-    import yaml
-    config = yaml.safe_load((compare_hparams_dir("smollm2-135m") / f"{args.baseline}.yaml").read_text())
-    config.update(device=args.device, model_name=f"random-{args.shape}", layers=[int(0.7 *
-                  model.config.num_hidden_layers)])
-    hp = FTHyperParams(**{k: v for k, v in config.items() if k in FTHyperParams.__dataclass_fields__})
+    from memoe_plugin.eval.compare.methods import METHODS
+    name = name or args.baseline
+    spec = METHODS[name]
+    config = yaml.safe_load((compare_hparams_dir("smollm2-135m") / f"{name}.yaml").read_text())
+    depth = model.config.num_hidden_layers
+    config.update(device=args.device, model_name=f"random-{args.shape}")
+    if "layers" in config:   # moved to the same relative depth as on SmolLM2 (30 layers)
+        config["layers"] = sorted({min(depth - 1, round(layer * depth / 30)) for layer in config["layers"]})
+    cls = getattr(easyeditor, spec.hparams_class)
+    hp = cls(**{k: v for k, v in config.items() if k in cls.__dataclass_fields__})
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    requests = [dict(e, target_new={"str": e["target_new"]}) if spec.alg_name == "FT" else dict(e) for e in edits]
     before = reset_peak(device)
     start = time.perf_counter()
-    _, weights = ALG_DICT["FT"](model, tok, [dict(e, target_new={"str": e["target_new"]}) for e in edits], hp,
-                                copy=False, return_orig_weights=True)
+    step = chunk or len(requests)
+    for lo in range(0, len(requests), step):
+        model, _ = ALG_DICT[spec.alg_name](model, tok, requests[lo:lo + step], hp, copy=False,
+                                           return_orig_weights=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     peak = peak_bytes(device) - before
-    import torch
     with torch.no_grad():
-        for name, value in weights.items():
-            model.get_parameter(name).copy_(value)
-    return {"method": args.baseline, "edits": len(edits), "edit_seconds": round(seconds, 1),
+        for n, p in model.named_parameters():
+            p.copy_(saved[n])
+    return {"method": name, "edits": len(edits), "chunk": chunk, "edit_seconds": round(seconds, 1),
             "seconds_per_edit": round(seconds / len(edits), 3), "peak_above_model_gib": round(peak / 2**30, 2)}
 
 

@@ -12,8 +12,9 @@ scored after the last. It only ever reads the dev split. Figures that are report
 memoe-compare (``scope_table.py``, ``ablations.py``), through EasyEdit itself.
 
 ``--chat`` also asks through the tokenizer's chat template (``memoe_plugin.eval.generation.chat_scores``): the
-edit prompt and its rephrasing (the reply contains the new answer) and one same-subject prompt and one unrelated
-prompt (another record's edit prompt) per edit (the reply is the unedited model's). ``--paraphrases`` keeps only
+edit prompt and its rephrasing (the reply contains the new answer), the edit prompt behind a system prompt of the
+user's own and after an earlier exchange (``CHAT_SYSTEM``, ``CHAT_HISTORY``), and one same-subject prompt and one
+unrelated prompt (another record's edit prompt) per edit (the reply is the unedited model's). ``--paraphrases`` keeps only
 records whose rephrasing puts a sentence of other text before the fact (CounterFact's paraphrase prompts,
 ``memoe_plugin.eval.metrics.is_paraphrase_prompt``). Prints one JSON line.
 """
@@ -28,7 +29,7 @@ import torch
 
 from memoe_plugin import apply_memoe_to_model, get_adapter
 from memoe_plugin.eval.data import data_file
-from memoe_plugin.eval.generation import chat_reply, contains_answer
+from memoe_plugin.eval.generation import CHAT_HISTORY, CHAT_SYSTEM, chat_reply, contains_answer
 from memoe_plugin.eval.metrics import is_paraphrase_prompt, target_predictions
 from memoe_plugin.eval.overrides import load_hparams
 from memoe_plugin.eval.splits import select
@@ -81,7 +82,8 @@ def main(argv=None) -> int:
     scores = {"reliability": [], "generality": [], "same_subject": []}
     chat_asked = {}   # (kind, i) -> prompt whose reply must stay the unedited model's
     if args.chat:
-        scores.update({"chat_edit": [], "chat_rephrase": [], "chat_same_subject_kept": [], "chat_unrelated_kept": []})
+        scores.update({"chat_edit": [], "chat_rephrase": [], "chat_same_subject_kept": [], "chat_unrelated_kept": [],
+                       "chat_edit_own_system": [], "chat_edit_after_a_turn": []})
         for i, r in enumerate(records):
             if r["same_subject"]:
                 chat_asked[("chat_same_subject_kept", i)] = r["same_subject"][0][0]
@@ -96,6 +98,10 @@ def main(argv=None) -> int:
                 scores["generality"].append(accuracy(r["rephrase_prompt"], r["target_new"]))
             if args.chat:
                 scores["chat_edit"].append(contains_answer(chat_reply(model, tok, r["prompt"]), r["target_new"]))
+                scores["chat_edit_own_system"].append(contains_answer(
+                    chat_reply(model, tok, r["prompt"], system=CHAT_SYSTEM), r["target_new"]))
+                scores["chat_edit_after_a_turn"].append(contains_answer(
+                    chat_reply(model, tok, r["prompt"], history=CHAT_HISTORY), r["target_new"]))
                 if r["rephrase_prompt"]:
                     scores["chat_rephrase"].append(contains_answer(chat_reply(model, tok, r["rephrase_prompt"]),
                                                                    r["target_new"]))

@@ -119,12 +119,22 @@ def wild_scores(model, tokenizer, request: dict) -> dict:
 CHAT_MAX_TOKENS = 32
 
 
+# What comes before the question in a conversation, for the prefix columns (written for this project; no
+# training text of MEMoE's is among them): a system prompt of the user's own, and an earlier exchange.
+CHAT_SYSTEM = "You are a knowledgeable assistant. Keep your answers short and factual."
+CHAT_HISTORY = ({"role": "user", "content": "Good morning! I have a quick question for you."},
+                {"role": "assistant", "content": "Good morning. Sure, go ahead and ask."})
+
+
 @torch.no_grad()
-def chat_reply(model, tokenizer, prompt: str, max_new_tokens: int = CHAT_MAX_TOKENS) -> str:
+def chat_reply(model, tokenizer, prompt: str, max_new_tokens: int = CHAT_MAX_TOKENS, system: str | None = None,
+               history: tuple = ()) -> str:
     """The model's greedy reply to ``prompt`` asked as a user turn through the tokenizer's chat template (with the
-    template's default system turn, if it has one), up to the end of the turn or ``max_new_tokens`` tokens."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=False)
+    template's default system turn, if it has one, or ``system``; after the turns of ``history``), up to the end of
+    the turn or ``max_new_tokens`` tokens."""
+    messages = ([{"role": "system", "content": system}] if system else []) + list(history) + \
+        [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     device = next(model.parameters()).device
     encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

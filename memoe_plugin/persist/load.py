@@ -129,8 +129,16 @@ def check_compatible(model: nn.Module, tokenizer, document: dict, tensors: dict,
                 scale not in tensors or tensors[scale].shape != tensors[name].shape[:1]):
             raise ValueError(f"{path}: the key scope's {name} are int8 but {scale} (one scale per row) is missing "
                              "or of another length; the file is corrupt.")
-    if "scope.inputs" in tensors and tensors["scope.inputs"].shape[0] != tensors["scope.keys"].shape[0]:
-        raise ValueError(f"{path}: the key scope has {tensors['scope.keys'].shape[0]} keys but "
+    keys = tensors["scope.keys"].shape[0] if "scope.keys" in tensors else 0
+    if "scope.input_row" in tensors:   # each key's kept input, or -1 where its view is the input itself
+        rows = tensors["scope.input_row"]
+        inputs = tensors["scope.inputs"].shape[0] if "scope.inputs" in tensors else 0
+        if rows.shape[0] != keys or tensors.get("scope.key_norm", rows).shape[0] != keys or (
+                rows.numel() and int(rows.max()) >= inputs):
+            raise ValueError(f"{path}: the key scope has {keys} keys, {rows.shape[0]} input rows and {inputs} kept "
+                             "inputs, which do not match; the file is corrupt.")
+    elif "scope.inputs" in tensors and tensors["scope.inputs"].shape[0] != keys:
+        raise ValueError(f"{path}: the key scope has {keys} keys but "
                          f"{tensors['scope.inputs'].shape[0]} key inputs; the file is corrupt.")
     weight_dtype = str(module.weight.dtype).replace("torch.", "")
     if weight_dtype == saved_module.get("weight_dtype") and module.weight.device.type != "meta" \

@@ -40,7 +40,8 @@ def scope_state(scope) -> tuple[dict, dict]:
         tensors.update({"scope.anti_keys": scope.anti_keys, "scope.anti_edit_ids": scope.anti_edit_ids,
                         "scope.anti_floor": scope.anti_floor})
     if scope.snap > 0:
-        tensors["scope.inputs"] = scope.inputs
+        tensors.update({"scope.inputs": scope.inputs, "scope.input_row": scope.input_row,
+                        "scope.key_norm": scope.key_norm})
     if scope.subjects.shape[0]:   # scope_anti_keys: prototypes
         tensors.update({f"scope.{name}": getattr(scope, name) for name in PROTOTYPE_TENSORS})
     if scope.storage == "int8":
@@ -111,4 +112,10 @@ def load_scope_state(scope, tensors: dict, info: dict, device) -> None:
                              "and its hparams ask for scope_snap > 0; load it with the scope_snap it "
                              "was edited with")
         scope.inputs = tensors["scope.inputs"].to(device)
+        if "scope.input_row" in tensors:
+            scope.input_row = tensors["scope.input_row"].to(device)
+            scope.key_norm = tensors["scope.key_norm"].to(device)
+        else:   # format v3 files before the views were shared: one kept input per key
+            scope.input_row = torch.arange(scope.inputs.shape[0], device=device)
+            scope.key_norm = torch.zeros(scope.inputs.shape[0], device=device)
     scope.calibrated = bool(info.get("calibrated", True))

@@ -119,8 +119,13 @@ class KeyScope(nn.Module):
         # token read at the conversation's last token): a key matches positions of its kind only, since its snap
         # input was trained for that context
         self.register_buffer("key_kind", torch.zeros(0, dtype=torch.int8, device=device))
-        # raw bypass input of each key (only with snap > 0: 2 bytes per feature per key, 1 as int8)
+        # the snap's input of each key (only with snap > 0): where the key's view is its own input centred and
+        # normalised (the scope reads the bypass input, all directions), the input is that view times ``key_norm``
+        # plus the centre and nothing more is kept (``input_row`` -1); else a row of ``inputs`` (a chat template
+        # token's key, whose view is read at the question's last token; a scope_layer or scope_rank view)
         self.register_buffer("inputs", torch.zeros(0, input_dim or dim, device=device, dtype=stored))
+        self.register_buffer("input_row", torch.zeros(0, dtype=torch.long, device=device))
+        self.register_buffer("key_norm", torch.zeros(0, device=device))
         self.register_buffer("anti_keys", torch.zeros(0, view, device=device, dtype=stored))
         for name in self.SCALES.values():
             self.register_buffer(name, torch.zeros(0, device=device, dtype=torch.float32))
@@ -146,6 +151,7 @@ class KeyScope(nn.Module):
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.edit_ids, self.key_kind, self.inputs,
+                                                           self.input_row, self.key_norm,
                                                            self.anti_keys, self.anti_edit_ids, self.anti_floor,
                                                            self.subjects, self.subject_ids, self.subject_skip,
                                                            *(getattr(self, s) for s in self.SCALES.values())))
@@ -203,10 +209,18 @@ class KeyScope(nn.Module):
         (``routing.template``; default: plain text)."""
         self._append("keys", self.view(x))
         self.edit_ids = torch.cat([self.edit_ids, edit_ids.to(self.edit_ids.device, torch.long)])
+        if self.snap > 0:
+            inputs = x if inputs is None else inputs
+            own = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+            if x.shape == inputs.shape and not self.rank:   # the view is the input's own: keep the view alone
+                own = (x == inputs).all(-1)
+            rows = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+            rows[~own] = self.inputs.shape[0] + torch.arange(int((~own).sum()), device=x.device)
+            self._append("inputs", inputs[~own].detach())
+            self.input_row = torch.cat([self.input_row, rows.to(self.input_row.device)])
+            self.key_norm = torch.cat([self.key_norm, (x.float() - self.center).norm(dim=-1).to(self.key_norm.device)])
         kinds = torch.zeros(x.shape[0], dtype=torch.int8) if kind is None else kind.to(torch.int8)
         self.key_kind = torch.cat([self.key_kind, kinds.to(self.key_kind.device)])
-        if self.snap > 0:
-            self._append("inputs", (x if inputs is None else inputs).detach())
 
     @torch.no_grad()
     def add_anti_keys(self, x: torch.Tensor, edit_ids: torch.Tensor, floors: torch.Tensor) -> None:
@@ -241,11 +255,14 @@ class KeyScope(nn.Module):
         keys, anti, subjects = (tuple(sizes) + (self.subjects.shape[0],))[:3]
         self.subjects, self.subject_ids = self.subjects[:subjects], self.subject_ids[:subjects]
         self.subject_skip, self.subject_scale = self.subject_skip[:subjects], self.subject_scale[:subjects]
-        self.keys, self.edit_ids, self.inputs = self.keys[:keys], self.edit_ids[:keys], self.inputs[:keys]
+        self.keys, self.edit_ids = self.keys[:keys], self.edit_ids[:keys]
+        self.input_row, self.key_norm = self.input_row[:keys], self.key_norm[:keys]
+        kept = int(self.input_row.max()) + 1 if self.input_row.numel() and int(self.input_row.max()) >= 0 else 0
+        self.inputs, self.input_scale = self.inputs[:kept], self.input_scale[:kept]
         self.key_kind = self.key_kind[:keys]
         self.anti_keys, self.anti_edit_ids = self.anti_keys[:anti], self.anti_edit_ids[:anti]
         self.anti_floor = self.anti_floor[:anti]
-        self.key_scale, self.input_scale = self.key_scale[:keys], self.input_scale[:keys]
+        self.key_scale = self.key_scale[:keys]
         self.anti_scale = self.anti_scale[:anti]
 
     def match(self, x: torch.Tensor, allowed: Optional[torch.Tensor] = None,
@@ -315,6 +332,11 @@ class KeyScope(nn.Module):
                 blocked[part] = ((sims > key + margin) & (sims >= floor)).any(-1)   # a tie keeps the key
         return blocked
 
+    def keys_of(self, edit: int, dtype=torch.float32) -> torch.Tensor:
+        """One edit's keys (unit views [n, view])."""
+        own = self._key_index.rows_of(self.edit_ids, torch.tensor([edit]))
+        return self.rows("keys", own, dtype) if own.numel() else torch.zeros(0, self.keys.shape[1], dtype=dtype)
+
     def anti_keys_of(self, edit: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """One edit's anti-keys (unit views [n, view]) and their floors [n]: those kept (relation_bank, stop keys) and
         those made from its subject vector and the relation prototypes."""
@@ -344,12 +366,25 @@ class KeyScope(nn.Module):
         of their matched key ``key`` [...]; the other rows unchanged."""
         if self.snap <= 0 or not bool(where.any()):
             return x
-        if self.inputs.shape[0] != self.keys.shape[0]:
+        if self.input_row.shape[0] != self.keys.shape[0]:
             raise RuntimeError("scope_snap needs the keys' layer inputs, and this scope has none (it was saved "
                                "or built with scope_snap: 0). Edit again with scope_snap set.")
         where = where & (key >= 0)
-        target = self.rows("inputs", key.clamp_min(0), x.dtype).to(x.device)   # rows, then cast
+        target = self.key_inputs(key.clamp_min(0)).to(x.device, x.dtype)
         return torch.where(where.unsqueeze(-1), torch.lerp(x, target, self.snap), x)
+
+    def key_inputs(self, index: torch.Tensor) -> torch.Tensor:
+        """The snap's input of the keys at ``index`` (any shape; float32 [..., input_dim])."""
+        flat = index.reshape(-1).to(self.input_row.device)
+        rows = self.input_row[flat]
+        out = torch.zeros(flat.shape[0], self.inputs.shape[1], device=self.inputs.device)
+        kept = rows >= 0
+        if bool(kept.any()):
+            out[kept] = self.rows("inputs", rows[kept])
+        if not bool(kept.all()):   # a view of the input itself: the input is the view, scaled back, plus the centre
+            made = ~kept
+            out[made] = self.center + self.key_norm[flat[made]].unsqueeze(-1) * self.rows("keys", flat[made])
+        return out.reshape(*index.shape, -1)
 
     def in_scope(self, x: torch.Tensor, allowed: Optional[torch.Tensor] = None,
                  kind: Optional[torch.Tensor] = None) -> torch.Tensor:

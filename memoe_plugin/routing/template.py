@@ -55,6 +55,8 @@ class ChatTemplate:
             self._by_first.setdefault(fragment[0], []).append(fragment)
         self._cache = LRU(cache_size)
         self.turn_end = self._turn_end()
+        ids = tokenizer(self.turn_end, add_special_tokens=False)["input_ids"] if self.turn_end else []
+        self.turn_end_id: Optional[int] = ids[0] if len(ids) == 1 else None
 
     @classmethod
     def of(cls, tokenizer) -> Optional["ChatTemplate"]:

@@ -92,6 +92,21 @@ def add_subject_vectors(adapter, requests: list[dict], first_edit: int) -> None:
         vectors.append((inputs - effects[torch.tensor(relations, device=effects.device)].to(inputs.device)).mean(0))
         at += len(relations)
     device = scope.center.device
+    skips = [skip | blocks_own_keys(scope, vector, edit) for vector, skip, edit in zip(vectors, skips, edits)]
     scope.add_subjects(torch.stack(vectors).to(device), torch.tensor(edits, dtype=torch.long, device=device),
                        torch.stack(skips).to(device))
+
+
+def blocks_own_keys(scope, vector: torch.Tensor, edit: int) -> torch.Tensor:
+    """[relations] (bool): the relations whose made anti-key (in any context) would block one of the edit's own
+    keys, at the key itself (similarity 1): such a relation looks, at this layer and for this subject, like the
+    edit's own question, so the edit does not get it as an anti-key. (On SmolLM2 none does; on a random model,
+    whose layer inputs hardly depend on the relation, most would.)"""
+    keys, relations = scope.keys_of(edit), scope.proto_effects.shape[1]
+    if not keys.shape[0]:
+        return torch.zeros(relations, dtype=torch.bool)
+    made = vector.to(scope.proto_effects.device) + scope.proto_effects + scope.proto_offsets.unsqueeze(1)
+    sims = scope.view(made.reshape(-1, made.shape[-1])).float() @ keys.to(made.device).t()     # [contexts*rels, keys]
+    near = (sims > 1.0 + scope.anti_margin).any(-1).reshape(-1, relations).any(0)
+    return near.cpu()
 
