@@ -11,7 +11,10 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
     options = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
     for option in options:
         if typing.get_origin(option) is Literal:
-            if value in typing.get_args(option):
+            choices = typing.get_args(option)
+            if isinstance(value, bool) and {"on", "off"} <= set(choices):   # YAML 1.1 reads on/off as booleans
+                return "on" if value else "off"
+            if value in choices and not isinstance(value, bool):
                 return value
             continue
         if option is type(None) and value is None:

@@ -151,6 +151,10 @@ def test_choices_are_literal_types_and_dependencies_are_checked():
         MEMoEHyperParams.from_dict({**BASE, "scope_keys": True, "scope_positions": "after_anchor"})
     with pytest.raises(ValueError, match="edits_per_expert.*expert_routing"):
         MEMoEHyperParams.from_dict({**BASE, "edits_per_expert": 10})
+    for written, meant in (("chat: off", "off"), ("chat: on", "on"), ("chat: 'off'", "off"), ("chat: auto", "auto")):
+        assert MEMoEHyperParams.from_dict({**BASE, **yaml.safe_load(written)}).chat == meant   # YAML 1.1: on/off
+    with pytest.raises(ValueError, match="expert_routing = True.*one of `gate`, `key`"):
+        MEMoEHyperParams.from_dict({**BASE, "expert_routing": True})     # a boolean only stands for on/off
 
 
 def test_the_structural_settings_are_the_fields_marked_so():
