@@ -53,11 +53,12 @@ def one_size(args) -> dict:
     model = AutoModelForCausalLM.from_pretrained(hparams.model_name, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(hparams.model_name)
     loaded = status_kib("VmRSS")
+    phases = watch_phases(loaded)
     reset_peak()
     start = time.perf_counter()
     _, restore = apply_memoe_to_model(model, tok, requests, hparams)
     seconds = time.perf_counter() - start
-    peak = status_kib("VmHWM")
+    peak = max([status_kib("VmHWM")] + [p.pop("peak_kib") for p in phases])
     adapter = get_adapter(model)
     sample = requests[:: max(1, len(requests) // 50)]
     reliability = 100 * sum(token_accuracy(model, tok, r["prompt"], r["target_new"]) for r in sample) / len(sample)
@@ -67,7 +68,30 @@ def one_size(args) -> dict:
             "model_rss_gib": round(loaded / 2**20, 2), "edit_seconds": round(seconds, 1),
             "seconds_per_edit": round(seconds / len(requests), 2), "steps": adapter.last_report.steps,
             "reliability_sample": round(reliability, 1), "scope_bytes_per_edit": round(scope_bytes / len(requests)),
-            "set": args.set}
+            "phases": phases, "set": args.set}
+
+
+def watch_phases(loaded: int) -> list:
+    """Where the call's memory goes: the resident memory above the model before and after each phase of
+    ``train_experts`` (the key registration, which captures every batch's layer inputs once; the training loop,
+    which reuses them) and the peak inside it. The overall peak is the largest of the phases' and the rest's."""
+    from memoe_plugin.training import trainer
+    phases = []
+
+    def watch(name: str, function):
+        def wrapped(*args, **kwargs):
+            before = status_kib("VmRSS")
+            reset_peak()
+            out = function(*args, **kwargs)
+            phases.append({"phase": name, "rss_before_gib": round((before - loaded) / 2**20, 2),
+                           "peak_gib": round((status_kib("VmHWM") - loaded) / 2**20, 2),
+                           "rss_after_gib": round((status_kib("VmRSS") - loaded) / 2**20, 2),
+                           "peak_kib": status_kib("VmHWM")})
+            return out
+        return wrapped
+    trainer.register_keys = watch("register_keys (captures, keys, anti-keys)", trainer.register_keys)
+    trainer._fit = watch("training loop", trainer._fit)
+    return phases
 
 
 def main(argv=None) -> int:
