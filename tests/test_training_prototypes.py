@@ -181,3 +181,27 @@ def test_a_made_anti_key_that_would_block_its_own_edit_is_left_out():
     found = scope.match(torch.stack([own, subject + effects[0, 0]]))
     assert found.blocked.tolist() == [False, True]
     assert building.blocks_own_keys(scope, subject, 5).tolist() == [False, False, False]   # an edit with no keys
+
+
+def test_made_anti_keys_are_cached_exactly_and_made_anew_when_their_inputs_change():
+    """Generating token by token asks an edit's made anti-keys at every step: they are kept (the same numbers as
+    made anew), and a new subject vector, new prototypes or a truncation make them again."""
+    from memoe_plugin.routing.scope import KeyScope
+    torch.manual_seed(0)
+    dim = 16
+    scope = KeyScope(dim, threshold=0.0)
+    scope.calibrate(torch.randn(4, dim))
+    scope.set_prototypes(torch.randn(1, 3, dim), torch.zeros(1, dim))
+    scope.add(torch.randn(2, dim), torch.tensor([0, 1]))
+    scope.add_subjects(torch.randn(1, dim), torch.tensor([0]), torch.tensor([[False, True, False]]))
+    first, _ = scope.anti_keys_of(0)
+    subject = scope.rows("subjects", torch.tensor([0]))[0]
+    assert torch.equal(first, scope.view(scope.prototype_inputs(subject, 0)))
+    assert scope.anti_keys_of(0)[0] is not None and len(scope._made) == 1
+    scope.add_subjects(torch.randn(1, dim), torch.tensor([1]), torch.tensor([[True, False, False]]))
+    assert len(scope._made) == 0                                   # a new subject vector: made again
+    assert torch.equal(scope.anti_keys_of(0)[0], first)
+    scope.set_prototypes(torch.randn(1, 3, dim), torch.zeros(1, dim))
+    assert not torch.equal(scope.anti_keys_of(0)[0], first)        # other prototypes, other anti-keys
+    scope.truncate((1, 0, 0))
+    assert scope.anti_keys_of(0)[0].shape[0] == 0                  # its subject vector taken back: none left

@@ -195,7 +195,10 @@ def markdown(summary: dict) -> str:
     """summary.md: scores by source (and by position in the stream), then the cost of every block of edits."""
     names = ("reliability", "generality", "locality", "same_subject", "average")
     fmt = lambda v: "-" if v is None else f"{v:.1f}"   # noqa: E731
-    lines = [f"# {summary['settings']['stream']} stream: {summary['settings']['edits']} sequential edits, batches of "
+    made = summary.get("edits_made", summary["settings"]["edits"])
+    lines = [f"# {summary['settings']['stream']} stream: {made} sequential edits"
+             + (f" (of {summary['settings']['edits']} planned: stopped there, --resume goes on)"
+                if made < summary["settings"]["edits"] else "") + f", batches of "
              f"{summary['settings']['batch']} ({summary['settings']['hparams']}"
              + (f", {' '.join(summary['settings']['set'])}" if summary["settings"]["set"] else "") + ")", "",
              f"Scored after the last batch: {summary['scored']} test records. Editing took "
@@ -248,6 +251,9 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--checkpoint-every", type=int, default=20, help="edit calls between checkpoints")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="edit only up to this many edits of the stream in this process, then score those (a "
+                             "later --resume without it goes on to --edits); the summary says how many were made")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -275,7 +281,8 @@ def main(argv=None) -> int:
         state = {"settings": settings, "hparams": hparams.to_dict(), "done": 0, "calls": [], "blocks": [],
                  "before": unedited_answers(model, tok, stream)}
     probes = [r["prompt"] for r in stream[:: max(1, len(stream) // 24)]][:24]   # named subjects, spread out
-    calls = range(state["done"], len(stream), args.batch)
+    end = len(stream) if args.stop_after is None else min(len(stream), args.stop_after)
+    calls = range(state["done"], end, args.batch)
     block_start = time.perf_counter()
     reset_peak()
     for lo in calls:
@@ -296,14 +303,14 @@ def main(argv=None) -> int:
             print(json.dumps(state["blocks"][-1]), flush=True)
             block_start = time.perf_counter()
             reset_peak()
-        if (len(state["calls"]) % args.checkpoint_every == 0) or state["done"] == len(stream):
+        if (len(state["calls"]) % args.checkpoint_every == 0) or state["done"] in (len(stream), end):
             save_adapter(model, checkpoint)
             tmp = state_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(state))
             os.replace(tmp, state_path)
-    rows = score(model, tok, stream, state["before"])
-    summary = {"settings": settings, "by_source": summarise(rows), "blocks": state["blocks"],
-               "edit_seconds": sum(state["calls"]), "scored": len(rows)}
+    rows = score(model, tok, stream[:state["done"]], state["before"])   # the edits made so far
+    summary = {"settings": settings, "edits_made": state["done"], "by_source": summarise(rows),
+               "blocks": state["blocks"], "edit_seconds": sum(state["calls"]), "scored": len(rows)}
     if args.stream == "counterfact":   # the earliest scored edits after the last call: forgetting
         third = max(1, len(rows) // 3)
         for name, part in (("first", rows[:third]), ("middle", rows[third:2 * third]), ("last", rows[2 * third:])):

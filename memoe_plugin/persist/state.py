@@ -106,6 +106,7 @@ def load_scope_state(scope, tensors: dict, info: dict, device) -> None:
     if "scope.subjects" in tensors:
         for name in PROTOTYPE_TENSORS:
             setattr(scope, name, tensors[f"scope.{name}"].to(device))
+        scope.forget_made()
     if scope.snap > 0:
         if "scope.inputs" not in tensors:
             raise ValueError("this adapter was saved without the keys' layer inputs (scope_snap: 0), "

@@ -36,7 +36,10 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from .lru import LRU
+
 NO_FLOOR = -2.0     # an anti-key whose floor is below every cosine: nearness alone counts, by ``anti_margin``
+MADE_CACHE_SIZE = 32   # subject vectors whose made anti-keys are kept (2 x 64 x 1,536 floats: 786 KB each on SmolLM2)
 ANY_FLOOR = -1.0    # an anti-key that counts wherever a position is nearer it than its key, whatever the margin
 STORAGE_DTYPES = {"float16": torch.float16, "int8": torch.int8}
 
@@ -141,6 +144,25 @@ class KeyScope(nn.Module):
         self.register_buffer("subject_skip", torch.zeros(0, 0, dtype=torch.bool, device=device))
         self.calibrated = False
         self._key_index, self._anti_index, self._subject_index = EditIndex(), EditIndex(), EditIndex()
+        # the made anti-keys of the subject vectors last asked for (their views), so that generating token after
+        # token does not make them again at every step; keyed by what they are made from (forget_made() on load)
+        self._made = LRU(MADE_CACHE_SIZE)
+        self._generation = 0
+
+    def forget_made(self) -> None:
+        """Drop the cached made anti-keys: the subject vectors, the prototypes or the centre changed."""
+        self._generation += 1
+        self._made.clear()
+
+    def _made_views(self, row: int) -> torch.Tensor:
+        """The unit views of subject vector ``row``'s made anti-keys (float32, cached: the same numbers as made anew)."""
+        key = (row, self._generation, self.subjects.data_ptr(), self.subjects.shape[0], self.subject_skip.data_ptr(),
+               self.proto_effects.data_ptr(), self.center.data_ptr())
+        made = self._made.lookup(key)
+        if made is None:
+            subject = self.rows("subjects", torch.tensor([row]), torch.float32)[0]
+            made = self._made.store(key, self.view(self.prototype_inputs(subject, row)))
+        return made
 
     SCALES = {"keys": "key_scale", "inputs": "input_scale", "anti_keys": "anti_scale",
               "subjects": "subject_scale"}   # rows -> their scales
@@ -185,6 +207,7 @@ class KeyScope(nn.Module):
         """Fix the centre (and, with ``rank``, the directions) on real inputs of the first edit call; keys,
         anti-keys and queries share them."""
         x = x.float()
+        self.forget_made()
         self.center.copy_(x.mean(0))
         if self.rank:
             centred = x - self.center
@@ -233,6 +256,7 @@ class KeyScope(nn.Module):
     @torch.no_grad()
     def set_prototypes(self, effects: torch.Tensor, offsets: torch.Tensor) -> None:
         """The relation prototypes the synthetic anti-keys are made of (``scope_anti_keys: prototypes``)."""
+        self.forget_made()
         self.proto_effects = effects.to(self.center.device, torch.float32)
         self.proto_offsets = offsets.to(self.center.device, torch.float32)
 
@@ -243,6 +267,7 @@ class KeyScope(nn.Module):
     @torch.no_grad()
     def add_subjects(self, vectors: torch.Tensor, edit_ids: torch.Tensor, skip: torch.Tensor) -> None:
         """Keep each edit's subject vector [n, dim] and the relations it asks [n, relations] (bool)."""
+        self.forget_made()
         self._append("subjects", vectors.float())
         self.subject_ids = torch.cat([self.subject_ids, edit_ids.to(self.subject_ids.device, torch.long)])
         have = self.subject_skip if self.subject_skip.shape[0] else self.subject_skip.new_zeros(0, skip.shape[1])
@@ -253,6 +278,7 @@ class KeyScope(nn.Module):
         """Drop the keys, anti-keys and subject vectors added after ``sizes`` (:meth:`sizes`; a failed edit call
         takes its own back)."""
         keys, anti, subjects = (tuple(sizes) + (self.subjects.shape[0],))[:3]
+        self.forget_made()
         self.subjects, self.subject_ids = self.subjects[:subjects], self.subject_ids[:subjects]
         self.subject_skip, self.subject_scale = self.subject_skip[:subjects], self.subject_scale[:subjects]
         self.keys, self.edit_ids = self.keys[:keys], self.edit_ids[:keys]
@@ -346,8 +372,7 @@ class KeyScope(nn.Module):
         if self.subjects.shape[0] and self.has_prototypes:
             row = self._subject_index.rows_of(self.subject_ids, torch.tensor([edit]))
             for r in row.tolist():
-                subject = self.rows("subjects", torch.tensor([r]), torch.float32)[0]
-                made = self.view(self.prototype_inputs(subject, r)).to(dtype)
+                made = self._made_views(r).to(dtype)
                 anti.append(made.to(self.anti_floor.device))
                 floor.append(torch.full((made.shape[0],), NO_FLOOR, dtype=dtype, device=self.anti_floor.device))
         if not anti:
