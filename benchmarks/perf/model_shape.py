@@ -222,7 +222,7 @@ def run_baseline(args, model, tok, edits, device, name=None, chunk: int = 0) -> 
     cls = getattr(easyeditor, spec.hparams_class)
     hp = cls(**{k: v for k, v in config.items() if k in cls.__dataclass_fields__})
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
-    requests = [dict(e, target_new={"str": e["target_new"]}) if spec.alg_name == "FT" else dict(e) for e in edits]
+    requests = [dict(e) for e in edits]   # EasyEdit HEAD's FT reads target_new as a string, like every method
     before = reset_peak(device)
     start = time.perf_counter()
     step = chunk or len(requests)
