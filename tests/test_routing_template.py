@@ -132,3 +132,28 @@ def test_the_position_after_the_answer_goes_back_to_the_base_model(chat_tokenize
         restore()
     assert all(acting[True][n - 1:-1]) and all(acting[False][n - 1:-1])   # every position predicting the answer
     assert acting[False][-1] and not acting[True][-1]                     # after the answer: only without stop keys
+
+
+def test_a_system_prompt_or_an_earlier_turn_in_front_does_not_close_the_scope(chat_tokenizer):
+    """Text before the question (a system prompt of the user's own, an earlier exchange) changes the conversation's
+    template tokens and what comes before the question, not the question: at the reply's first position the scope
+    reads the question's last own token, so the edit's expert still acts there, and its answer still comes out."""
+    from memoe_plugin.eval.generation import CHAT_HISTORY, CHAT_SYSTEM
+    model = tiny_llama(len(chat_tokenizer), seed=3)
+    _, restore = apply_memoe_to_model(model, chat_tokenizer, EDITS, chat_hparams(scope_stop_keys=True))
+    edit = EDITS[0]
+    for system, history in ((None, ()), (CHAT_SYSTEM, ()), (None, CHAT_HISTORY)):
+        messages = ([{"role": "system", "content": system}] if system else []) + list(history) + \
+            [{"role": "user", "content": edit["prompt"]}]
+        text = chat_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        inputs = chat_tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        with get_adapter(model).recording() as outputs:
+            model(**inputs)
+        assert outputs[-1].routing[0, -1, 0] >= 0, (system, history)      # in scope at the reply's first position
+    other = chat_tokenizer.apply_chat_template([{"role": "system", "content": CHAT_SYSTEM},
+                                                {"role": "user", "content": "What is the weather like today?"}],
+                                               tokenize=False, add_generation_prompt=True)
+    with get_adapter(model).recording() as outputs:
+        model(**chat_tokenizer(other, return_tensors="pt", add_special_tokens=False))
+    assert (outputs[-1].routing[0, :, 0] < 0).all()                       # a question about nothing edited: silent
+    restore()
