@@ -38,19 +38,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "memory"))
+from batch_memory import reset_peak, status_kib  # noqa: E402  (the benchmarks' one reader of /proc)
+
 WIKI_EVERY = 10
-
-
-def status_kib(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
 
 
 def flat(record: dict, source: str, scored: bool = True) -> dict:
