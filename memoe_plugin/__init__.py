@@ -12,11 +12,11 @@ from .layer import MoEBypass
 from .apply import apply_memoe_to_model, remove_memoe
 from .adapter import MEMoEAdapter, get_adapter
 from .easyedit import EasyEditNotFoundError, register, is_registered, register_if_available
-from .persist import load_adapter, save_adapter
+from .persist import EditRemovalError, list_edits, load_adapter, remove_edits, save_adapter
 
 __version__ = "0.2.0"
 __all__ = ["MEMoEHyperParams", "MoEBypass", "MEMoEAdapter", "apply_memoe_to_model", "remove_memoe",
-           "get_adapter", "save_adapter", "load_adapter", "register", "is_registered", "EasyEditNotFoundError", "__version__"]
+           "get_adapter", "save_adapter", "load_adapter", "list_edits", "remove_edits", "EditRemovalError", "register", "is_registered", "EasyEditNotFoundError", "__version__"]
 
 warn_if_untested()
 _reason = register_if_available()

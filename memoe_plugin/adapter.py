@@ -71,7 +71,9 @@ class MEMoEAdapter:
             self.scope = KeyScope(dim, hparams.scope_threshold, self.base_module.weight.device, snap=hparams.scope_snap,
                                   input_dim=in_features, rank=hparams.scope_rank,
                                   anti_margin=hparams.scope_anti_margin,
-                                  copy_similarity=hparams.scope_copy_similarity, storage=hparams.scope_storage)
+                                  copy_similarity=hparams.scope_copy_similarity, storage=hparams.scope_storage,
+                                  output_dim=projection_shape(self.base_module)[1] if hparams.scope_values else 0,
+                                  projection=hparams.scope_projection, seed=hparams.seed)
         if self.guard is not None or self.scope is not None:
             self.bypass.scope = ScopeVariant(self.scope, reads_block=self.scope_block is not None)
         if hparams.expert_routing == "key":
@@ -147,6 +149,12 @@ class MEMoEAdapter:
         JSON-able (``persist.state``). :meth:`load_state` takes them back; save_adapter writes them."""
         from .persist.state import adapter_state
         return adapter_state(self)
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of everything the edits put into the adapter (what :meth:`state` gives and ``save_adapter`` writes)."""
+        from .persist.state import kept_bytes
+        return kept_bytes(self)
 
     def load_state(self, tensors: dict, info: dict) -> None:
         """Put a saved :meth:`state` into this (freshly attached) adapter."""

@@ -27,6 +27,7 @@ GATE_NORMS = ("none", "center")
 SCOPE_POSITIONS = ("targets", "after_anchor")
 EXPERT_ROUTINGS = ("gate", "key")
 SCOPE_ANTI_KEYS = ("none", "relation_bank", "prototypes")
+SCOPE_PROJECTIONS = ("leading", "random")
 CHAT_MODES = ("auto", "on", "off")
 EVALUATION_TYPES = ("generate-text", "LLM-judge")   # EasyEdit's real-world evaluation (None: teacher forcing)
 # Neutral text put before edit prompts in training (context_prefixes); none holds an entity.
@@ -146,12 +147,23 @@ class MEMoEHyperParams:
         "**extension**, with `scope_keys`: an in-scope position's expert reads its layer input moved this share "
         "of the way to the input of the key it matched (0: its own input, as the paper; 1: the edit's own), so "
         "a rewording gets the correction the edit was trained to. Keeps each key's input (2 bytes per feature)")
+    scope_values: bool = option(False,
+        "**extension**, with `scope_keys`, `scope_snap: 1` and `expert_routing: key`: at the end of each edit call "
+        "every key of the call keeps its bypass output (`W_e x_key`, what the expert gives any position that "
+        "matches the key) as one row of the projection's output width, and the experts are emptied. Later calls "
+        "never change an earlier edit, one edit can be taken back alone (`remove_edits`), and nothing kept per "
+        "edit grows with the projection's in × out (see below)", structural=True)
     scope_layer: int = option(-1,
         "what the key scope compares: -1, the bypass input (the projection's input at `layer`); an index "
         "<= `layer`, the residual stream entering that block, where relation words may still stand apart", structural=True)
     scope_rank: int = option(0,
         "with `scope_keys`: compare on this many leading directions of the first call's inputs (0: all); it also "
         "bounds the bytes each key and anti-key keeps (2 per direction)", structural=True)
+    scope_projection: Literal["leading", "random"] = option("leading",
+        "with `scope_rank` > 0: the directions compared on: `leading`, the first call's leading directions; "
+        "`random`, a random orthonormal subspace fixed by `seed` before any edit (cosines kept to about "
+        "1/sqrt(`scope_rank`) whatever the inputs), which bounds the bytes of each key at wide projections "
+        "(Llama-3-8B's `down_proj` reads 14,336 features)", structural=True)
     scope_storage: Literal["float16", "int8"] = option("float16",
         "with `scope_keys`: how keys, anti-keys and key inputs are kept: `float16` (2 bytes per feature) or `int8` "
         "(1 byte per feature and a float32 scale per row, symmetric per-row quantisation; see docs/results.md for "
@@ -298,6 +310,7 @@ class MEMoEHyperParams:
              f"-1 (the bypass input) or a block index in 0..layer ({self.layer}): the scope must be read before "
              "the bypass acts")
         need(self.scope_rank >= 0, "scope_rank", "an integer >= 0 (0: every direction)")
+        need(self.scope_projection in SCOPE_PROJECTIONS, "scope_projection", f"one of {SCOPE_PROJECTIONS}")
         need(self.scope_anti_keys in SCOPE_ANTI_KEYS, "scope_anti_keys", f"one of {SCOPE_ANTI_KEYS}")
         need(self.scope_anti_keys == "none" or self.scope_keys, "scope_anti_keys",
              "'none' unless scope_keys is true: anti-keys are compared with the key scope's keys")
@@ -317,6 +330,18 @@ class MEMoEHyperParams:
         need(self.expert_routing != "key" or self.top_k == 1, "top_k",
              "1 with expert_routing: key (each position goes to the one expert of the edit it matches)")
         need(self.edits_per_expert >= 0, "edits_per_expert", "an integer >= 0")
+        if self.scope_values:
+            need(self.scope_keys and self.scope_snap == 1.0 and self.expert_routing == "key", "scope_values",
+                 "false unless scope_keys is true, scope_snap is 1 and expert_routing is 'key': only then is the "
+                 "bypass output at a matched key one fixed row")
+            need(self.edits_per_expert == 0, "edits_per_expert",
+                 "0 with scope_values (each call's experts are emptied once its keys keep their values; there is no "
+                 "expert to grow)")
+            need(self.memory_rows == 0, "memory_rows",
+                 "0 with scope_values (no expert outlives its call, so there is nothing for an output memory to "
+                 "protect; earlier edits' values never change)")
+            need(self.replay == 0, "replay", "0 with scope_values (earlier edits keep their values unchanged; there "
+                 "is nothing to replay)")
         need(self.preserve_prompts >= 0, "preserve_prompts", "an integer >= 0 (0: off)")
         need(self.scope_positions == "targets" or (self.scope_keys and self.locality_guard), "scope_positions",
              "'targets' unless scope_keys and locality_guard are on: 'after_anchor' keys the positions after the "

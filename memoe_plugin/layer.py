@@ -93,7 +93,11 @@ class MoEBypass(nn.Module):
             probs = logits.softmax(dim=-1)
             weights, chosen = probs.topk(self.top_k, dim=-1)
         chosen = where.restrict(chosen)
-        delta = self.expert_sum(where.expert_input, chosen, weights)
+        if where.closed is None:
+            delta = self.expert_sum(where.expert_input, chosen, weights)
+        else:   # scope_values: a closed key's output is its kept value; the experts serve the open keys
+            delta = self.expert_sum(where.expert_input, chosen.masked_fill(where.closed.unsqueeze(-1), -1), weights)
+            delta = delta + self.scale * where.values.to(delta.device, delta.dtype)
         return MixtureOutput(delta, chosen.detach(), self._aux_loss(probs, chosen, routing), where.expert_input)
 
     def expert_sum(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

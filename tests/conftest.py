@@ -10,6 +10,32 @@ import torch
 from memoe_plugin.assets.tiny import tiny_gpt2, tiny_llama, train_tokenizer  # noqa: F401 (fixtures' helpers)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _private_cache() -> None:
+    """The tests write only into a temporary cache (``MEMOE_CACHE``), never into the user's: relation prototypes of
+    tiny random models, exports and assembled model files all land there and go with it. Complete model exports and
+    assembled model files already in the user's cache are linked in, to be read, so that the suite does not export
+    SmolLM2 again on every run; an export a test makes goes to the temporary cache."""
+    import atexit
+    import shutil
+    import tempfile
+    from memoe_plugin.assets.gguf_export import is_complete_export
+    from memoe_plugin.paths import cache_dir
+    user, private = cache_dir(), Path(tempfile.mkdtemp(prefix="memoe-tests-cache-"))
+    if user.is_dir():
+        for entry in user.iterdir():
+            if entry.is_dir() and entry.name != "gguf" and is_complete_export(entry):
+                (private / entry.name).symlink_to(entry.resolve(), target_is_directory=True)
+        if (user / "gguf").is_dir():
+            (private / "gguf").mkdir()
+            for file in (user / "gguf").glob("*.gguf"):
+                (private / "gguf" / file.name).symlink_to(file.resolve())
+    os.environ["MEMOE_CACHE"] = str(private)
+    atexit.register(shutil.rmtree, private, True)
+
+
+_private_cache()
 # EASYEDIT_PATH=../shared/easyedit is relative to where pytest starts; some tests change directory
 # (AlphaEdit writes its projection into the working directory), so pin it to an absolute path now.
 if os.environ.get("EASYEDIT_PATH"):

@@ -25,7 +25,8 @@ ARCHITECTURES = {
 TINY_LAYERS = 4
 RECIPE = {"locality_guard": True, "scope_keys": True, "scope_snap": 1.0, "scope_anti_keys": "prototypes",
           "scope_anti_probes": 4, "scope_anti_margin": -0.1, "scope_stop_keys": True, "scope_storage": "int8",
-          "chat": "auto", "expert_routing": "key", "lr": 5e-3, "lr_width": 1536, "scope_threshold": 0.4}
+          "chat": "auto", "expert_routing": "key", "lr": 5e-3, "lr_width": 1536, "scope_threshold": 0.4,
+          "scope_values": True}
 
 
 def tiny(config_name: str, model_name: str, vocab_size: int):
@@ -113,3 +114,35 @@ def test_shipped_file_runs_on_its_architecture(name, paper, tokenizer):
     assert_state_equal(model, saved)
     again = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     assert torch.equal(again, before)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_each_model_has_a_sequential_file_that_is_its_recipe(name):
+    """Lifelong editing needs no setting of its own (scope values): the sequential file is the recipe under the
+    protocol's name, and must not drift from it."""
+    recipe = MEMoEHyperParams.from_hparams(REPO / "hparams" / "MEMoE" / f"{name}.yaml")
+    sequential = MEMoEHyperParams.from_hparams(REPO / "hparams" / "MEMoE" / f"{name}-sequential.yaml")
+    assert sequential.to_dict() == recipe.to_dict()
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_shipped_sequential_file_keeps_earlier_edits_on_its_architecture(name, tokenizer):
+    """Two calls on one model, as EasyEdit's sequential_edit makes them: the first call's edits are kept exactly
+    through the second, generate runs, and restore() gives the model back bit for bit."""
+    model, hp = _run(name, f"{name}-sequential.yaml", tokenizer)
+    hp.scope_threshold = 0.0
+    saved = state_copy(model)
+    first = tokenizer([e["prompt"] + " " + e["target_new"] for e in EDITS[:2]], return_tensors="pt", padding=True)
+    model, _ = apply_memoe_to_model(model, tokenizer, EDITS[:2], hp)
+    with torch.no_grad():
+        kept = model(**first).logits
+    model, restore = apply_memoe_to_model(model, tokenizer, EDITS[2:], hp)
+    adapter = get_adapter(model)
+    assert len(adapter.edits) == len(EDITS) and adapter.bypass.experts.shape[0] == 0
+    with torch.no_grad():
+        assert torch.equal(model(**first).logits[:, :first["input_ids"].shape[1]], kept)
+    inputs = tokenizer(EDITS[0]["prompt"], return_tensors="pt")
+    model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    restore()
+    assert get_adapter(model) is None
+    assert_state_equal(model, saved)

@@ -167,3 +167,44 @@ def test_micro_batch_is_checked():
     from conftest import make_hparams
     with pytest.raises(ValueError, match="train_micro_batch"):
         make_hparams(train_micro_batch=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_train_on_cached_activations(tiny_model, tokenizer, dtype):
+    """A bf16 or fp16 model takes the fast path: its logits match a full pass to the precision's tolerance (a share of
+    what the bypass changes; the two paths round in another order), and the edits come out."""
+    import memoe_plugin.training.fast_path as train
+    model, hparams = tiny_model
+    model = model.to(dtype)
+    verdicts = []
+    real = train.shortcut_agrees
+
+    def spy(reference, shortcut, untouched, got_dtype):
+        verdicts.append((real(reference, shortcut, untouched, got_dtype), got_dtype,
+                         (reference - shortcut).abs().max().item(), (reference - untouched).abs().max().item()))
+        return verdicts[-1][0]
+
+    train.shortcut_agrees = spy
+    try:
+        apply_memoe_to_model(model, tokenizer, EDITS, hparams(steps=40, lr=1e-1))
+    finally:
+        train.shortcut_agrees = real
+    adapter = get_adapter(model)
+    assert adapter.last_report.used_cached_activations
+    (agree, gap_text), got_dtype, gap, change = verdicts[0]
+    assert agree and got_dtype == dtype
+    assert gap <= train.HALF_PRECISION_SHARE * change                 # the shortcut is the full pass, rounded
+    assert adapter.last_report.target_accuracy == 1.0
+    remove_memoe(model)
+
+
+def test_the_half_precision_check_still_refuses_a_shortcut_that_computes_another_function():
+    """The tolerance is a share of the bypass's change: logits off by that change itself (a normed MLP output, as
+    Gemma 3 has) fail in half precision as in float32."""
+    from memoe_plugin.training.fast_path import shortcut_agrees
+    untouched = torch.zeros(4, 10)
+    reference = torch.randn(4, 10, generator=torch.Generator().manual_seed(0)) * 5
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert shortcut_agrees(reference, reference + 0.01 * reference.abs().max(), untouched, dtype)[0] == (
+            dtype != torch.float32)                                    # rounding: fine in half precision only
+        assert not shortcut_agrees(reference, reference * 0.2, untouched, dtype)[0]

@@ -103,12 +103,6 @@ def add_synthetic(adapter, count: int, anti_per_edit=None, seed: int = 0, chunk:
         router.assign(first, count, 0, adapter.bypass.experts.shape[0])
 
 
-def adapter_bytes(adapter) -> int:
-    """Bytes the adapter keeps: experts, gate and every buffer of the scope."""
-    held = sum(p.numel() * p.element_size() for p in adapter.bypass.parameters())
-    return held + (adapter.scope.nbytes if adapter.scope is not None else 0)
-
-
 def timed(run) -> tuple[int, float]:
     start = time.perf_counter()
     tokens = run()
@@ -143,7 +137,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         add_synthetic(adapter, args.synthetic, args.synthetic_anti)
         print(f"added {args.synthetic} synthetic edits in {time.perf_counter() - start:.1f} s")
-    held, keys = adapter_bytes(adapter), len(adapter.scope or ())
+    held, keys = adapter.kept_bytes, len(adapter.scope or ())
     adapter.detach()
 
     def edited(run):

@@ -125,14 +125,16 @@ def main(argv=None) -> int:
         if not args.sequential:
             score(chunk, lo)
             restore()
-    if args.sequential:
+    if args.sequential:   # everything the adapter keeps after the last call (what save_adapter writes), per edit
+        kept.append(get_adapter(model).kept_bytes / len(records))
         score(records, 0)
         restore()
     mean = lambda v: round(100 * sum(v) / len(v), 1) if v else None   # noqa: E731
     print(json.dumps({"data": args.data, "split": "dev", "num_edits": len(records), "sequential": args.sequential,
                       "set": args.set, "dtype": args.dtype, **{k: mean(v) for k, v in scores.items()},
                       "mean_steps": round(sum(steps) / len(steps), 1), "edit_seconds": round(edit_seconds),
-                      "scope_bytes_per_edit": round(sum(kept) / len(kept)) if kept else None,
+                      ("kept_bytes_per_edit" if args.sequential else "scope_bytes_per_edit"):
+                          round(sum(kept) / len(kept)) if kept else None,
                       "seconds": round(time.perf_counter() - start)}), flush=True)
     return 0
 

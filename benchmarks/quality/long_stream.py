@@ -138,11 +138,6 @@ def overhead(model, tok, adapter, prompts: list[str], rounds: int = 2) -> float:
     return seconds["edited"] / seconds["base"] - 1
 
 
-def kept_bytes(adapter) -> int:
-    tensors, _ = adapter.state()
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
 def score(model, tok, stream: list[dict], before: dict) -> list[dict]:
     from memoe_plugin.eval.metrics import token_accuracy
     rows = []
@@ -288,7 +283,7 @@ def main(argv=None) -> int:
             seconds = sum(state["calls"][first // args.batch:state["done"] // args.batch])
             state["blocks"].append({"edits": state["done"], "seconds_per_edit": seconds / (state["done"] - first),
                                     "peak_above_model_gib": (status_kib("VmHWM") - loaded_kib) / 2**20,
-                                    "kept_bytes": kept_bytes(adapter),
+                                    "kept_bytes": adapter.kept_bytes,
                                     "overhead": overhead(model, tok, adapter, probes),
                                     "wall_seconds": time.perf_counter() - block_start})
             print(json.dumps(state["blocks"][-1]), flush=True)

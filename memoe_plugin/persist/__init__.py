@@ -45,9 +45,11 @@ Tokenizer fingerprint
     ``len(tokenizer)`` and the sha256 of its sorted vocabulary: target tokens and
     anchors are both computed with it.
 """
+from .edits import EditRemovalError, list_edits, remove_edits, remove_edits_from_file
 from .file import FORMAT_VERSION, read_adapter_metadata
 from .identity import config_fingerprint
 from .load import load_adapter
 from .save import save_adapter
 
-__all__ = ["save_adapter", "load_adapter", "read_adapter_metadata", "config_fingerprint", "FORMAT_VERSION"]
+__all__ = ["save_adapter", "load_adapter", "read_adapter_metadata", "config_fingerprint", "FORMAT_VERSION",
+           "list_edits", "remove_edits", "remove_edits_from_file", "EditRemovalError"]

@@ -99,6 +99,8 @@ def check_compatible(model: nn.Module, tokenizer, document: dict, tensors: dict,
     experts = hparams.num_experts   # a mixture that grows with its edits has at least that many
     if hparams.expert_routing == "key" and hparams.edits_per_expert > 0 and tensors["experts"].dim() == 3:
         experts = max(experts, int(tensors["experts"].shape[0]))
+    if hparams.scope_values and tensors["experts"].dim() == 3 and tensors["experts"].shape[0] == 0:
+        experts = 0   # every key closed with its value: the experts were emptied after the last call
     expected = {"experts": [experts, in_features, out_features],
                 "gate.weight": [experts, in_features + feature_dim],
                 "gate_shift": [in_features + feature_dim], "gate_scale": [in_features + feature_dim]}
@@ -115,7 +117,8 @@ def check_compatible(model: nn.Module, tokenizer, document: dict, tensors: dict,
                              "The file was not written by save_adapter.")
     view = hparams.scope_rank or (model.get_input_embeddings().weight.shape[1] if hparams.scope_layer >= 0
                                   else in_features)
-    for name, width in (("scope.keys", view), ("scope.anti_keys", view), ("scope.inputs", in_features)):
+    for name, width in (("scope.keys", view), ("scope.anti_keys", view), ("scope.inputs", in_features),
+                        ("scope.values", out_features)):
         if hparams.scope_keys and name in tensors and tensors[name].shape[-1] != width:
             raise ValueError(f"{path}: the key scope's {name} have {tensors[name].shape[-1]} features but "
                              f"{hparams.module_name} with these scope settings needs {width}; the file is corrupt.")
@@ -124,7 +127,7 @@ def check_compatible(model: nn.Module, tokenizer, document: dict, tensors: dict,
         raise ValueError(f"{path}: the key scope's anti-keys, their edit ids and floors do not match; the file is "
                          "corrupt.")
     for name, scale in (("scope.keys", "scope.key_scale"), ("scope.anti_keys", "scope.anti_scale"),
-                        ("scope.inputs", "scope.input_scale")):
+                        ("scope.inputs", "scope.input_scale"), ("scope.values", "scope.value_scale")):
         if name in tensors and tensors[name].dtype == torch.int8 and (
                 scale not in tensors or tensors[scale].shape != tensors[name].shape[:1]):
             raise ValueError(f"{path}: the key scope's {name} are int8 but {scale} (one scale per row) is missing "
@@ -140,6 +143,9 @@ def check_compatible(model: nn.Module, tokenizer, document: dict, tensors: dict,
     elif "scope.inputs" in tensors and tensors["scope.inputs"].shape[0] != keys:
         raise ValueError(f"{path}: the key scope has {keys} keys but "
                          f"{tensors['scope.inputs'].shape[0]} key inputs; the file is corrupt.")
+    if "scope.values" in tensors and tensors["scope.values"].shape[0] > keys:
+        raise ValueError(f"{path}: the key scope has {keys} keys and {tensors['scope.values'].shape[0]} values; "
+                         "the file is corrupt.")
     weight_dtype = str(module.weight.dtype).replace("torch.", "")
     if weight_dtype == saved_module.get("weight_dtype") and module.weight.device.type != "meta" \
             and tensor_sha256(module.weight) != saved_module.get("weight_sha256"):

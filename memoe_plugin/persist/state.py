@@ -10,6 +10,17 @@ PROTOTYPE_TENSORS = ("subjects", "subject_ids", "subject_skip", "proto_effects",
 
 def adapter_state(adapter) -> tuple[dict, dict]:
     """``(tensors, info)`` of everything the edits put into ``adapter``, the tensors on the CPU."""
+    tensors, info = live_state(adapter)
+    return {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}, info
+
+
+def kept_bytes(adapter) -> int:
+    """Bytes of everything the edits put into ``adapter`` (what :func:`adapter_state` saves), counted in place."""
+    return sum(t.numel() * t.element_size() for t in live_state(adapter)[0].values())
+
+
+def live_state(adapter) -> tuple[dict, dict]:
+    """:func:`adapter_state`'s tensors as the adapter holds them (not copied), and its info."""
     bypass = adapter.bypass
     tensors = {"experts": bypass.experts, "gate.weight": bypass.gate.weight,
                "gate_shift": bypass.gate_shift, "gate_scale": bypass.gate_scale}
@@ -26,7 +37,7 @@ def adapter_state(adapter) -> tuple[dict, dict]:
     if adapter.memory is not None:
         memory_tensors, info["memory"] = adapter.memory.state()
         tensors.update(memory_tensors)
-    return {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}, info
+    return tensors, info
 
 
 def scope_state(scope) -> tuple[dict, dict]:
@@ -42,6 +53,8 @@ def scope_state(scope) -> tuple[dict, dict]:
     if scope.snap > 0:
         tensors.update({"scope.inputs": scope.inputs, "scope.input_row": scope.input_row,
                         "scope.key_norm": scope.key_norm})
+    if scope.closed:   # scope_values
+        tensors["scope.values"] = scope.values
     if scope.subjects.shape[0]:   # scope_anti_keys: prototypes
         tensors.update({f"scope.{name}": getattr(scope, name) for name in PROTOTYPE_TENSORS})
     if scope.storage == "int8":
@@ -103,6 +116,11 @@ def load_scope_state(scope, tensors: dict, info: dict, device) -> None:
         scope.anti_keys = tensors["scope.anti_keys"].to(device)
         scope.anti_edit_ids = tensors["scope.anti_edit_ids"].to(device)
         scope.anti_floor = tensors["scope.anti_floor"].to(device)
+    if "scope.values" in tensors:
+        if scope.values.shape[1] != tensors["scope.values"].shape[1]:
+            raise ValueError("this adapter keeps its keys' outputs (scope_values: true), and its hparams ask for "
+                             "scope_values: false; load it with the scope_values it was edited with")
+        scope.values = tensors["scope.values"].to(device)
     if "scope.subjects" in tensors:
         for name in PROTOTYPE_TENSORS:
             setattr(scope, name, tensors[f"scope.{name}"].to(device))

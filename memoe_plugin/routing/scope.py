@@ -28,6 +28,11 @@ in-scope position's expert reads its own input moved that share of the way to th
 key it matched (:meth:`KeyScope.snap_inputs`). A rewording's last token is near, not at, the edit
 prompt's, and a linear expert trained on the one gives the other only part of the correction;
 snapped, it gives the edit's own. ``snap`` 1 is a codebook, as GRACE's, read through the expert.
+
+With ``snap`` 1 the expert's output at a position that matched a key depends on that key alone: ``W_e x_key``.
+``scope_values`` keeps it so: at the end of each edit call the call's keys are *closed* (:meth:`KeyScope.close`),
+each with its output as one *value* row of the projection's output width, and their inputs are dropped. Keys
+``0 .. closed - 1`` have values; the keys from ``closed`` on are the open call's, read through its experts.
 """
 from __future__ import annotations
 
@@ -37,29 +42,11 @@ import torch
 from torch import nn
 
 from .lru import LRU
+from .rows import STORAGE_DTYPES, EditIndex, pack_rows, unpack_rows  # noqa: F401 (re-exported)
 
 NO_FLOOR = -2.0     # an anti-key whose floor is below every cosine: nearness alone counts, by ``anti_margin``
 MADE_CACHE_SIZE = 32   # subject vectors whose made anti-keys are kept (2 x 64 x 1,536 floats: 786 KB each on SmolLM2)
 ANY_FLOOR = -1.0    # an anti-key that counts wherever a position is nearer it than its key, whatever the margin
-STORAGE_DTYPES = {"float16": torch.float16, "int8": torch.int8}
-
-
-def pack_rows(rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rows`` [n, d] as kept: float16 as they are (scales empty), or int8 with one float32 scale per row
-    (``row ≈ stored * scale``, the row's largest magnitude mapped to 127; float32, as a float16 scale of a small
-    row would fall among float16's subnormals)."""
-    if dtype != torch.int8:
-        return rows.to(dtype), rows.new_zeros(0, dtype=torch.float32)
-    rows = rows.float()
-    scale = rows.abs().amax(-1).clamp_min(1e-30) / 127
-    return torch.round(rows / scale.unsqueeze(-1)).to(torch.int8), scale
-
-
-def unpack_rows(stored: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The rows :func:`pack_rows` kept, as ``dtype``."""
-    if stored.dtype != torch.int8:
-        return stored.to(dtype)
-    return stored.to(dtype) * scale.to(stored.device, dtype).unsqueeze(-1)
 
 
 class Match(NamedTuple):
@@ -71,40 +58,18 @@ class Match(NamedTuple):
     blocked: torch.Tensor
 
 
-class EditIndex:
-    """Rows of a tensor of edit ids, looked up by edit: the keys (or anti-keys) of the edits in sight, without a
-    scan of every row. Rebuilt when the ids it indexes are replaced (keys only grow by concatenation)."""
-
-    def __init__(self):
-        self._ids: Optional[torch.Tensor] = None
-        self._order = self._sorted = None
-
-    def rows_of(self, ids: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:
-        """Indices into ``ids`` of the rows whose edit is in ``edits`` (ascending)."""
-        if self._ids is not ids:
-            self._order = torch.argsort(ids, stable=True)
-            self._sorted, self._ids = ids[self._order], ids
-        edits = edits.to(ids.device)
-        lo = torch.searchsorted(self._sorted, edits)
-        hi = torch.searchsorted(self._sorted, edits, right=True)
-        counts = hi - lo
-        if not int(counts.sum()):
-            return torch.zeros(0, dtype=torch.long, device=ids.device)
-        starts = torch.repeat_interleave(lo, counts)
-        offsets = torch.arange(int(counts.sum()), device=ids.device) - torch.repeat_interleave(
-            torch.cumsum(counts, 0) - counts, counts)
-        return self._order[starts + offsets].sort().values
-
-
 class KeyScope(nn.Module):
     """Keys (and anti-keys) of the edited positions, and the test of a position against them.
 
     ``dim`` is the width of what the scope reads, ``input_dim`` that of the bypass input (the snap
     keeps one per key); ``rank`` > 0 compares views projected on that many leading directions of the
-    first call's inputs (fixed by :meth:`calibrate`), which also bounds the bytes each key keeps."""
+    first call's inputs (fixed by :meth:`calibrate`; ``projection`` "random": on a random orthonormal subspace fixed by
+    ``seed``, which preserves cosines to about 1/sqrt(rank) whatever the inputs), which also bounds the bytes each key
+    keeps."""
 
     def __init__(self, dim: int, threshold: float, device=None, snap: float = 0.0, input_dim: Optional[int] = None,
-                 rank: int = 0, anti_margin: float = 0.0, copy_similarity: float = 1.0, storage: str = "float16"):
+                 rank: int = 0, anti_margin: float = 0.0, copy_similarity: float = 1.0, storage: str = "float16",
+                 output_dim: int = 0, projection: str = "leading", seed: int = 0):
         super().__init__()
         if storage not in STORAGE_DTYPES:
             raise ValueError(f"scope storage {storage!r}: use one of {sorted(STORAGE_DTYPES)}")
@@ -115,6 +80,11 @@ class KeyScope(nn.Module):
         view = rank or dim
         self.register_buffer("center", torch.zeros(dim, device=device))
         self.register_buffer("basis", torch.zeros(dim, rank, device=device))      # used when rank > 0
+        self.projection = projection
+        if rank and projection == "random":   # fixed before any input is seen: a random orthonormal rank-dim subspace
+            generator = torch.Generator().manual_seed(seed)
+            gaussian = torch.randn(dim, min(rank, dim), generator=generator, dtype=torch.float64)
+            self.basis[:, :gaussian.shape[1]] = torch.linalg.qr(gaussian).Q.to(self.basis.device, torch.float32)
         # rows kept as ``storage`` (float16, or int8 with a float32 scale per row in the *_scale buffers)
         self.register_buffer("keys", torch.zeros(0, view, device=device, dtype=stored))
         self.register_buffer("edit_ids", torch.zeros(0, dtype=torch.long, device=device))
@@ -130,6 +100,9 @@ class KeyScope(nn.Module):
         self.register_buffer("input_row", torch.zeros(0, dtype=torch.long, device=device))
         self.register_buffer("key_norm", torch.zeros(0, device=device))
         self.register_buffer("anti_keys", torch.zeros(0, view, device=device, dtype=stored))
+        # scope_values: the output of each closed key (W_e x_key, unscaled), row i for key i; keys from ``closed`` on
+        # have none yet (the open call's, still learning through the experts)
+        self.register_buffer("values", torch.zeros(0, output_dim, device=device, dtype=stored))
         for name in self.SCALES.values():
             self.register_buffer(name, torch.zeros(0, device=device, dtype=torch.float32))
         self.register_buffer("anti_edit_ids", torch.zeros(0, dtype=torch.long, device=device))
@@ -165,15 +138,20 @@ class KeyScope(nn.Module):
         return made
 
     SCALES = {"keys": "key_scale", "inputs": "input_scale", "anti_keys": "anti_scale",
-              "subjects": "subject_scale"}   # rows -> their scales
+              "subjects": "subject_scale", "values": "value_scale"}   # rows -> their scales
 
     def __len__(self) -> int:
         return self.keys.shape[0]
 
     @property
+    def closed(self) -> int:
+        """How many keys are closed (``scope_values``): keys ``0 .. closed - 1`` have their output kept as a value."""
+        return self.values.shape[0]
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.edit_ids, self.key_kind, self.inputs,
-                                                           self.input_row, self.key_norm,
+                                                           self.input_row, self.key_norm, self.values,
                                                            self.anti_keys, self.anti_edit_ids, self.anti_floor,
                                                            self.subjects, self.subject_ids, self.subject_skip,
                                                            *(getattr(self, s) for s in self.SCALES.values())))
@@ -209,7 +187,7 @@ class KeyScope(nn.Module):
         x = x.float()
         self.forget_made()
         self.center.copy_(x.mean(0))
-        if self.rank:
+        if self.rank and self.projection == "leading":
             centred = x - self.center
             _, _, directions = torch.linalg.svd(centred, full_matrices=False)
             basis = directions[:self.rank].t()
@@ -290,6 +268,26 @@ class KeyScope(nn.Module):
         self.anti_floor = self.anti_floor[:anti]
         self.key_scale = self.key_scale[:keys]
         self.anti_scale = self.anti_scale[:anti]
+        self.values, self.value_scale = self.values[:keys], self.value_scale[:keys]
+
+    @torch.no_grad()
+    def close(self, outputs: torch.Tensor) -> None:
+        """Close the open keys (``closed .. len - 1``): keep ``outputs`` [open keys, out] as their values, and drop the
+        layer inputs the snap kept for them (a closed key's output no longer depends on an input)."""
+        if outputs.shape[0] != len(self) - self.closed:
+            raise ValueError(f"{outputs.shape[0]} values for {len(self) - self.closed} open keys")
+        self._append("values", outputs)
+        self.inputs, self.input_scale = self.inputs[:0], self.input_scale[:0]
+        self.input_row = torch.full_like(self.input_row, -1)
+
+    def key_values(self, key: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """[..., out] (float32): the value of the key each position matched (``key`` [...]) where ``where`` [...] holds
+        and that key is closed; zero elsewhere."""
+        out = torch.zeros(*key.shape, self.values.shape[1], device=key.device)
+        rows = where & (key >= 0) & (key < self.closed)
+        if bool(rows.any()):
+            out[rows] = self.rows("values", key[rows]).to(out.device)
+        return out
 
     def match(self, x: torch.Tensor, allowed: Optional[torch.Tensor] = None,
               sight: Optional[torch.Tensor] = None, kind: Optional[torch.Tensor] = None) -> Match:
@@ -388,13 +386,13 @@ class KeyScope(nn.Module):
 
     def snap_inputs(self, x: torch.Tensor, key: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """``x`` [..., input_dim] with the rows at ``where`` moved the share ``snap`` of the way to the raw input
-        of their matched key ``key`` [...]; the other rows unchanged."""
+        of their matched key ``key`` [...] when that key is open; the other rows unchanged."""
         if self.snap <= 0 or not bool(where.any()):
             return x
         if self.input_row.shape[0] != self.keys.shape[0]:
             raise RuntimeError("scope_snap needs the keys' layer inputs, and this scope has none (it was saved "
                                "or built with scope_snap: 0). Edit again with scope_snap set.")
-        where = where & (key >= 0)
+        where = where & (key >= self.closed)   # a closed key's output is its value: nothing to read
         target = self.key_inputs(key.clamp_min(0)).to(x.device, x.dtype)
         return torch.where(where.unsqueeze(-1), torch.lerp(x, target, self.snap), x)
 

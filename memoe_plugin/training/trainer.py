@@ -21,6 +21,7 @@ from .fast_path import bucket_logits_functions, full_target_logits, target_logit
 from .memory import remember_edits
 from .preservation import Preservation
 from .scope_keys import register_keys
+from .values import close_keys
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -69,6 +70,8 @@ def train_experts(adapter, requests: list[dict], progress: bool = False,
                                             f"kept. Lower lr (now {hp.lr}) or scale (now {hp.scale}).")
         bypass.eval()
         remember_edits(adapter, batches)
+        if hp.scope_values:
+            close_keys(adapter)
     except BaseException:
         with torch.no_grad():
             bypass.experts[learning] = snapshot[0]

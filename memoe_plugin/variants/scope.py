@@ -22,6 +22,9 @@ class Selection(NamedTuple):
     active: Optional[torch.Tensor]   # [...] bool; None: every position
     edit: Optional[torch.Tensor]     # [...] the edit whose key each position matched (-1: none); None without keys
     expert_input: torch.Tensor       # [..., in]
+    closed: Optional[torch.Tensor] = None   # [...] bool (scope_values): active positions whose key is closed, whose
+    #                                         output is that key's value, not an expert's; None: no closed key matched
+    values: Optional[torch.Tensor] = None   # [..., out] the closed keys' values there (unscaled; zero elsewhere)
 
     @classmethod
     def everywhere(cls, x: torch.Tensor) -> "Selection":
@@ -65,7 +68,14 @@ class ScopeVariant:
         if readable is not None:
             keyed = keyed & readable
         active = keyed if active is None else active & keyed
-        return Selection(active, match.edit, self.keys.snap_inputs(x, match.key, active))
+        closed = values = None
+        if self.keys.closed:
+            closed = active & (match.key >= 0) & (match.key < self.keys.closed)
+            if bool(closed.any()):
+                values = self.keys.key_values(match.key, closed)
+            else:
+                closed = None
+        return Selection(active, match.edit, self.keys.snap_inputs(x, match.key, active), closed, values)
 
     def view(self, x: torch.Tensor, routing: RoutingInputs
              ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
