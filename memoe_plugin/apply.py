@@ -42,6 +42,8 @@ def apply_memoe_to_model(model: nn.Module, tok, requests: list[dict], hparams: M
     check_lengths(tok, requests, model)
     if copy:
         model = copy_module.deepcopy(model)
+    if hparams.close_every and len(requests) > hparams.close_every:
+        return _in_groups(model, tok, requests, hparams, **kwargs)
     adapter = get_adapter(model)
     fresh = adapter is None
     if fresh:
@@ -73,6 +75,26 @@ def apply_memoe_to_model(model: nn.Module, tok, requests: list[dict], hparams: M
         raise
     adapter.edits.extend({key: r[key] for key in ("prompt", "target_new", "subject") if key in r}
                          for r in requests)
+    return model, lambda: remove_memoe(model)
+
+
+def _in_groups(model: nn.Module, tok, requests: list[dict], hparams: MEMoEHyperParams,
+               **kwargs) -> tuple[nn.Module, Callable[[], None]]:
+    """``close_every``: the call's edits trained and closed group after group, as sequential calls; a group that fails
+    takes the call's earlier groups back with it (exactly: closed edits come out alone, ``remove_edits``)."""
+    from .persist.edits import remove_edits
+    size, existed = hparams.close_every, get_adapter(model) is not None
+    first = len(get_adapter(model).edits) if existed else 0
+    try:
+        for lo in range(0, len(requests), size):
+            apply_memoe_to_model(model, tok, requests[lo:lo + size], hparams, **kwargs)
+    except BaseException:
+        adapter = get_adapter(model)
+        if adapter is not None and not existed:
+            adapter.detach()
+        elif adapter is not None and len(adapter.edits) > first:
+            remove_edits(model, range(first, len(adapter.edits)))
+        raise
     return model, lambda: remove_memoe(model)
 
 

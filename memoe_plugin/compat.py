@@ -108,6 +108,13 @@ def bound_arguments(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
     return bound
 
 
+def last_logits_only(model: torch.nn.Module, count: int) -> dict:
+    """The keyword that makes ``model`` compute the LM head on its last ``count`` positions only (``logits_to_keep``,
+    transformers' public argument of its causal LMs), or nothing where its forward does not take it: the logits of
+    every position of a batch are [rows, length, vocabulary] floats, most of a full pass's memory."""
+    return {"logits_to_keep": count} if "logits_to_keep" in _forward_parameters(type(model).forward) else {}
+
+
 def find_cache(bound: dict) -> Any:
     """The KV cache among a call's arguments: by one of its known names, else any ``Cache`` value."""
     for name in CACHE_ARGUMENT_NAMES:

@@ -153,6 +153,11 @@ class MEMoEHyperParams:
         "matches the key) as one row of the projection's output width, and the experts are emptied. Later calls "
         "never change an earlier edit, one edit can be taken back alone (`remove_edits`), and nothing kept per "
         "edit grows with the projection's in × out (see below)", structural=True)
+    close_every: int = option(0,
+        "with `scope_values`: a call's edits are trained and closed in groups of at most this many, in order, as "
+        "sequential calls of that size would be (each group's keys keep their values before the next group "
+        "trains). A call of any size then trains as fast per edit as a call of this size, and holds the memory of "
+        "one group; if a group fails, the groups before it are taken back too. 0: the whole call at once")
     scope_layer: int = option(-1,
         "what the key scope compares: -1, the bypass input (the projection's input at `layer`); an index "
         "<= `layer`, the residual stream entering that block, where relation words may still stand apart", structural=True)
@@ -342,6 +347,9 @@ class MEMoEHyperParams:
                  "protect; earlier edits' values never change)")
             need(self.replay == 0, "replay", "0 with scope_values (earlier edits keep their values unchanged; there "
                  "is nothing to replay)")
+        need(self.close_every >= 0, "close_every", "an integer >= 0 (0: the whole call at once)")
+        need(self.close_every == 0 or self.scope_values, "close_every",
+             "0 unless scope_values is true: only closed keys keep a group's edits while the next one trains")
         need(self.preserve_prompts >= 0, "preserve_prompts", "an integer >= 0 (0: off)")
         need(self.scope_positions == "targets" or (self.scope_keys and self.locality_guard), "scope_positions",
              "'targets' unless scope_keys and locality_guard are on: 'after_anchor' keys the positions after the "

@@ -144,3 +144,19 @@ def test_a_tokenizer_that_loses_spaces_is_refused_at_attach(tokenizer):
         assert get_adapter(model) is None
     adapter = MEMoEAdapter.attach(model, broken, make_hparams(routing_input="token"))   # no decoding needed
     adapter.detach()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_lm_head_on_the_last_columns_gives_those_columns_logits(arch, tokenizer):
+    """``last_logits_only`` (transformers' ``logits_to_keep``) is taken by the causal LMs of both tested stacks and
+    gives the last columns' logits of a full pass, unchanged."""
+    from conftest import tiny_gpt2, tiny_llama
+    from memoe_plugin.compat import last_logits_only
+    model = tiny_llama(len(tokenizer)) if arch == "llama" else tiny_gpt2(len(tokenizer))
+    inputs = tokenizer(["The capital of Japan is Warsaw", "Toko Yasuda plays"], return_tensors="pt", padding=True)
+    keyword = last_logits_only(model, 3)
+    assert keyword == {"logits_to_keep": 3}
+    with torch.no_grad():
+        full = model(**inputs).logits
+        last = model(**inputs, **keyword).logits
+    assert last.shape[1] == 3 and torch.allclose(last, full[:, -3:], atol=1e-5)

@@ -140,3 +140,46 @@ def test_values_need_a_fixed_row_per_key_and_refuse_what_they_replace(bad, messa
     with pytest.raises(ValueError, match=message):
         MEMoEHyperParams.from_dict(dict(alg_name="MEMoE", model_name="m", layer=2,
                                         module_template="model.layers.{}.mlp.down_proj", **dict(VALUES, **bad)))
+
+
+def test_a_call_closed_in_groups_is_the_same_as_sequential_calls_of_that_size(tokenizer):
+    edits = EDITS + MORE
+    grouped, separate = tiny_llama(len(tokenizer)), tiny_llama(len(tokenizer))
+    apply_memoe_to_model(grouped, tokenizer, edits, hparams("llama", close_every=2))
+    for lo in range(0, len(edits), 2):
+        apply_memoe_to_model(separate, tokenizer, edits[lo:lo + 2], hparams("llama"))
+    tensors_a, info_a = get_adapter(grouped).state()
+    tensors_b, info_b = get_adapter(separate).state()
+    assert info_a["edits"] == info_b["edits"] and set(tensors_a) == set(tensors_b)
+    for name in tensors_a:
+        assert torch.equal(tensors_a[name], tensors_b[name]), name
+    remove_memoe(grouped)
+    remove_memoe(separate)
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["fresh", "after-an-earlier-call"])
+def test_a_group_that_fails_takes_the_calls_earlier_groups_back(tokenizer, monkeypatch, earlier):
+    from memoe_plugin.training.trainer import TrainingDivergedError
+    from memoe_plugin.layer import MoEBypass
+    model, hp = tiny_llama(len(tokenizer)), hparams("llama", close_every=2)
+    inputs = probe(tokenizer)
+    if earlier:
+        apply_memoe_to_model(model, tokenizer, MORE[:1], hp)
+    before = logits(model, inputs)
+    real, calls = MoEBypass.expert_sum, []
+
+    def fails_in_the_second_group(self, *args):
+        calls.append(get_adapter(model).scope.closed)
+        out = real(self, *args)
+        return out * float("nan") if len(get_adapter(model).edits) >= (1 if earlier else 0) + 2 else out
+
+    monkeypatch.setattr(MoEBypass, "expert_sum", fails_in_the_second_group)
+    with pytest.raises(TrainingDivergedError):
+        apply_memoe_to_model(model, tokenizer, EDITS + MORE[1:], hp)
+    monkeypatch.setattr(MoEBypass, "expert_sum", real)
+    adapter = get_adapter(model)
+    if earlier:
+        assert len(adapter.edits) == 1 and torch.equal(logits(model, inputs), before)
+        remove_memoe(model)
+    else:
+        assert adapter is None

@@ -19,10 +19,10 @@ a CPU), the teacher-forced accuracy of the edits, and the inference overhead (to
 the edited model against the unedited one, on prompts that name no edited subject and on prompts that
 do). With ``--baseline FT-M`` EasyEdit's FT-M edits the same facts on the same model in the same run
 (it needs ``EASYEDIT_PATH``), for its time and memory. ``--sequential N`` edits N synthetic facts in calls of
-``--chunk`` with no rollback instead (the sequential file, ``llama-7b-sequential`` settings: the recipe with a new
-expert every 50 edits and the output memory), printing the seconds per edit of every tenth of the stream, the peak
-memory, the adapter's bytes and the inference overhead at the end, and the accuracy of the first and last
-hundred edits after the last call. One JSON line per measurement.
+``--chunk`` with no rollback instead (the sequential file, ``llama-7b-sequential``: the recipe, whose keys keep their
+outputs as values), printing the seconds per edit of every tenth of the stream, the peak memory, the adapter's bytes
+(and, by part, the marginal bytes per edit over the stream's second half) and the inference overhead at the end, and
+the accuracy of the first and last hundred edits after the last call. One JSON line per measurement.
 """
 from __future__ import annotations
 
@@ -164,8 +164,9 @@ def sequential(args, model, tok, hp, device, plain, base_tps) -> int:
     from memoe_plugin import apply_memoe_to_model, get_adapter
     from memoe_plugin.eval.metrics import token_accuracy
     from memoe_plugin.eval.synthetic import synthetic_facts
-    hp.edits_per_expert, hp.memory_rows, hp.memory_weight, hp.memory_batch = 50, 20000, 50.0, 1024
+    from memoe_plugin.persist.state import kept_bytes_by_part
     edits = synthetic_facts(args.sequential)
+    halfway = None   # (edits, bytes by part) at the stream's middle: the bytes per edit are the marginal ones
     before = reset_peak(device)
     times, tenth = [], max(args.chunk, args.sequential // 10)
     for lo in range(0, len(edits), args.chunk):
@@ -175,6 +176,8 @@ def sequential(args, model, tok, hp, device, plain, base_tps) -> int:
             import torch
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
+        if halfway is None and lo + args.chunk >= len(edits) // 2:
+            halfway = (lo + args.chunk, kept_bytes_by_part(get_adapter(model)))
         if (lo + args.chunk) % tenth == 0:
             print(json.dumps({"method": "MEMoE", "edits": lo + args.chunk,
                               "seconds_per_edit_last_tenth": round(sum(times[-tenth // args.chunk:]) / tenth, 3)}),
@@ -185,14 +188,17 @@ def sequential(args, model, tok, hp, device, plain, base_tps) -> int:
     accuracy = {name: round(100 * sum(token_accuracy(model, tok, e["prompt"], e["target_new"]) for e in part)
                             / len(part), 1) for name, part in (("first_100", first), ("last_100", last))}
     edited_plain = tokens_per_second(model, tok, plain, device)
-    tensors, _ = adapter.state()
-    kept = sum(t.numel() * t.element_size() for t in tensors.values())
+    kept, parts = adapter.kept_bytes, kept_bytes_by_part(adapter)
+    span = len(edits) - halfway[0]
+    per_edit = {part: round((parts.get(part, 0) - halfway[1].get(part, 0)) / span) for part in parts} if span else {}
     restore()
     print(json.dumps({"method": "MEMoE", "edits": len(edits), "chunk": args.chunk, "edit_seconds": round(sum(times), 1),
                       "seconds_per_edit": round(sum(times) / len(edits), 3),
                       "last_over_first_tenth": round(sum(times[-tenth // args.chunk:]) /
                                                      sum(times[:tenth // args.chunk]), 2),
                       "peak_above_model_gib": round(peak / 2**30, 2), "kept_bytes": kept,
+                      "kept_bytes_per_edit_by_part": per_edit,
+                      "kept_bytes_per_edit": sum(v for k, v in per_edit.items() if k != "shared"),
                       "overhead_plain": round(1 - edited_plain / base_tps, 3), **accuracy}), flush=True)
     if args.baseline:
         for name in args.baseline.split(","):

@@ -19,6 +19,26 @@ def kept_bytes(adapter) -> int:
     return sum(t.numel() * t.element_size() for t in live_state(adapter)[0].values())
 
 
+# what each kept tensor is, for kept_bytes_by_part (the first prefix that a tensor's name starts with)
+PARTS = (("scope.values", "values"), ("scope.value_scale", "values"), ("scope.inputs", "key inputs"),
+         ("scope.input_scale", "key inputs"), ("scope.anti", "anti-keys"), ("scope.subject", "subject vectors"),
+         ("scope.center", "shared"), ("scope.basis", "shared"), ("scope.proto", "shared"), ("scope.", "keys"),
+         ("gate_", "shared"), ("experts", "experts"), ("gate.weight", "experts"), ("expert_of", "keys"),
+         ("memory.", "output memory"))
+
+
+def kept_bytes_by_part(adapter) -> dict:
+    """:func:`kept_bytes` by what the bytes are: ``keys`` (with their ids, kinds and norms, and each edit's expert),
+    ``values``, ``key inputs`` (the open call's, for the snap), ``anti-keys`` (stop keys, relation-bank anti-keys),
+    ``subject vectors``, ``experts`` (and the gate), ``output memory``, ``shared`` (kept once: the centre, directions,
+    relation prototypes, gate statistics)."""
+    parts: dict = {}
+    for name, tensor in live_state(adapter)[0].items():
+        part = next(label for prefix, label in PARTS if name.startswith(prefix))
+        parts[part] = parts.get(part, 0) + tensor.numel() * tensor.element_size()
+    return parts
+
+
 def live_state(adapter) -> tuple[dict, dict]:
     """:func:`adapter_state`'s tensors as the adapter holds them (not copied), and its info."""
     bypass = adapter.bypass

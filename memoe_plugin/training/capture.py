@@ -48,9 +48,10 @@ class Capture:
 
 
 @contextlib.contextmanager
-def capture_bypass(adapter, enabled: bool = False, stage: Optional[nn.Module] = None):
+def capture_bypass(adapter, enabled: bool = False, stage: Optional[nn.Module] = None, stop_at_stage: bool = False):
     """Within: no grad, the bypass on (``enabled``) or off, and every call of the bypass (and of
-    ``stage``, when given) recorded in the yielded :class:`Capture`."""
+    ``stage``, when given) recorded in the yielded :class:`Capture`. ``stop_at_stage``: once the stage's input is
+    recorded the forward pass ends (:func:`run_to_stage`): nothing above it is computed."""
     bypass, record = adapter.bypass, Capture()
 
     def grab_bypass(module, args, kwargs):
@@ -62,6 +63,8 @@ def capture_bypass(adapter, enabled: bool = False, stage: Optional[nn.Module] = 
         hidden = args[0] if args else kwargs["hidden_states"]
         record.stage.append(StageCall(hidden.detach(), args[1:],
                                       {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        if stop_at_stage:
+            raise _Stop
 
     handles = [bypass.register_forward_pre_hook(grab_bypass, with_kwargs=True)]
     if stage is not None:
@@ -78,6 +81,14 @@ def capture_bypass(adapter, enabled: bool = False, stage: Optional[nn.Module] = 
 
 class _Stop(Exception):
     """Raised once what a capture needs is recorded: the layers above are not run."""
+
+
+def run_to_stage(model, **inputs) -> None:
+    """Run ``model`` inside ``capture_bypass(..., stop_at_stage=True)``: up to the stage, which ends the pass."""
+    try:
+        model(**inputs)
+    except _Stop:
+        pass
 
 
 def run_batches(adapter, batches, enabled: bool = False) -> Capture:
@@ -100,9 +111,11 @@ def run_batches(adapter, batches, enabled: bool = False) -> Capture:
 
 
 @torch.no_grad()
-def scope_views(adapter, texts: list[str], batch_size: int = 64, own_last: bool = False) -> torch.Tensor:
+def scope_views(adapter, texts: list[str], batch_size: int = 64, own_last: bool = False,
+                progress: Optional[str] = None) -> torch.Tensor:
     """What the key scope reads at the last token of each text (``[len(texts), dim]``), from the unedited model;
-    ``own_last``: at the last token that is not the chat template's own (texts asked through the template).
+    ``own_last``: at the last token that is not the chat template's own (texts asked through the template);
+    ``progress``: a progress bar with this label.
 
     Each batch runs only up to the block the scope reads (the bypass, or ``scope_layer``)."""
     from .batches import build_prompt_batch
@@ -119,7 +132,11 @@ def scope_views(adapter, texts: list[str], batch_size: int = 64, own_last: bool 
     was_enabled, bypass.enabled = bypass.enabled, False
     adapter.routing_paused = True
     try:
-        for lo in range(0, len(texts), batch_size):
+        starts = range(0, len(texts), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+            starts = tqdm(starts, desc=progress, unit="batch", leave=False)
+        for lo in starts:
             input_ids, attention_mask, last = build_prompt_batch(adapter.tokenizer, texts[lo:lo + batch_size],
                                                                  bypass.experts.device)
             if own_last and adapter.template is not None:

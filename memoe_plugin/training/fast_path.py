@@ -18,9 +18,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..compat import CacheNotFollowedError, cache_argument_name, output_cache
+from ..compat import CacheNotFollowedError, cache_argument_name, last_logits_only, output_cache
+from ..routing.inputs import RoutingInputs
+from ..variants.scope import Selection
 from .batches import EditBatch
-from .capture import capture_bypass
+from .capture import capture_bypass, run_to_stage
 
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
 
@@ -54,6 +56,27 @@ class UpperStack:
             self._capture_after_prefix(start)
         elif self.x is x and x is not None:
             self._capture()
+        self.acting = None   # with key routing: the positions where the bypass acts (``_keep_acting_rows``)
+        if self.where is not None and adapter.bypass.router is not None:
+            self._keep_acting_rows()
+
+    def _keep_acting_rows(self) -> None:
+        """Keep only what the bypass reads where it acts. Under key routing the bypass output depends on the
+        selection alone (no gate reads the layer input or the anchors), and it is zero wherever the scope keeps a
+        position out: the layer inputs of every other position (the call's largest tensors, a row of the
+        projection's input width per token) need not be held while training. The same function of the same numbers,
+        on the acting rows only."""
+        where = self.where
+        active = where.active if where.active is not None else torch.ones(where.expert_input.shape[:-1],
+                                                                           dtype=torch.bool,
+                                                                           device=where.expert_input.device)
+        self.acting = active.nonzero(as_tuple=True)
+        self.where = Selection(torch.ones(len(self.acting[0]), dtype=torch.bool, device=active.device),
+                               None if where.edit is None else where.edit[self.acting],
+                               where.expert_input[self.acting],
+                               None if where.closed is None else where.closed[self.acting],
+                               None if where.values is None else where.values[self.acting])
+        self.x, self.routing = self.where.expert_input, RoutingInputs()
 
     def _silent_prefix_length(self) -> int:
         """Columns where the bypass adds nothing in any row, before the first target.
@@ -79,18 +102,24 @@ class UpperStack:
         batch, model = self.batch, self.adapter.model
         x, states = self.x, self.routing.states
         with capture_bypass(self.adapter, stage=self.upper_layers[0]) as record:
-            prefix = model(**batch.model_inputs(0, start), use_cache=True)
-            cache = output_cache(prefix)
-            model(**batch.model_inputs(start), use_cache=True, **{cache_argument_name(model): cache})
+            # every layer's keys and values of the prefix (the LM head on one column: its logits are not needed) ...
+            cache = output_cache(model(**batch.model_inputs(0, start), use_cache=True, **last_logits_only(model, 1)))
+        with capture_bypass(self.adapter, stage=self.upper_layers[0], stop_at_stage=True) as rest:
+            # ... and the rest of the columns, up to the first layer above the adapter
+            run_to_stage(model, **batch.model_inputs(start), use_cache=True, **{cache_argument_name(model): cache})
+        record.bypass += rest.bypass
+        record.stage += rest.stage
         self._keep(record)
         self.x, self.routing.states = x, states
+        for layer in getattr(cache, "layers", [])[:self.adapter.hparams.layer + 1]:   # the layers below read none
+            layer.keys, layer.values = layer.keys[..., :0, :].clone(), layer.values[..., :0, :].clone()
         truncate_cache(cache, start)
         self.start, self.cache = start, cache
 
     def _capture(self) -> None:
         stage = self.upper_layers[0] if self.upper_layers else self.final_norm
-        with capture_bypass(self.adapter, stage=stage) as record:
-            self.adapter.model(**self.batch.model_inputs(), use_cache=False)
+        with capture_bypass(self.adapter, stage=stage, stop_at_stage=True) as record:
+            run_to_stage(self.adapter.model, **self.batch.model_inputs(), use_cache=False)
         self._keep(record)
 
     def _keep(self, record) -> None:
@@ -103,7 +132,10 @@ class UpperStack:
     def target_logits(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The target positions' logits and the bypass's balance loss, running only the layers above it."""
         mixed = self.adapter.bypass.mixture(self.x, self.routing, self.where)
-        hidden = self.hidden + mixed.delta[:, self.start:].to(self.hidden.dtype)
+        delta = mixed.delta
+        if self.acting is not None:   # the acting rows' outputs, put back in place (zero elsewhere)
+            delta = delta.new_zeros(*self.batch.input_ids.shape, delta.shape[-1]).index_put(self.acting, delta)
+        hidden = self.hidden + delta[:, self.start:].to(self.hidden.dtype)
         try:
             for layer in self.upper_layers:
                 hidden = layer(hidden, *self.args, **self.kwargs)
@@ -130,8 +162,9 @@ def truncate_cache(cache, length: int) -> None:
                 layer.crop(-excess)
             except (RuntimeError, ValueError) as err:   # a sliding-window layer past its window (Gemma 3)
                 raise LookupError(f"the KV cache cannot be cut back: {err}") from None
-            # what is left is a slice of this step's concatenation: cut it from this step's graph
-            layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+            # what is left is a slice of this step's concatenation: cut it from this step's graph, and copy it so that
+            # it does not keep the whole concatenation's storage alive between steps
+            layer.keys, layer.values = layer.keys.detach().clone(), layer.values.detach().clone()
         if layer.get_seq_length() > length:
             raise LookupError(f"could not truncate the KV cache to {length} positions")
 
@@ -141,11 +174,14 @@ def full_target_logits(adapter, batch: EditBatch) -> torch.Tensor:
 
 
 def full_logits_and_aux(adapter, batch: EditBatch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The target positions' logits from a full forward pass, and the bypass's balance loss in it."""
+    """The target positions' logits from a full forward pass, and the bypass's balance loss in it. The LM head runs
+    on the last columns only, where the (left-padded) rows' targets sit, where the model allows it."""
+    length = batch.input_ids.shape[1]
     with adapter.recording() as outputs:
-        logits = adapter.model(**batch.model_inputs(), use_cache=False).logits
+        logits = adapter.model(**batch.model_inputs(), use_cache=False,
+                               **last_logits_only(adapter.model, length - int(batch.positions.min()))).logits
     aux = outputs[-1].aux_loss if outputs else None
-    return logits[batch.rows, batch.positions].float(), aux
+    return logits[batch.rows, batch.positions - (length - logits.shape[1])].float(), aux
 
 
 def find_final_norm(model: nn.Module) -> Optional[nn.Module]:

@@ -25,13 +25,14 @@ def prototype_identity(adapter) -> dict:
             "template": None if template is None else [list(f) for f in template.fragments]}
 
 
-def prototypes_for(adapter) -> RelationPrototypes:
-    """This model's prototypes: read from the cache (``$MEMOE_CACHE/relations``), else computed and written there."""
+def prototypes_for(adapter, progress: bool = False) -> RelationPrototypes:
+    """This model's prototypes: read from the cache (``$MEMOE_CACHE/relations``), else computed (with a progress bar
+    when ``progress``) and written there."""
     identity = prototype_identity(adapter)
     path = cache_path(identity)
     if path.is_file():
         return load_prototypes(path, identity)
-    prototypes = build_prototypes(adapter, identity)
+    prototypes = build_prototypes(adapter, identity, progress)
     try:
         save_prototypes(prototypes, path)
     except OSError as err:   # a read-only cache costs the next model load the same passes again, nothing else
@@ -41,28 +42,30 @@ def prototypes_for(adapter) -> RelationPrototypes:
 
 
 @torch.no_grad()
-def build_prototypes(adapter, identity: dict) -> RelationPrototypes:
+def build_prototypes(adapter, identity: dict, progress: bool = False) -> RelationPrototypes:
     """Run the bank's cloze prompts on the generic subjects to the layer the scope reads, in plain text and (with a
     chat template) asked through it; one pass per prompt, batched, once per model and layer."""
     relations = list(RELATIONS)[:adapter.hparams.scope_anti_relations]
     texts = [CLOZE.format(label=RELATIONS[r][0], subject=s) for s in GENERIC_SUBJECTS for r in relations]
     shape = (len(GENERIC_SUBJECTS), len(relations), -1)
-    plain = scope_views(adapter, texts).view(shape)
+    label = "MEMoE: relation prototypes, once per model and layer ({})" if progress else None
+    plain = scope_views(adapter, texts, progress=label and label.format("plain")).view(shape)
     others = {}
     if adapter.template is not None:
-        others["chat"] = scope_views(adapter, [adapter.template.wrap(t) for t in texts], own_last=True).view(shape)
+        others["chat"] = scope_views(adapter, [adapter.template.wrap(t) for t in texts], own_last=True,
+                                     progress=label and label.format("chat")).view(shape)
     effects, offsets = relation_effects(plain, others)
     return RelationPrototypes(tuple(relations), CONTEXTS[:1 + len(others)], effects, offsets, identity)
 
 
 @torch.no_grad()
-def add_subject_vectors(adapter, requests: list[dict], first_edit: int) -> None:
+def add_subject_vectors(adapter, requests: list[dict], first_edit: int, progress: bool = False) -> None:
     """The subject vector of each new edit of the call (each once; replayed edits have theirs), from its first
     ``scope_anti_probes`` cloze prompts about relations it does not ask."""
     from .scope_keys import subject_of
     scope, hp = adapter.scope, adapter.hparams
     if not scope.has_prototypes:
-        prototypes = prototypes_for(adapter)
+        prototypes = prototypes_for(adapter, progress)
         scope.set_prototypes(prototypes.effects, prototypes.offsets)
     order = {relation: i for i, relation in enumerate(list(RELATIONS)[:hp.scope_anti_relations])}
     texts, probes, edits, skips, done = [], [], [], [], set()

@@ -12,13 +12,15 @@ from .capture import run_batches, scope_views
 
 
 @torch.no_grad()
-def register_keys(adapter, batches: list[EditBatch], requests: list[dict], first_edit: int) -> list:
+def register_keys(adapter, batches: list[EditBatch], requests: list[dict], first_edit: int,
+                  progress: bool = False) -> list:
     """Add the scope's view at the key positions of ``batches`` as keys, and (``scope_anti_keys``) the anti-keys
     of the call's new edits; return each batch's bypass call (``capture.BypassCall``), which training reuses.
 
     A request's keys belong to its ``_edit`` id (set by apply; replayed and prefixed copies keep
     their edit's id), else to ``first_edit`` + its index. The first call also fixes the scope's
-    centre (and directions), on all real tokens of its batches.
+    centre (and directions), on all real tokens of its batches. ``progress``: show a bar for the relation prototypes
+    when they have to be measured (once per model and layer).
     """
     scope = adapter.scope
     record = run_batches(adapter, batches, enabled=False)
@@ -56,7 +58,7 @@ def register_keys(adapter, batches: list[EditBatch], requests: list[dict], first
         scope.add_anti_keys(anti, anti_ids, floors)
     if adapter.hparams.scope_anti_keys == "prototypes":
         from .prototypes import add_subject_vectors
-        add_subject_vectors(adapter, requests, first_edit)
+        add_subject_vectors(adapter, requests, first_edit, progress)
     return record.bypass
 
 

@@ -62,7 +62,7 @@ def train_experts(adapter, requests: list[dict], progress: bool = False,
     scope = adapter.scope
     keys_before = None if scope is None else scope.sizes()
     try:
-        known = register_keys(adapter, batches, requests, len(adapter.edits)) if scope is not None else None
+        known = register_keys(adapter, batches, requests, len(adapter.edits), progress) if scope is not None else None
         with bypass.learning_only(learning_ids) as experts:   # earlier experts: no gradient, no Adam state
             report = _fit(adapter, batches, experts, subjects_of or requests, progress, known)
             if not all(torch.isfinite(p).all() for p in (experts, bypass.gate.weight)):
@@ -101,6 +101,8 @@ def _fit(adapter, batches, experts: torch.nn.Parameter, subjects_of: list[dict],
                                   {"params": [bypass.gate.weight], "lr": lr * hp.gate_lr_scale}],
                                  lr=lr, weight_decay=hp.weight_decay)
     buckets, cached = bucket_logits_functions(adapter, batches, known)
+    if known is not None:   # the stacks keep what they need of the captures: let the rest go before training
+        known.clear()
     preservation, preserved_logits = None, None
     if hp.preserve_prompts and hp.preserve_weight > 0:
         preservation = Preservation(adapter, subjects_of, hp.preserve_prompts, hp.seed)
