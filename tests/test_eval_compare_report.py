@@ -37,3 +37,21 @@ def test_the_summary_counts_the_edits_whose_portability_went_unscored():
     assert rows[0]["portability_unscored"] == 1
     from memoe_plugin.eval.compare.report import markdown_summary
     assert "portability of 1 edits unscored" in markdown_summary(rows)
+
+
+def test_portability_is_reported_by_part_over_the_edits_that_have_each_part():
+    run = "counterfact-knowedit|batch|bs=2|n=2|MEMoE"
+    parts = [{"Subject_Aliasing_acc": [1.0], "Reasoning_acc": [0.0, 0.5]}, {"Subject_Aliasing_acc": [0.0]}]
+    records = [{"type": "run_start", "run": run, "attempt": "a"},
+               {"type": "chunk", "run": run, "attempt": "a", "chunk": 0, "range": [0, 2], "edit_seconds": 1.0},
+               *[{"type": "case", "run": run, "attempt": "a", "chunk": 0, "step": 0, "index": i, "final": True,
+                  "metric": {"pre": {}, "post": {"rewrite_acc": [1.0], "locality": {}, "portability": part}}}
+                 for i, part in enumerate(parts)],
+               {"type": "run_end", "run": run, "attempt": "a", "status": "complete"}]
+    row = summarise(records)[0]
+    assert row["portability_aliases"] == 50.0 and row["portability_reasoning"] == 25.0
+    assert row["portability_logical"] is None
+    assert row["portability"] == 100 * (0.625 + 0.0) / 2     # EasyEdit's mean over an edit's kinds, then over edits
+    from memoe_plugin.eval.compare.report import markdown_summary
+    table = markdown_summary([row])
+    assert "Port. alias" in table and "Port. reason" in table and "Port. logic" not in table

@@ -56,6 +56,11 @@ GENERATION_SCORES = {"gen_em": ("rewrite", "exact_match"), "gen_f1": ("rewrite",
                      "chat_unrelated": ("chat_unrelated", "unchanged")}
 
 
+# KnowEdit's portability parts, as EasyEdit names their scores (``<kind>_acc`` in ``post["portability"]``).
+PORTABILITY_PARTS = {"portability_aliases": "Subject_Aliasing", "portability_reasoning": "Reasoning",
+                     "portability_logical": "Logical_Generalization"}
+
+
 def aggregate(metrics: list[dict]) -> dict:
     """Mean scores in % over edits, and their average (None where a score is absent)."""
     scores = [case_scores(m) for m in metrics]
@@ -65,6 +70,11 @@ def aggregate(metrics: list[dict]) -> dict:
     portability = [p for p in portability if p is not None]
     # KnowEdit's portability (answers that follow from the edit), reported beside the average, not in it.
     out["portability"] = 100.0 * sum(portability) / len(portability) if portability else None
+    for key, kind in PORTABILITY_PARTS.items():   # each part over the edits that have it
+        values = [flat_mean(m["post"]["portability"][f"{kind}_acc"]) for m in metrics
+                  if f"{kind}_acc" in (m.get("post", {}).get("portability") or {})]
+        values = [v for v in values if v is not None]
+        out[key] = 100.0 * sum(values) / len(values) if values else None
     for key, (prompt, score) in GENERATION_SCORES.items():
         values = [m["generation"][prompt][score] for m in metrics if prompt in (m.get("generation") or {})]
         out[key] = 100.0 * sum(values) / len(values) if values else None

@@ -9,13 +9,15 @@ from typing import Optional
 
 import statistics
 
-from ..metrics import GENERATION_SCORES, SCORES, aggregate
+from ..metrics import GENERATION_SCORES, PORTABILITY_PARTS, SCORES, aggregate
 from .methods import METHODS
 from .plan import chunk_ranges, parse_key
 from .store import _jsonable
 
 # CounterFact's generality split by kind of rephrasing (metrics.is_paraphrase_prompt), beside its Gen. column
 SPLIT_LABELS = {"generality_paraphrase": "Gen. para.", "generality_other": "Gen. other"}
+PORTABILITY_LABELS = {"portability_aliases": "Port. alias", "portability_reasoning": "Port. reason",
+                      "portability_logical": "Port. logic"}
 
 
 def summarise(records: list[dict]) -> list[dict]:
@@ -148,8 +150,8 @@ def combine_seeds(rows: list[dict]) -> list[dict]:
         group.sort(key=lambda r: (r["seed"] is None, r["seed"]))
         row = dict(group[0], seeds=[r["seed"] for r in group], cases=sum(r["cases"] for r in group),
                    portability_unscored=sum(r.get("portability_unscored", 0) for r in group))
-        for key in SCORES + tuple(GENERATION_SCORES) + tuple(SPLIT_LABELS) + ("average", "portability", "edit_seconds",
-                                                                               "seconds_per_edit"):
+        for key in SCORES + tuple(GENERATION_SCORES) + tuple(SPLIT_LABELS) + tuple(PORTABILITY_PARTS) + (
+                "average", "portability", "edit_seconds", "seconds_per_edit"):
             values = [r.get(key) for r in group if r.get(key) is not None]
             row[key] = statistics.fmean(values) if values else None
             row[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else None
@@ -170,7 +172,8 @@ def _fmt(value, digits=1, sd=None) -> str:
 
 
 CSV_FIELDS = ("dataset", "split", "seed", "protocol", "batch_size", "num_edits", "method", "status", "cases",
-              "reliability", "generality", "locality", "same_subject", "average", "portability", *GENERATION_SCORES,
+              "reliability", "generality", "locality", "same_subject", "average", "portability", *PORTABILITY_PARTS,
+              *GENERATION_SCORES,
               *SPLIT_LABELS,
               "edit_seconds",
               "seconds_per_edit", "rollback", "skipped_records", "portability_unscored", "note", "hparams_origin", "error")
@@ -230,7 +233,8 @@ def markdown_summary(rows: list[dict], commands: Optional[list[str]] = None) -> 
               "(prompts about other subjects), Same-subj. = `Relation_Specificity_acc` (KnowEdit: other facts "
               "about the edited subject), all post-edit, in %, mean over edits; Average = the mean of the "
               "columns a dataset scores (Rel., Gen., Loc., Same-subj.). Port. = EasyEdit `portability_acc` "
-              "(KnowEdit's Reasoning / Subject_Aliasing / Logical_Generalization prompts), beside the average. "
+              "(KnowEdit's Reasoning / Subject_Aliasing / Logical_Generalization prompts), beside the average, and each "
+              "part alone (Port. alias / reason / logic, over the edits that have that part). "
               "EM and F1 (with --generation) = greedy generation of the answer from the edit prompt (Gen. EM/F1: "
               "from the rephrasing), as long as the target, scored by exact match and token F1. With several seeds, a cell is the mean over seeds ± their standard "
               "deviation; each seed draws its own records from the split. Edit time = seconds spent in the "
@@ -255,6 +259,7 @@ def markdown_summary(rows: list[dict], commands: Optional[list[str]] = None) -> 
                    + ([("same_subject", "Same-subj.")] if scored(d, "same_subject") else [])
                    + [("average", "Avg.")]
                    + ([("portability", "Port.")] if scored(d, "portability") else [])
+                   + [(key, label) for key, label in PORTABILITY_LABELS.items() if scored(d, key)]
                    + [(key, label) for key, label in GENERATION_LABELS.items() if scored(d, key)] for d in datasets}
         head = ["Method"]
         for d in datasets:
