@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -25,6 +26,8 @@ from .batches import EditBatch
 from .capture import capture_bypass, run_to_stage
 
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
+# model -> {(wrapped module, dtype): {"prefix" / "plain": whether that shortcut agreed with a full pass}}
+VERDICTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class UpperStack:
@@ -218,12 +221,14 @@ def _trained_looking_experts(bypass, scale: float = 1.0):
 def _logits_function(adapter, batch: EditBatch, known=None):
     """The fastest correct way to get (target logits, balance loss): the cached upper stack, else full passes.
 
-    Each shortcut (a cut silent prefix, the plain cached stack) is checked against a full pass the first time an
-    adapter uses it; the verdict holds for the adapter's later batches (``adapter.fast_path_checked``): it is a
-    property of the architecture, not of the batch."""
+    Each shortcut (a cut silent prefix, the plain cached stack) is checked against a full pass the first time it is
+    used on a model at a module and dtype; the verdict holds for that model's later batches and adapters
+    (:data:`VERDICTS`): it is a property of the architecture, not of the batch, and the batch protocol's chunks each
+    build an adapter of their own."""
     full = lambda: full_logits_and_aux(adapter, batch)   # noqa: E731
     failures = (LookupError, KeyError, IndexError, TypeError, CacheNotFollowedError)
-    checked = adapter.__dict__.setdefault("fast_path_checked", {})
+    checked = VERDICTS.setdefault(adapter.model, {}).setdefault(
+        (adapter.hparams.module_name, adapter.base_module.weight.dtype), {})
     if checked.get("plain") is False:
         return full, False
     try:
@@ -243,7 +248,8 @@ def _logits_function(adapter, batch: EditBatch, known=None):
         dtype = adapter.base_module.weight.dtype
         scale = HALF_PRECISION_CHECK_SCALE if dtype in HALF_PRECISION else 1.0
         with torch.no_grad():
-            untouched = full()[0]          # the experts are zero or trained: what the bypass adds is measured below
+            # half precision measures the gap against what the bypass changes (the experts are zero or trained here)
+            untouched = full()[0] if dtype in HALF_PRECISION else None
             with _trained_looking_experts(adapter.bypass, scale):
                 reference, shortcut = full()[0], stack.target_logits()[0]
         agree, gap = shortcut_agrees(reference, shortcut, untouched, dtype)
@@ -271,7 +277,7 @@ HALF_PRECISION_CHECK_SCALE = 100.0
 HALF_PRECISION_SHARE = 0.25
 
 
-def shortcut_agrees(reference: torch.Tensor, shortcut: torch.Tensor, untouched: torch.Tensor,
+def shortcut_agrees(reference: torch.Tensor, shortcut: torch.Tensor, untouched: Optional[torch.Tensor],
                     dtype: torch.dtype) -> tuple[bool, str]:
     """Whether the shortcut's logits are the full pass's, to the precision of the model's ``dtype``, and the gap.
 
