@@ -359,3 +359,34 @@ def test_an_int8_file_without_its_scales_or_with_another_storage_is_refused(toke
     with pytest.raises(ValueError, match="scope_storage"):
         load_adapter(model, tokenizer, other)
     assert get_adapter(model) is None
+
+
+def test_a_random_projection_is_orthonormal_fixed_by_the_seed_and_kept_through_calibration_and_a_save(
+        tokenizer, tmp_path):
+    from memoe_plugin import load_adapter, save_adapter
+    from memoe_plugin.routing.scope import KeyScope
+    scope = KeyScope(64, threshold=0.5, rank=16, projection="random", seed=3)
+    basis = scope.basis.clone()
+    assert torch.allclose(basis.t() @ basis, torch.eye(16), atol=1e-5)
+    assert torch.equal(KeyScope(64, threshold=0.5, rank=16, projection="random", seed=3).basis, basis)
+    assert not torch.equal(KeyScope(64, threshold=0.5, rank=16, projection="random", seed=4).basis, basis)
+    scope.calibrate(torch.randn(20, 64))
+    assert torch.equal(scope.basis, basis)                          # the first call's inputs do not choose it
+    model = tiny_llama(len(tokenizer))
+    hp = scoped(scope_rank=16, scope_projection="random", scope_snap=1.0, expert_routing="key", scope_values=True,
+                scope_threshold=0.3)
+    apply_memoe_to_model(model, tokenizer, EDITS, hp)
+    for request in EDITS:
+        got, wanted = predicted(model, tokenizer, request)
+        assert got == wanted
+    adapter = get_adapter(model)
+    assert adapter.scope.keys.shape[1] == 16 and adapter.scope.inputs.shape[0] == 0
+    path = save_adapter(model, tmp_path / "projected.safetensors")
+    fresh = tiny_llama(len(tokenizer))
+    loaded = load_adapter(fresh, tokenizer, path)
+    assert torch.equal(loaded.scope.basis, adapter.scope.basis)
+    ids = tokenizer([EDITS[0]["prompt"]], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**ids).logits, fresh(**ids).logits)
+    remove_memoe(model)
+    remove_memoe(fresh)

@@ -393,8 +393,12 @@ class KeyScope(nn.Module):
             raise RuntimeError("scope_snap needs the keys' layer inputs, and this scope has none (it was saved "
                                "or built with scope_snap: 0). Edit again with scope_snap set.")
         where = where & (key >= self.closed)   # a closed key's output is its value: nothing to read
-        target = self.key_inputs(key.clamp_min(0)).to(x.device, x.dtype)
-        return torch.where(where.unsqueeze(-1), torch.lerp(x, target, self.snap), x)
+        if not bool(where.any()):
+            return x
+        target = self.key_inputs(key[where]).to(x.device, x.dtype)
+        out = x.clone()
+        out[where] = torch.lerp(x[where], target, self.snap)
+        return out
 
     def key_inputs(self, index: torch.Tensor) -> torch.Tensor:
         """The snap's input of the keys at ``index`` (any shape; float32 [..., input_dim])."""
