@@ -177,9 +177,11 @@ class MoEBypass(nn.Module):
             experts, gate = self.experts[:count], self.gate.weight[:count]
         else:
             zeros = self.experts.new_zeros(count - have, *self.experts.shape[1:])
-            rows = torch.empty(count - have, self.gate.weight.shape[1], dtype=self.gate.weight.dtype,
-                               device=self.gate.weight.device)
-            nn.init.normal_(rows, std=0.02)
+            # the new gate rows are drawn from a generator of their own (the expert count): a resumed run grows them
+            # exactly as an uninterrupted one, and the global random state is not touched
+            generator = torch.Generator().manual_seed(have * 1_000_003 + count)
+            rows = (torch.randn(count - have, self.gate.weight.shape[1], generator=generator) * 0.02).to(
+                device=self.gate.weight.device, dtype=self.gate.weight.dtype)
             experts, gate = torch.cat([self.experts, zeros]), torch.cat([self.gate.weight, rows])
         self.experts = nn.Parameter(experts.clone(), requires_grad=False)
         self.gate.weight = nn.Parameter(gate.clone(), requires_grad=False)

@@ -131,3 +131,26 @@ def pytest_report_header(config):
     return (f"memoe_plugin stack: torch {torch.__version__}, transformers {transformers.__version__}, "
             f"EASYEDIT_PATH={os.environ.get('EASYEDIT_PATH') or '(unset)'}, "
             f"EasyEdit tests required: {REQUIRE_EASYEDIT}")
+
+
+def interrupted_and_straight(tokenizer, hp, calls, path):
+    """The same sequential calls made on one tiny Llama straight through, and on another saved to ``path`` before the
+    last call, loaded into a fresh model and continued: ``(straight, resumed, path)``, both adapters' states checked
+    equal tensor for tensor. The caller removes both adapters."""
+    from memoe_plugin import apply_memoe_to_model, get_adapter, load_adapter, remove_memoe, save_adapter
+    straight, first = tiny_llama(len(tokenizer)), tiny_llama(len(tokenizer))
+    for call in calls:
+        apply_memoe_to_model(straight, tokenizer, call, hp)
+    for call in calls[:-1]:
+        apply_memoe_to_model(first, tokenizer, call, hp)
+    save_adapter(first, path)
+    remove_memoe(first)
+    resumed = tiny_llama(len(tokenizer))
+    load_adapter(resumed, tokenizer, path)
+    apply_memoe_to_model(resumed, tokenizer, calls[-1], hp)
+    tensors_a, info_a = get_adapter(straight).state()
+    tensors_b, info_b = get_adapter(resumed).state()
+    assert set(tensors_a) == set(tensors_b) and info_a == info_b
+    for name in tensors_a:
+        assert torch.equal(tensors_a[name], tensors_b[name]), name
+    return straight, resumed, path

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import EDITS, GPT2_TEMPLATE, assert_state_equal, make_hparams, state_copy, tiny_gpt2, tiny_llama
+from conftest import (EDITS, GPT2_TEMPLATE, assert_state_equal, interrupted_and_straight, make_hparams, state_copy,
+                      tiny_gpt2, tiny_llama)
 from memoe_plugin import apply_memoe_to_model, get_adapter, remove_memoe
 from memoe_plugin.persist import FORMAT_VERSION, load_adapter, read_adapter_metadata, save_adapter
 
@@ -391,26 +392,11 @@ def test_a_saved_adapter_keeps_editing_exactly_as_if_never_saved(snap, tokenizer
     output memory all come back, so a run interrupted after its second call and resumed from the file
     ends bit for bit where an uninterrupted run ends."""
     hp = make_hparams(**STATEFUL, scope_snap=snap)
-    straight = tiny_llama(len(tokenizer))
-    for call in CALLS:
-        apply_memoe_to_model(straight, tokenizer, call, hp)
-    first = tiny_llama(len(tokenizer))
-    for call in CALLS[:2]:
-        apply_memoe_to_model(first, tokenizer, call, hp)
-    path = save_adapter(first, tmp_path / "checkpoint.safetensors")
+    straight, resumed, path = interrupted_and_straight(tokenizer, hp, CALLS, tmp_path / "checkpoint.safetensors")
     meta = read_adapter_metadata(path)
     assert meta["format_version"] == FORMAT_VERSION == 3
     assert {"scope.keys", "scope.edit_ids", "expert_of", "memory.x", "memory.delta"} <= set(meta["tensors"])
     assert ("scope.inputs" in meta["tensors"]) == (snap > 0)
-    resumed = tiny_llama(len(tokenizer))
-    load_adapter(resumed, tokenizer, path)
-    apply_memoe_to_model(resumed, tokenizer, CALLS[2], hp)
-    a, b = get_adapter(straight), get_adapter(resumed)
-    tensors_a, info_a = a.state()
-    tensors_b, info_b = b.state()
-    assert set(tensors_a) == set(tensors_b) and info_a == info_b
-    for name in tensors_a:
-        assert torch.equal(tensors_a[name], tensors_b[name]), name
     probe = tokenizer(["Watts Humphrey attended", "Toko Yasuda plays the"], return_tensors="pt", padding=True)
     with torch.no_grad():
         assert torch.equal(straight(**probe).logits, resumed(**probe).logits)

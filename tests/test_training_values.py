@@ -7,8 +7,9 @@ projection's in x out.
 import pytest
 import torch
 
-from conftest import EDITS, make_hparams, tiny_gpt2, tiny_llama, GPT2_TEMPLATE
-from memoe_plugin import MEMoEHyperParams, apply_memoe_to_model, get_adapter, load_adapter, remove_memoe, save_adapter
+from conftest import EDITS, GPT2_TEMPLATE, interrupted_and_straight, make_hparams, tiny_gpt2, tiny_llama
+from memoe_plugin import MEMoEHyperParams, apply_memoe_to_model, get_adapter, remove_memoe
+from memoe_plugin.persist import read_adapter_metadata
 import memoe_plugin.training.trainer as trainer
 
 MORE = [{"prompt": "Marie Curie was born in", "target_new": "Tokyo", "subject": "Marie Curie"},
@@ -91,25 +92,11 @@ def test_without_values_a_later_call_moves_earlier_edits(tokenizer):
 
 def test_a_saved_adapter_with_values_keeps_editing_exactly_as_if_never_saved(tokenizer, tmp_path):
     hp = hparams("llama", scope_storage="int8")
-    straight = tiny_llama(len(tokenizer))
-    for call in CALLS:
-        apply_memoe_to_model(straight, tokenizer, call, hp)
-    first = tiny_llama(len(tokenizer))
-    for call in CALLS[:2]:
-        apply_memoe_to_model(first, tokenizer, call, hp)
-    path = save_adapter(first, tmp_path / "checkpoint.safetensors")
-    resumed = tiny_llama(len(tokenizer))
-    load_adapter(resumed, tokenizer, path)
-    assert torch.equal(logits(resumed, probe(tokenizer)), logits(first, probe(tokenizer)))
-    apply_memoe_to_model(resumed, tokenizer, CALLS[2], hp)
-    tensors_a, info_a = get_adapter(straight).state()
-    tensors_b, info_b = get_adapter(resumed).state()
-    assert set(tensors_a) == set(tensors_b) and info_a == info_b
-    for name in tensors_a:
-        assert torch.equal(tensors_a[name], tensors_b[name]), name
+    straight, resumed, path = interrupted_and_straight(tokenizer, hp, CALLS, tmp_path / "checkpoint.safetensors")
+    assert "scope.values" in read_adapter_metadata(path)["tensors"]
     assert torch.equal(logits(straight, probe(tokenizer)), logits(resumed, probe(tokenizer)))
-    for model in (straight, first, resumed):
-        remove_memoe(model)
+    remove_memoe(straight)
+    remove_memoe(resumed)
 
 
 def test_what_is_kept_per_key_is_a_key_and_an_output_row(tokenizer):
