@@ -10,8 +10,9 @@ Streams (every record from the test split, ``memoe_plugin.eval.splits``, unless 
 * ``mixed``: ZsRE first (KnowEdit's ZsRE-test-all, then the MEND-format file's records it does not hold), then
   CounterFact (counterfact-edit) to the end; every 10th edit is a KnowEdit wiki_counterfact record, so that
   same-subject locality (``Relation_Specificity``) is measured inside the stream, from its start to its end.
-* ``counterfact``: CounterFact's test records, then its dev records to fill the stream (as edits only: only test
-  records are scored); ``--sample`` test records spread evenly over the stream are scored.
+* ``counterfact``: CounterFact's test records, then its dev records to fill the stream, then (past its 9,917 usable
+  records) KnowEdit wiki_counterfact's dev records (as edits only: only CounterFact test records are scored);
+  ``--sample`` test records spread evenly over the stream are scored.
 
 The model is edited with ``apply_memoe_to_model`` (the core, as EasyEdit's sequential ``batch_edit`` calls it),
 ``--batch`` edits per call, no rollback; after the last call every scored edit is scored with EasyEdit's
@@ -84,7 +85,9 @@ def build_stream(kind: str, edits: int, sample: int) -> list[dict]:
     elif kind == "counterfact":
         test = usable([flat(r, "counterfact") for r in read("counterfact")])
         dev = usable([flat(r, "counterfact", scored=False) for r in read("counterfact", "dev")])
-        stream = (test + dev)[:edits]
+        # counterfact-edit holds 9,917 usable records: KnowEdit's wiki_counterfact dev records fill a longer stream
+        fill = usable([flat(r, "counterfact-knowedit", scored=False) for r in read("counterfact-knowedit", "dev")])
+        stream = (test + dev + fill)[:edits]
         tested = [i for i, r in enumerate(stream) if r["scored"]]
         keep = set(tested[::max(1, len(tested) // sample)][:sample])
         for i, r in enumerate(stream):
