@@ -300,10 +300,12 @@ def main(argv=None) -> int:
     rows = score(model, tok, stream[:state["done"]], state["before"])   # the edits made so far
     summary = {"settings": settings, "edits_made": state["done"], "by_source": summarise(rows),
                "blocks": state["blocks"], "edit_seconds": sum(state["calls"]), "scored": len(rows)}
-    if args.stream == "counterfact":   # the earliest scored edits after the last call: forgetting
-        third = max(1, len(rows) // 3)
-        for name, part in (("first", rows[:third]), ("middle", rows[third:2 * third]), ("last", rows[2 * third:])):
-            summary.setdefault("by_position", {})[name] = summarise([dict(r, at=name) for r in part], "at")[name]
+    # forgetting: the scores of each block of the stream (the first 1,000 edits were made first and scored last)
+    summary["by_position"] = {name: cell for name, cell in summarise(
+        [dict(r, at=f"edits {r['index'] // args.block * args.block}-{r['index'] // args.block * args.block + args.block}")
+         for r in rows], "at").items() if name != "all"}
+    with open(out / "rows.jsonl", "w") as handle:   # every scored edit, to summarise again without scoring again
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.md").write_text(markdown(summary))
     plot(summary, out / "cost.png")
