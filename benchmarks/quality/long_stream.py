@@ -235,6 +235,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sample", type=int, default=1000, help="scored test records (counterfact stream)")
     parser.add_argument("--block", type=int, default=1000, help="edits per row of the cost table")
     parser.add_argument("--hparams", default="smollm2-135m-sequential")
+    parser.add_argument("--method", default="MEMoE",
+                        help="MEMoE, or an EasyEdit method of memoe-compare's registry (UltraEdit, FT-M, ...) with its "
+                             "shipped sequential file (needs EASYEDIT_PATH and EasyEdit's stack; no checkpoints)")
     parser.add_argument("--set", nargs="*", default=[], help="hparam overrides key=value")
     parser.add_argument("--out", required=True)
     parser.add_argument("--resume", action="store_true")
@@ -258,6 +261,13 @@ def main(argv=None) -> int:
     loaded_kib = status_kib("VmRSS")
     stream = build_stream(args.stream, args.edits, args.sample)
     settings = {k: getattr(args, k) for k in ("stream", "edits", "batch", "sample", "block", "hparams", "set")}
+    baseline = None
+    if args.method != "MEMoE":   # the same stream, scored the same way, edited by another method
+        from stream_baseline import easyedit_editor
+        baseline, described = easyedit_editor(args.method, model, tok, args.set)
+        settings.update(method=args.method, hparams=described["file"])
+        if args.resume:
+            raise SystemExit("--resume is for MEMoE streams (their adapter is the checkpoint)")
     if args.resume and state_path.is_file():
         state = json.loads(state_path.read_text())
         if state["settings"] != settings:
@@ -277,7 +287,10 @@ def main(argv=None) -> int:
     for lo in calls:
         chunk = [{k: r[k] for k in ("prompt", "target_new", "subject") if k in r} for r in stream[lo:lo + args.batch]]
         start = time.perf_counter()
-        apply_memoe_to_model(model, tok, chunk, hparams)
+        if baseline is None:
+            apply_memoe_to_model(model, tok, chunk, hparams)
+        else:
+            baseline(chunk)
         state["calls"].append(time.perf_counter() - start)
         state["done"] = lo + len(chunk)
         adapter = get_adapter(model)
@@ -286,13 +299,15 @@ def main(argv=None) -> int:
             seconds = sum(state["calls"][first // args.batch:state["done"] // args.batch])
             state["blocks"].append({"edits": state["done"], "seconds_per_edit": seconds / (state["done"] - first),
                                     "peak_above_model_gib": (status_kib("VmHWM") - loaded_kib) / 2**20,
-                                    "kept_bytes": adapter.kept_bytes,
-                                    "overhead": overhead(model, tok, adapter, probes),
+                                    # a baseline edits the weights in place: nothing kept beside them, no overhead
+                                    "kept_bytes": adapter.kept_bytes if adapter else 0,
+                                    "overhead": overhead(model, tok, adapter, probes) if adapter else 0.0,
                                     "wall_seconds": time.perf_counter() - block_start})
             print(json.dumps(state["blocks"][-1]), flush=True)
             block_start = time.perf_counter()
             reset_peak()
-        if (len(state["calls"]) % args.checkpoint_every == 0) or state["done"] in (len(stream), end):
+        if baseline is None and ((len(state["calls"]) % args.checkpoint_every == 0)
+                                 or state["done"] in (len(stream), end)):
             save_adapter(model, checkpoint)
             tmp = state_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(state))
