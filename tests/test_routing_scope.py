@@ -390,3 +390,24 @@ def test_a_random_projection_is_orthonormal_fixed_by_the_seed_and_kept_through_c
         assert torch.equal(model(**ids).logits, fresh(**ids).logits)
     remove_memoe(model)
     remove_memoe(fresh)
+
+
+def test_a_projected_scope_keeps_subject_vectors_projected_and_makes_the_same_anti_keys():
+    """With ``rank`` the subject vector is kept as its projection (rank features, not the input's width), and the
+    made anti-keys are the views the full vectors would give."""
+    from memoe_plugin.routing.scope import KeyScope
+    generator = torch.Generator().manual_seed(0)
+    effects, offsets = torch.randn(2, 5, 64, generator=generator), torch.randn(2, 64, generator=generator)
+    vector = torch.randn(64, generator=generator)
+    full, projected = KeyScope(64, threshold=0.5), KeyScope(64, threshold=0.5, rank=16, projection="random", seed=1)
+    for scope in (full, projected):
+        scope.calibrate(torch.randn(10, 64, generator=torch.Generator().manual_seed(1)))
+        scope.set_prototypes(effects, offsets)
+        scope.add(torch.randn(1, 64, generator=torch.Generator().manual_seed(2)), torch.tensor([0]))
+        skip = torch.zeros(1, 5, dtype=torch.bool)
+        skip[0, 2] = True
+        scope.add_subjects(vector.unsqueeze(0), torch.tensor([0]), skip)
+    assert projected.subjects.shape == (1, 16) and full.subjects.shape == (1, 64)
+    made, _ = projected.anti_keys_of(0)
+    wanted = projected.view(full.prototype_inputs(vector, 0))
+    assert made.shape == (8, 16) and torch.allclose(made, wanted, atol=2e-3)

@@ -29,8 +29,8 @@ def hparams(**overrides):
 def count_builds(monkeypatch) -> list:
     built = []
     real = building.build_prototypes
-    monkeypatch.setattr(building, "build_prototypes", lambda adapter, identity: built.append(1) or
-                        real(adapter, identity))
+    monkeypatch.setattr(building, "build_prototypes", lambda adapter, identity, progress=False: built.append(1) or
+                        real(adapter, identity, progress))
     return built
 
 
@@ -205,3 +205,15 @@ def test_made_anti_keys_are_cached_exactly_and_made_anew_when_their_inputs_chang
     assert not torch.equal(scope.anti_keys_of(0)[0], first)        # other prototypes, other anti-keys
     scope.truncate((1, 0, 0))
     assert scope.anti_keys_of(0)[0].shape[0] == 0                  # its subject vector taken back: none left
+
+
+def test_measuring_the_prototypes_shows_progress_when_asked(tokenizer, cache, capsys):
+    """The first edit of a model measures its relation prototypes (about 30 s on SmolLM2): with progress (memoe-edit)
+    a bar says so; later calls read the cache and show none."""
+    model = tiny_llama(len(tokenizer))
+    _, restore = apply_memoe_to_model(model, tokenizer, EDITS[:1], hparams(), progress=True)
+    restore()
+    assert "relation prototypes" in capsys.readouterr().err
+    _, restore = apply_memoe_to_model(model, tokenizer, EDITS[:1], hparams(), progress=True)
+    restore()
+    assert "relation prototypes" not in capsys.readouterr().err

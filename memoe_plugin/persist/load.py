@@ -118,7 +118,7 @@ def check_compatible(model: nn.Module, tokenizer, document: dict, tensors: dict,
     view = hparams.scope_rank or (model.get_input_embeddings().weight.shape[1] if hparams.scope_layer >= 0
                                   else in_features)
     for name, width in (("scope.keys", view), ("scope.anti_keys", view), ("scope.inputs", in_features),
-                        ("scope.values", out_features)):
+                        ("scope.values", out_features), ("scope.subjects", view)):
         if hparams.scope_keys and name in tensors and tensors[name].shape[-1] != width:
             raise ValueError(f"{path}: the key scope's {name} have {tensors[name].shape[-1]} features but "
                              f"{hparams.module_name} with these scope settings needs {width}; the file is corrupt.")

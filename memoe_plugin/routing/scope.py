@@ -112,7 +112,8 @@ class KeyScope(nn.Module):
         # vector, and which relations it asks itself (no anti-key of its own relation)
         self.register_buffer("proto_effects", torch.zeros(0, 0, dim, device=device))
         self.register_buffer("proto_offsets", torch.zeros(0, dim, device=device))
-        self.register_buffer("subjects", torch.zeros(0, dim, device=device, dtype=stored))
+        # each edit's subject vector, projected like the views when ``rank`` (only its view is ever needed)
+        self.register_buffer("subjects", torch.zeros(0, view, device=device, dtype=stored))
         self.register_buffer("subject_ids", torch.zeros(0, dtype=torch.long, device=device))
         self.register_buffer("subject_skip", torch.zeros(0, 0, dtype=torch.bool, device=device))
         self.calibrated = False
@@ -134,7 +135,14 @@ class KeyScope(nn.Module):
         made = self._made.lookup(key)
         if made is None:
             subject = self.rows("subjects", torch.tensor([row]), torch.float32)[0]
-            made = self._made.store(key, self.view(self.prototype_inputs(subject, row)))
+            if not self.rank:
+                made = self.view(self.prototype_inputs(subject, row))
+            else:   # the view is linear up to its norm: (s + e + o - c) B = s B + (e + o - c) B, s kept as s B
+                skip = self.subject_skip[row].to(self.proto_effects.device)
+                rest = (self.proto_effects + self.proto_offsets.unsqueeze(1) - self.center) @ self.basis
+                made = subject.to(rest.device) + rest[:, ~skip[:rest.shape[1]]].reshape(-1, rest.shape[-1])
+                made = made / made.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            made = self._made.store(key, made)
         return made
 
     SCALES = {"keys": "key_scale", "inputs": "input_scale", "anti_keys": "anti_scale",
@@ -246,7 +254,8 @@ class KeyScope(nn.Module):
     def add_subjects(self, vectors: torch.Tensor, edit_ids: torch.Tensor, skip: torch.Tensor) -> None:
         """Keep each edit's subject vector [n, dim] and the relations it asks [n, relations] (bool)."""
         self.forget_made()
-        self._append("subjects", vectors.float())
+        vectors = vectors.float()
+        self._append("subjects", vectors @ self.basis.to(vectors.device) if self.rank else vectors)
         self.subject_ids = torch.cat([self.subject_ids, edit_ids.to(self.subject_ids.device, torch.long)])
         have = self.subject_skip if self.subject_skip.shape[0] else self.subject_skip.new_zeros(0, skip.shape[1])
         self.subject_skip = torch.cat([have, skip.to(have.device, torch.bool)])
