@@ -217,3 +217,24 @@ def test_measuring_the_prototypes_shows_progress_when_asked(tokenizer, cache, ca
     _, restore = apply_memoe_to_model(model, tokenizer, EDITS[:1], hparams(), progress=True)
     restore()
     assert "relation prototypes" not in capsys.readouterr().err
+
+
+def test_texts_that_share_a_head_run_it_once_and_read_the_same_views(cache):
+    """Prompts asked through a chat template share its head (the system turn): scope_views runs that head once per
+    batch from a KV cache and reads what a full pass of each prompt alone reads."""
+    from memoe_plugin.training import capture
+    tokenizer = train_chat_tokenizer(CORPUS)
+    model = tiny_llama(len(tokenizer))
+    _, restore = apply_memoe_to_model(model, tokenizer, EDITS[:1], hparams(chat="on"))
+    adapter = get_adapter(model)
+    texts = [adapter.template.wrap(e["prompt"]) for e in EDITS]
+    runs = []
+    real = capture._head_cache
+    capture._head_cache = lambda *args: runs.append(1) or real(*args)
+    try:
+        together = capture.scope_views(adapter, texts, own_last=True)
+    finally:
+        capture._head_cache = real
+    alone = torch.cat([capture.scope_views(adapter, [text], own_last=True) for text in texts])
+    assert runs == [1] and torch.allclose(together, alone, atol=1e-5)
+    restore()

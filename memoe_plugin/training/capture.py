@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..compat import cache_argument_name
 from ..routing.inputs import RoutingInputs
 
 
@@ -83,6 +84,32 @@ class _Stop(Exception):
     """Raised once what a capture needs is recorded: the layers above are not run."""
 
 
+SHARED_HEAD_MIN = 8   # tokens every row of a batch must share before they are run once
+
+
+def _shared_head(input_ids: torch.Tensor, attention_mask: torch.Tensor, last: torch.Tensor) -> int:
+    """How many leading tokens every (right-padded) row shares, when at least :data:`SHARED_HEAD_MIN` and before
+    every row's last token; else 0."""
+    if input_ids.shape[0] < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
+    length = int(same.int().cumprod(0).sum())
+    length = min(length, int(last.min()))
+    return length if length >= SHARED_HEAD_MIN else 0
+
+
+def _head_cache(model, head: torch.Tensor, seen: list):
+    """The KV cache of ``head`` [1, length] in the layers below the capture's stop (which ends the pass)."""
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    try:
+        model(input_ids=head, use_cache=True, **{cache_argument_name(model): cache})
+    except _Stop:
+        pass
+    seen.clear()
+    return cache
+
+
 def run_to_stage(model, **inputs) -> None:
     """Run ``model`` inside ``capture_bypass(..., stop_at_stage=True)``: up to the stage, which ends the pass."""
     try:
@@ -143,9 +170,18 @@ def scope_views(adapter, texts: list[str], batch_size: int = 64, own_last: bool 
                 lengths = attention_mask.sum(1).tolist()   # right-padded: the real tokens come first
                 last = torch.tensor([adapter.template.last_own(ids[:n]) for ids, n in zip(input_ids.tolist(), lengths)],
                                     device=last.device)
+            shared = _shared_head(input_ids, attention_mask, last)
             seen.clear()
             try:
-                adapter.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                if shared:   # a head every row starts with (a chat template's system turn): run once, then the rest
+                    cache = _head_cache(adapter.model, input_ids[:1, :shared], seen)
+                    input_ids, attention_mask = input_ids[:, shared:], attention_mask   # the mask covers the head too
+                    cache.batch_repeat_interleave(len(last))
+                    last = last - shared
+                    adapter.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                                  **{cache_argument_name(adapter.model): cache})
+                else:
+                    adapter.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             except _Stop:
                 pass
             views.append(seen[0][torch.arange(len(last), device=last.device), last].float())
