@@ -115,8 +115,8 @@ def check_compatible(model: nn.Module, tokenizer, document: dict, tensors: dict,
         if tensors[name].dtype != torch.float32:
             raise ValueError(f"{path}: tensor {name!r} is {tensors[name].dtype}; MEMoE adapters are float32. "
                              "The file was not written by save_adapter.")
-    view = hparams.scope_rank or (model.get_input_embeddings().weight.shape[1] if hparams.scope_layer >= 0
-                                  else in_features)
+    width = model.get_input_embeddings().weight.shape[1] if hparams.scope_layer >= 0 else in_features
+    view = min(hparams.scope_rank, width) if hparams.scope_rank else width
     for name, width in (("scope.keys", view), ("scope.anti_keys", view), ("scope.inputs", in_features),
                         ("scope.values", out_features), ("scope.subjects", view)):
         if hparams.scope_keys and name in tensors and tensors[name].shape[-1] != width:

@@ -75,6 +75,7 @@ class KeyScope(nn.Module):
             raise ValueError(f"scope storage {storage!r}: use one of {sorted(STORAGE_DTYPES)}")
         stored = STORAGE_DTYPES[storage]
         self.storage = storage
+        rank = min(rank, dim)   # a rank above the width would only pad the views with zeros
         self.threshold, self.snap, self.rank = threshold, snap, rank
         self.anti_margin, self.copy_similarity = anti_margin, copy_similarity
         view = rank or dim
