@@ -33,15 +33,17 @@ from memoe_plugin.assets import memoe_hparams
 TUNED = memoe_hparams("smollm2-135m")
 FILES = {"paper": memoe_hparams("smollm2-135m-paper"), "routing": memoe_hparams("smollm2-135m-routing")}
 
-GATE = {"expert_routing": "gate"}
+NO_VALUES = {"scope_values": False, "close_every": 0}   # the values need the snap at 1 and key routing
+GATE = {"expert_routing": "gate", **NO_VALUES}
 GROUPS = {
     "extensions": [("tuned", {}), ("key routing off (paper's gate)", GATE),
-                   ("scope snap off", {"scope_snap": 0.0}),
+                   ("scope values off (the experts kept)", NO_VALUES),
+                   ("scope snap off", {"scope_snap": 0.0, **NO_VALUES}),
                    ("anti-keys off", {"scope_anti_keys": "none"}),
                    ("anti-keys from the relation bank per edit", {"scope_anti_keys": "relation_bank"}),
                    ("stop keys off", {"scope_stop_keys": False}),
                    ("chat training off", {"chat": "off"}),
-                   ("key scope off (guard only, gate)", {"scope_keys": False, "scope_snap": 0.0,
+                   ("key scope off (guard only, gate)", {"scope_keys": False, "scope_snap": 0.0, **NO_VALUES,
                                                          "scope_anti_keys": "none", "scope_stop_keys": False,
                                                          **GATE}),
                    ("guard off (scope keys alone)", {"locality_guard": False}),

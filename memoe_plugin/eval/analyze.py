@@ -138,7 +138,10 @@ def analyze(model, tokenizer, requests: list[dict], hparams: MEMoEHyperParams, c
     groups = kmeans(states, clusters, seed=seed).tolist()
     # A rephrasing the bypass leaves alone (-1: out of scope or guarded) is not routed like its edit.
     same = [edit[i] == e and e >= 0 for i, e in rephrased]
-    experts = int(get_adapter(model).bypass.experts.shape[0])     # grows with edits_per_expert
+    bypass = get_adapter(model).bypass
+    # grows with edits_per_expert; with scope_values the experts are emptied after each call, and a position that
+    # matched a closed key reports the expert that made its value
+    experts = max(int(bypass.experts.shape[0]), bypass.router.needed_experts if bypass.router is not None else 0)
     return {
         "num_edits": len(requests), "num_experts": experts, "layer": hparams.layer,
         "routing_input": hparams.routing_input, "clusters": len(set(groups)),
