@@ -238,3 +238,42 @@ def test_texts_that_share_a_head_run_it_once_and_read_the_same_views(cache):
     alone = torch.cat([capture.scope_views(adapter, [text], own_last=True) for text in texts])
     assert runs == [1] and torch.allclose(together, alone, atol=1e-5)
     restore()
+
+
+def test_views_read_before_a_template_tail_equal_those_of_the_whole_prompt(cache):
+    """scope_views runs each batch only up to the last token it reads (the template's tail after the question is
+    cut): the views equal those a full pass of the whole wrapped prompt gives at that token."""
+    from memoe_plugin.training import capture
+    tokenizer = train_chat_tokenizer(CORPUS)
+    model = tiny_llama(len(tokenizer))
+    _, restore = apply_memoe_to_model(model, tokenizer, EDITS[:1], hparams(chat="on"))
+    adapter = get_adapter(model)
+    texts = [adapter.template.wrap(e["prompt"]) for e in EDITS[:3]]
+    target = adapter.scope_block if adapter.scope_block is not None else adapter.bypass
+    lengths = []
+    handle = target.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append((args[0] if args else kwargs["hidden_states"]).shape[1]),
+        with_kwargs=True)
+    try:
+        views = capture.scope_views(adapter, texts, own_last=True)
+    finally:
+        handle.remove()
+    seen = []
+    handle = target.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"])[0]), with_kwargs=True)
+    adapter.bypass.enabled, expected = False, []
+    try:
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+            own = adapter.template.last_own(ids[0].tolist())
+            assert own < ids.shape[1] - 1   # the template puts tokens after the question: there is a tail to cut
+            with torch.no_grad():
+                model(input_ids=ids)
+            expected.append(seen.pop()[own].float())
+    finally:
+        handle.remove()
+        adapter.bypass.enabled = True
+    assert torch.allclose(views, torch.stack(expected), atol=1e-5)
+    owns = [adapter.template.last_own(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+    assert sum(lengths) == max(owns) + 1   # the shared head, then the rest: cut after the last token read
+    restore()

@@ -144,7 +144,8 @@ def scope_views(adapter, texts: list[str], batch_size: int = 64, own_last: bool 
     ``own_last``: at the last token that is not the chat template's own (texts asked through the template);
     ``progress``: a progress bar with this label.
 
-    Each batch runs only up to the block the scope reads (the bypass, or ``scope_layer``)."""
+    Each batch runs only up to the block the scope reads (the bypass, or ``scope_layer``), and only up to the last
+    token read."""
     from .batches import build_prompt_batch
     bypass = adapter.bypass
     target = adapter.scope_block if adapter.scope_block is not None else bypass
@@ -170,6 +171,9 @@ def scope_views(adapter, texts: list[str], batch_size: int = 64, own_last: bool 
                 lengths = attention_mask.sum(1).tolist()   # right-padded: the real tokens come first
                 last = torch.tensor([adapter.template.last_own(ids[:n]) for ids, n in zip(input_ids.tolist(), lengths)],
                                     device=last.device)
+            # causal attention: the tokens after the last one read (the template's tail) change no view
+            keep = int(last.max()) + 1
+            input_ids, attention_mask = input_ids[:, :keep], attention_mask[:, :keep]
             shared = _shared_head(input_ids, attention_mask, last)
             seen.clear()
             try:
