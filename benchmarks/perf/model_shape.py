@@ -144,12 +144,13 @@ def main(argv=None) -> int:
         edited_plain = tokens_per_second(model, tok, plain, device)
         edited_named = tokens_per_second(model, tok, named, device)
         scope_bytes = adapter.scope.nbytes if adapter.scope is not None else 0
-        steps = adapter.last_report.steps
+        steps, cached = adapter.last_report.steps, adapter.last_report.used_cached_activations
         restore()
         base_named = tokens_per_second(model, tok, named, device)
         print(json.dumps({"method": "MEMoE", "edits": size, "edit_seconds": round(seconds, 1),
                           "seconds_per_edit": round(seconds / size, 3), "peak_above_model_gib": round(peak / 2**30, 2),
-                          "steps": steps, "accuracy_sample": round(accuracy, 1), "scope_bytes": scope_bytes,
+                          "steps": steps, "fast_path": cached,   # trained on cached activations, or full passes
+                          "accuracy_sample": round(accuracy, 1), "scope_bytes": scope_bytes,
                           "overhead_plain": round(1 - edited_plain / base_tps, 3),
                           "overhead_named": round(1 - edited_named / base_named, 3)}), flush=True)
         del adapter
@@ -168,7 +169,7 @@ def sequential(args, model, tok, hp, device, plain, base_tps) -> int:
     edits = synthetic_facts(args.sequential)
     halfway = None   # (edits, bytes by part) at the stream's middle: the bytes per edit are the marginal ones
     before = reset_peak(device)
-    times, tenth = [], max(args.chunk, args.sequential // 10)
+    times, tenth, paths = [], max(args.chunk, args.sequential // 10), set()
     for lo in range(0, len(edits), args.chunk):
         start = time.perf_counter()
         _, restore = apply_memoe_to_model(model, tok, edits[lo:lo + args.chunk], hp)
@@ -176,6 +177,7 @@ def sequential(args, model, tok, hp, device, plain, base_tps) -> int:
             import torch
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
+        paths.add(get_adapter(model).last_report.used_cached_activations)
         if halfway is None and lo + args.chunk >= len(edits) // 2:
             halfway = (lo + args.chunk, kept_bytes_by_part(get_adapter(model)))
         if (lo + args.chunk) % tenth == 0:
@@ -197,6 +199,7 @@ def sequential(args, model, tok, hp, device, plain, base_tps) -> int:
                       "last_over_first_tenth": round(sum(times[-tenth // args.chunk:]) /
                                                      sum(times[:tenth // args.chunk]), 2),
                       "peak_above_model_gib": round(peak / 2**30, 2), "kept_bytes": kept,
+                      "fast_path": sorted(paths),   # [True]: every call trained on cached activations
                       "kept_bytes_per_edit_by_part": per_edit,
                       "kept_bytes_per_edit": sum(v for k, v in per_edit.items() if k != "shared"),
                       "overhead_plain": round(1 - edited_plain / base_tps, 3), **accuracy}), flush=True)
