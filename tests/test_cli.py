@@ -30,3 +30,13 @@ def test_bad_settings_are_refused_with_the_key_named(model_dir, capsys):
     assert "no-such-model" in capsys.readouterr().err
     assert cli.main(["--model", str(model_dir), "--set", "layer"]) == 2
     assert "key=value" in capsys.readouterr().err
+
+
+def test_the_first_run_says_it_exports_the_model_and_later_runs_do_not(monkeypatch, capsys):
+    """The quick start's first run waits about 20 s for the GGUF export: it says so, once."""
+    from memoe_plugin.assets import gguf_export, models, smollm2
+    monkeypatch.setattr(smollm2, "load_smollm2", lambda: ("model", "tokenizer"))
+    for complete, said in ((False, True), (True, False)):
+        monkeypatch.setattr(gguf_export, "is_complete_export", lambda path, complete=complete: complete)
+        assert models.load_model(None) == ("model", "tokenizer")
+        assert ("Exporting it once" in capsys.readouterr().out) is said

@@ -8,7 +8,10 @@ import torch
 
 def load_model(model_dir: Optional[str]):
     if model_dir is None:
-        from .smollm2 import load_smollm2
+        from .gguf_export import is_complete_export
+        from .smollm2 import default_export_dir, load_smollm2
+        if not is_complete_export(default_export_dir()):   # the first run: say why it waits
+            print(f"Exporting it once from its GGUF file into {default_export_dir()} (about 20 s) ...", flush=True)
         return load_smollm2()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
