@@ -7,6 +7,8 @@ state before the first edit.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import copy as copy_module
 import random
 from typing import Callable
@@ -60,9 +62,11 @@ def apply_memoe_to_model(model: nn.Module, tok, requests: list[dict], hparams: M
         adapter.assign_experts(first, len(requests))
         adapter.register_knowledge(requests, first)
         batch = training_variants(tagged + replayed_edits(adapter.edits, hparams), hparams, adapter.template)
+        rewordings = reworded(adapter, tagged)
+        batch += rewordings
         check_lengths(tok, batch[len(tagged):], model)
-        adapter.last_report = train_experts(adapter, batch, progress=bool(kwargs.get("progress", False)),
-                                            subjects_of=tagged)
+        report = train_experts(adapter, batch, progress=bool(kwargs.get("progress", False)), subjects_of=tagged)
+        adapter.last_report = dataclasses.replace(report, rewordings=len(rewordings))
     except BaseException:
         if fresh:
             adapter.detach()
@@ -108,6 +112,21 @@ def training_variants(requests: list[dict], hparams: MEMoEHyperParams, template=
     if template is not None:
         out += [dict(r, prompt=template.wrap(r["prompt"]), target_new=template.answer(r["target_new"])) for r in requests]
     return out
+
+
+def reworded(adapter, requests: list[dict]) -> list[dict]:
+    """``rewordings``: each request again with each rewording of its prompt that the unedited model writes
+    (``training.rewordings``), keeping its edit id, subject and answer."""
+    hp = adapter.hparams
+    if not hp.rewordings:
+        return []
+    from .training.capture import unedited
+    from .training.rewordings import model_rewordings
+    chat = bool(getattr(adapter.tokenizer, "chat_template", None))
+    with unedited(adapter):
+        found = model_rewordings(adapter.model, adapter.tokenizer, requests, hp.rewordings, hp.rewording_samples,
+                                 hp.seed, chat)
+    return [dict(r, prompt=text) for r, texts in zip(requests, found) for text in texts]
 
 
 def replayed_edits(previous: list[dict], hparams: MEMoEHyperParams) -> list[dict]:

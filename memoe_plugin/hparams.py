@@ -131,6 +131,12 @@ class MEMoEHyperParams:
         "**extension.** Each edit is also trained behind this many fixed, entity-free prefixes (\"Here is a "
         "fact.\", \"I read that\", ...), as ROME does with context templates, so that the expert does not learn "
         "one surface form")
+    rewordings: int = option(0,
+        "**extension.** Each edit is also trained, and keyed, on up to this many rewordings of its prompt that the "
+        "unedited model writes itself (asked through its chat template, or continuing a few-shot prompt the project "
+        "wrote), kept only where they name the subject, not the new answer, and the model expects the same "
+        "continuation after them as after the prompt (see below). 0 turns it off")
+    rewording_samples: int = option(8, "candidates sampled per edit prompt for `rewordings`")
     memory_rows: int = option(0,
         "**extension.** Output memory against forgetting in sequential editing: the layer inputs of this many "
         "edited positions (reservoir-sampled, float16) are kept with the bypass output they were trained to, "
@@ -304,6 +310,8 @@ class MEMoEHyperParams:
         need(self.anchor_backend in ANCHOR_BACKENDS, "anchor_backend", f"one of {ANCHOR_BACKENDS}")
         need(self.anchor_cache_size >= 0, "anchor_cache_size", "an integer >= 0")
         need(self.replay >= 0, "replay", "an integer >= 0")
+        need(self.rewordings >= 0, "rewordings", "an integer >= 0 (0: off)")
+        need(self.rewording_samples >= 1, "rewording_samples", "an integer >= 1")
         need(self.memory_rows >= 0, "memory_rows", "an integer >= 0 (0: no output memory)")
         need(self.memory_weight >= 0, "memory_weight", "a number >= 0")
         need(self.memory_batch >= 1, "memory_batch", "an integer >= 1")

@@ -62,10 +62,16 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="the base model's dtype (the experts train in float32 either way)")
     parser.add_argument("--chat", action="store_true", help="also score replies through the chat template")
+    parser.add_argument("--subjects-step", type=int, default=1,
+                        help="build the relation prototypes on every K-th of GENERIC_SUBJECTS only (for tuning their number)")
     parser.add_argument("--paraphrases", action="store_true",
                         help="only records whose rephrasing puts other text before the fact")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.subjects_step > 1:
+        from memoe_plugin.routing import relations
+        from memoe_plugin.training import prototypes
+        relations.GENERIC_SUBJECTS = prototypes.GENERIC_SUBJECTS = relations.GENERIC_SUBJECTS[::args.subjects_step]
     pool = [r for r in load(args.data, "dev") if r["rephrase_prompt"] or args.data == "counterfact-knowedit"]
     records = [r for r in pool if not args.paraphrases or is_paraphrase_prompt(r["rephrase_prompt"], r["subject"])]
     records = records[:args.num_edits]
@@ -112,6 +118,7 @@ def main(argv=None) -> int:
                 after = target_predictions(model, tok, *pair)[0]
                 scores["same_subject"].append(sum(a == b for a, b in zip(after, before[pair])) / len(after))
     start, edit_seconds, steps, restore, kept = time.perf_counter(), 0.0, [], None, []
+    reworded = 0
     for lo in range(0, len(records), args.chunk):
         chunk = records[lo:lo + args.chunk]
         t = time.perf_counter()
@@ -120,6 +127,7 @@ def main(argv=None) -> int:
         edit_seconds += time.perf_counter() - t
         adapter = get_adapter(model)
         steps.append(adapter.last_report.steps)
+        reworded += adapter.last_report.rewordings
         if adapter.scope is not None and not args.sequential:   # the key scope's bytes for this chunk's edits
             kept.append(adapter.scope.nbytes / len(chunk))
         if not args.sequential:
@@ -131,8 +139,9 @@ def main(argv=None) -> int:
         restore()
     mean = lambda v: round(100 * sum(v) / len(v), 1) if v else None   # noqa: E731
     print(json.dumps({"data": args.data, "split": "dev", "num_edits": len(records), "sequential": args.sequential,
-                      "set": args.set, "dtype": args.dtype, **{k: mean(v) for k, v in scores.items()},
-                      "mean_steps": round(sum(steps) / len(steps), 1), "edit_seconds": round(edit_seconds),
+                      "set": args.set, "subjects_step": args.subjects_step, "dtype": args.dtype, **{k: mean(v) for k, v in scores.items()},
+                      "mean_steps": round(sum(steps) / len(steps), 1),
+                      "rewordings_per_edit": round(reworded / len(records), 2), "edit_seconds": round(edit_seconds),
                       ("kept_bytes_per_edit" if args.sequential else "scope_bytes_per_edit"):
                           round(sum(kept) / len(kept)) if kept else None,
                       "seconds": round(time.perf_counter() - start)}), flush=True)

@@ -147,12 +147,12 @@ CLOZE = "The {label} of {subject} is"
 # Subjects of every kind the bank asks about, for the relation prototypes (``routing.prototypes``): what a relation
 # does to the layer input is estimated over these. Written for this project (well-known people, places,
 # organisations, works, things and species, and made-up names), not read from any evaluation file.
-GENERIC_SUBJECTS = ("Paris", "Germany", "the Amazon River", "Microsoft", "the Toyota Corolla", "The Beatles",
-                    "Albert Einstein", "Mount Everest", "Harry Potter", "Oxford University", "Pablo Picasso",
-                    "Real Madrid", "Lake Victoria", "Star Wars", "Nokia", "Barack Obama", "Tokyo", "penicillin",
-                    "the Roman Empire", "Jupiter", "Maria Lopez", "John Whitfield", "Kenji Sato",
-                    "the Golden Gate Bridge", "the African elephant", "Linux", "the Louvre", "Frida Kahlo",
-                    "Buenos Aires", "the Nile", "Adobe Photoshop", "Queen Victoria")
+GENERIC_SUBJECTS = ("Paris", "the Amazon River", "the Toyota Corolla", "Albert Einstein", "Harry Potter",
+                    "Pablo Picasso", "Lake Victoria", "Nokia", "Tokyo", "the Roman Empire", "Maria Lopez", "Kenji Sato",
+                    "the African elephant", "the Louvre", "Buenos Aires", "Adobe Photoshop")
+# 16 subjects: every second one of the 32 the prototypes were first measured on. On dev (120 wiki_counterfact and 120
+# ZsRE edits, docs/results.md "The first run") the scores were the same to the tenth with either list, and the first
+# run builds the prototypes in half the time.
 
 
 class AntiKeyPrompt(NamedTuple):

@@ -137,6 +137,17 @@ def run_batches(adapter, batches, enabled: bool = False) -> Capture:
     return record
 
 
+@contextlib.contextmanager
+def unedited(adapter):
+    """Within: the model computes as the unedited model does (the bypass off, no routing inputs computed)."""
+    was_enabled, adapter.bypass.enabled = adapter.bypass.enabled, False
+    adapter.routing_paused = True
+    try:
+        yield
+    finally:
+        adapter.bypass.enabled, adapter.routing_paused = was_enabled, False
+
+
 @torch.no_grad()
 def scope_views(adapter, texts: list[str], batch_size: int = 64, own_last: bool = False,
                 progress: Optional[str] = None) -> torch.Tensor:
@@ -157,40 +168,38 @@ def scope_views(adapter, texts: list[str], batch_size: int = 64, own_last: bool 
 
     views = []
     handle = target.register_forward_pre_hook(grab, with_kwargs=True)
-    was_enabled, bypass.enabled = bypass.enabled, False
-    adapter.routing_paused = True
     try:
-        starts = range(0, len(texts), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-            starts = tqdm(starts, desc=progress, unit="batch", leave=False)
-        for lo in starts:
-            input_ids, attention_mask, last = build_prompt_batch(adapter.tokenizer, texts[lo:lo + batch_size],
-                                                                 bypass.experts.device)
-            if own_last and adapter.template is not None:
-                lengths = attention_mask.sum(1).tolist()   # right-padded: the real tokens come first
-                last = torch.tensor([adapter.template.last_own(ids[:n]) for ids, n in zip(input_ids.tolist(), lengths)],
-                                    device=last.device)
-            # causal attention: the tokens after the last one read (the template's tail) change no view
-            keep = int(last.max()) + 1
-            input_ids, attention_mask = input_ids[:, :keep], attention_mask[:, :keep]
-            shared = _shared_head(input_ids, attention_mask, last)
-            seen.clear()
-            try:
-                if shared:   # a head every row starts with (a chat template's system turn): run once, then the rest
-                    cache = _head_cache(adapter.model, input_ids[:1, :shared], seen)
-                    input_ids, attention_mask = input_ids[:, shared:], attention_mask   # the mask covers the head too
-                    cache.batch_repeat_interleave(len(last))
-                    last = last - shared
-                    adapter.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
-                                  **{cache_argument_name(adapter.model): cache})
-                else:
-                    adapter.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            except _Stop:
-                pass
-            views.append(seen[0][torch.arange(len(last), device=last.device), last].float())
+        with unedited(adapter):
+            starts = range(0, len(texts), batch_size)
+            if progress:
+                from tqdm.auto import tqdm
+                starts = tqdm(starts, desc=progress, unit="batch", leave=False)
+            for lo in starts:
+                input_ids, attention_mask, last = build_prompt_batch(adapter.tokenizer, texts[lo:lo + batch_size],
+                                                                     bypass.experts.device)
+                if own_last and adapter.template is not None:
+                    lengths = attention_mask.sum(1).tolist()   # right-padded: the real tokens come first
+                    last = torch.tensor([adapter.template.last_own(ids[:n])
+                                         for ids, n in zip(input_ids.tolist(), lengths)], device=last.device)
+                # causal attention: the tokens after the last one read (the template's tail) change no view
+                keep = int(last.max()) + 1
+                input_ids, attention_mask = input_ids[:, :keep], attention_mask[:, :keep]
+                shared = _shared_head(input_ids, attention_mask, last)
+                seen.clear()
+                try:
+                    if shared:   # a head every row starts with (a chat template's system turn): once, then the rest
+                        cache = _head_cache(adapter.model, input_ids[:1, :shared], seen)
+                        input_ids = input_ids[:, shared:]   # the mask covers the head too
+                        cache.batch_repeat_interleave(len(last))
+                        last = last - shared
+                        adapter.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                                      **{cache_argument_name(adapter.model): cache})
+                    else:
+                        adapter.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                except _Stop:
+                    pass
+                views.append(seen[0][torch.arange(len(last), device=last.device), last].float())
     finally:
-        bypass.enabled, adapter.routing_paused = was_enabled, False
         handle.remove()
     width = adapter.scope.center.shape[0]
     return torch.cat(views) if views else torch.zeros(0, width, device=bypass.experts.device)

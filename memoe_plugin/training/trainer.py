@@ -35,6 +35,7 @@ class TrainReport:
     stopped_early: bool
     used_cached_activations: bool
     target_accuracy: float
+    rewordings: int = 0            # prompts the model reworded for this call's edits (``rewordings``)
 
 
 def train_experts(adapter, requests: list[dict], progress: bool = False,
