@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .hparams import CONTEXT_PREFIXES, MEMoEHyperParams, structural_keys
+from .routing.relations import same_relation_rewordings
 from .adapter import MEMoEAdapter, get_adapter
 from .locate import resolve_module
 from .training.trainer import train_experts
@@ -61,12 +62,13 @@ def apply_memoe_to_model(model: nn.Module, tok, requests: list[dict], hparams: M
     try:
         adapter.assign_experts(first, len(requests))
         adapter.register_knowledge(requests, first)
+        aliases = register_aliases(adapter, tagged)
         batch = training_variants(tagged + replayed_edits(adapter.edits, hparams), hparams, adapter.template)
         rewordings = reworded(adapter, tagged)
         batch += rewordings
         check_lengths(tok, batch[len(tagged):], model)
         report = train_experts(adapter, batch, progress=bool(kwargs.get("progress", False)), subjects_of=tagged)
-        adapter.last_report = dataclasses.replace(report, rewordings=len(rewordings))
+        adapter.last_report = dataclasses.replace(report, rewordings=len(rewordings), aliases=aliases)
     except BaseException:
         if fresh:
             adapter.detach()
@@ -103,15 +105,36 @@ def _in_groups(model: nn.Module, tok, requests: list[dict], hparams: MEMoEHyperP
 
 
 def training_variants(requests: list[dict], hparams: MEMoEHyperParams, template=None) -> list[dict]:
-    """What training sees of the requests: each as it is, behind the first ``context_prefixes`` neutral prefixes, and
+    """What training sees of the requests: each as it is, behind the first ``context_prefixes`` neutral prefixes, with
+    the relation bank's other labels for the relation its prompt names (``bank_rewordings``), and
     (``template``: the tokenizer's :class:`~.routing.template.ChatTemplate`, ``chat``) asked through the chat template
     as EasyEdit's ``use_chat_template`` scores it, the answer then closing the assistant's turn. Every copy keeps its
     request's edit id and subject."""
     prefixes = CONTEXT_PREFIXES[:hparams.context_prefixes]
     out = requests + [dict(r, prompt=f"{prefix} {r['prompt']}") for prefix in prefixes for r in requests]
+    if hparams.bank_rewordings:
+        out += [dict(r, prompt=text) for r in requests
+                for text in same_relation_rewordings(r["prompt"], r.get("subject"))]
     if template is not None:
         out += [dict(r, prompt=template.wrap(r["prompt"]), target_new=template.answer(r["target_new"])) for r in requests]
     return out
+
+
+def register_aliases(adapter, requests: list[dict]) -> int:
+    """``aliases``: the other names the unedited model gives for each request's subject open the locality guard for
+    its edit (``training.aliases``); returns how many were added."""
+    hp = adapter.hparams
+    if not hp.aliases or adapter.guard is None:
+        return 0
+    from .training.aliases import model_aliases
+    from .training.capture import unedited
+    with unedited(adapter):
+        names = model_aliases(adapter.model, adapter.tokenizer, requests, hp.aliases, hp.ask_samples, hp.seed,
+                              bool(getattr(adapter.tokenizer, "chat_template", None)))
+    for request, found in zip(requests, names):
+        if found:
+            adapter.guard.add(found, request["_edit"])
+    return sum(map(len, names))
 
 
 def reworded(adapter, requests: list[dict]) -> list[dict]:
@@ -124,7 +147,7 @@ def reworded(adapter, requests: list[dict]) -> list[dict]:
     from .training.rewordings import model_rewordings
     chat = bool(getattr(adapter.tokenizer, "chat_template", None))
     with unedited(adapter):
-        found = model_rewordings(adapter.model, adapter.tokenizer, requests, hp.rewordings, hp.rewording_samples,
+        found = model_rewordings(adapter.model, adapter.tokenizer, requests, hp.rewordings, hp.ask_samples,
                                  hp.seed, chat)
     return [dict(r, prompt=text) for r, texts in zip(requests, found) for text in texts]
 

@@ -136,7 +136,15 @@ class MEMoEHyperParams:
         "unedited model writes itself (asked through its chat template, or continuing a few-shot prompt the project "
         "wrote), kept only where they name the subject, not the new answer, and the model expects the same "
         "continuation after them as after the prompt (see below). 0 turns it off")
-    rewording_samples: int = option(8, "candidates sampled per edit prompt for `rewordings`")
+    bank_rewordings: bool = option(False,
+        "**extension.** An edit whose prompt names a relation of the relation bank by one of its labels is also "
+        "trained, and keyed, with that label replaced by each of the relation's other labels (\"The birthplace of S "
+        "is\" beside \"The place of birth of S is\"; see below)")
+    aliases: int = option(0,
+        "**extension**, with `locality_guard`: the guard also opens, for each edit, on up to this many other names "
+        "for its subject that the unedited model gives when asked once, kept only where the model answers the edit "
+        "prompt with the name in place of the subject as it answers the prompt (see below). 0 turns it off")
+    ask_samples: int = option(8, "candidates sampled per edit when the model is asked for `rewordings` or `aliases`")
     memory_rows: int = option(0,
         "**extension.** Output memory against forgetting in sequential editing: the layer inputs of this many "
         "edited positions (reservoir-sampled, float16) are kept with the bypass output they were trained to, "
@@ -311,7 +319,10 @@ class MEMoEHyperParams:
         need(self.anchor_cache_size >= 0, "anchor_cache_size", "an integer >= 0")
         need(self.replay >= 0, "replay", "an integer >= 0")
         need(self.rewordings >= 0, "rewordings", "an integer >= 0 (0: off)")
-        need(self.rewording_samples >= 1, "rewording_samples", "an integer >= 1")
+        need(self.aliases >= 0, "aliases", "an integer >= 0 (0: off)")
+        need(self.aliases == 0 or self.locality_guard, "aliases",
+             "0 unless locality_guard is true: the names the model gives are anchors of the guard")
+        need(self.ask_samples >= 1, "ask_samples", "an integer >= 1")
         need(self.memory_rows >= 0, "memory_rows", "an integer >= 0 (0: no output memory)")
         need(self.memory_weight >= 0, "memory_weight", "a number >= 0")
         need(self.memory_batch >= 1, "memory_batch", "an integer >= 1")

@@ -179,6 +179,21 @@ def test_context_prefixes_add_entity_free_variants():
     assert training_variants(EDITS, make_hparams()) == EDITS
 
 
+def test_bank_rewordings_add_the_relations_other_labels_as_variants_of_their_edit():
+    from conftest import make_hparams
+    from memoe_plugin.apply import training_variants
+    requests = [dict(e, _edit=i) for i, e in enumerate(EDITS)]
+    batch = training_variants(requests, make_hparams(bank_rewordings=True))
+    assert batch[:len(EDITS)] == requests
+    variants = {(b["_edit"], b["prompt"], b["target_new"]) for b in batch[len(EDITS):]}
+    danielle, japan = (next(i for i, e in enumerate(EDITS) if e["subject"] == s) for s in ("Danielle Darrieux", "Japan"))
+    assert variants == {   # 'mother tongue' is a label of 'native language' (the longest label wins over 'mother')
+        (danielle, "The native language of Danielle Darrieux is", EDITS[danielle]["target_new"]),
+        (danielle, "The first language of Danielle Darrieux is", EDITS[danielle]["target_new"]),
+        (japan, "The capital city of Japan is", EDITS[japan]["target_new"]),
+        (japan, "The seat of government of Japan is", EDITS[japan]["target_new"])}
+
+
 def test_a_later_call_uses_its_own_settings_or_refuses_the_ones_it_cannot_honour(tokenizer):
     """Scale, gate noise and the key scope's thresholds are taken from every call; a snap needs the keys' inputs,
     which a scope built without it never kept: refused, with nothing changed."""

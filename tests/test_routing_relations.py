@@ -1,6 +1,6 @@
 """The relation bank: prompts about an edit's subject that ask for other relations (the anti-keys' text)."""
 from memoe_plugin.routing.relations import (CLOZE, OTHER_RELATION, RELATIONS, SAME_FRAME, anti_key_prompts,
-                                            named_relation)
+                                            named_relation, same_relation_rewordings)
 
 
 def test_a_prompt_that_names_its_relation_gets_other_relations_as_cloze_and_in_its_own_words():
@@ -41,3 +41,16 @@ def test_a_label_several_relations_share_keeps_all_of_them_out():
     prompts = anti_key_prompts("The language of Ada Lovelace is", "Ada Lovelace")
     asked = {p.relation for p in prompts}
     assert "original language" not in asked and "official language" not in asked and "gender" in asked
+
+
+def test_same_relation_rewordings_swap_in_the_relations_other_labels():
+    assert same_relation_rewordings("The place of birth of Marie Curie is", "Marie Curie") == [
+        "The birthplace of Marie Curie is", "The city of birth of Marie Curie is"]
+    assert same_relation_rewordings("What team is Nicolas Raffault associated with?", "Nicolas Raffault") == [
+        "What club is Nicolas Raffault associated with?", "What current club is Nicolas Raffault associated with?"]
+
+
+def test_same_relation_rewordings_need_a_label_of_one_relation_outside_the_subject():
+    assert same_relation_rewordings("Toko Yasuda plays the", "Toko Yasuda") == []          # no label
+    assert same_relation_rewordings("The language of Re! was", "Re!") == []               # 'language': several
+    assert same_relation_rewordings("Where is Capital Records based?", "Capital Records") == []  # in the subject

@@ -11,6 +11,9 @@ chunks of ``--chunk`` edits rolled back after each, or kept with ``--sequential`
 scored after the last. It only ever reads the dev split. Figures that are reported come from
 memoe-compare (``scope_table.py``, ``ablations.py``), through EasyEdit itself.
 
+KnowEdit records are also scored on their portability prompts, by part (``port_alias``, ``port_reasoning``,
+``port_logical``: teacher-forced token accuracy of the answer, as EasyEdit's ``portability_acc``).
+
 ``--chat`` also asks through the tokenizer's chat template (``memoe_plugin.eval.generation.chat_scores``): the
 edit prompt and its rephrasing (the reply contains the new answer), the edit prompt behind a system prompt of the
 user's own and after an earlier exchange (``CHAT_SYSTEM``, ``CHAT_HISTORY``), and one same-subject prompt and one
@@ -36,6 +39,11 @@ from memoe_plugin.eval.splits import select
 from memoe_plugin.eval.validate import check_records
 
 
+# KnowEdit's portability parts, as memoe-compare names them
+PORTABILITY_PARTS = {"Subject_Aliasing": "port_alias", "Reasoning": "port_reasoning",
+                     "Logical_Generalization": "port_logical"}
+
+
 def load(dataset: str, split: str) -> list[dict]:
     raw = select(json.loads(data_file(dataset).read_text()), split)
     first = lambda v: v[0] if isinstance(v, list) else v   # noqa: E731
@@ -44,7 +52,9 @@ def load(dataset: str, split: str) -> list[dict]:
         same = (r.get("locality") or {}).get("Relation_Specificity") or []
         records.append({"prompt": r["prompt"], "target_new": r["target_new"], "subject": r["subject"],
                         "rephrase_prompt": r.get("rephrase_prompt"),
-                        "same_subject": [(c["prompt"], first(c["ground_truth"])) for c in same]})
+                        "same_subject": [(c["prompt"], first(c["ground_truth"])) for c in same],
+                        "portability": {part: [(c["prompt"], first(c["ground_truth"])) for c in cases]
+                                        for part, cases in (r.get("portability") or {}).items()}})
     usable, _ = check_records(records)
     return [records[i] for i in usable]
 
@@ -114,11 +124,14 @@ def main(argv=None) -> int:
                 for key, prompt in chat_asked.items():
                     if key[1] == i:
                         scores[key[0]].append(float(chat_reply(model, tok, prompt) == chat_before[key]))
+            for part, cases in r["portability"].items():
+                scores.setdefault(PORTABILITY_PARTS.get(part, "port_" + part), []).extend(
+                    accuracy(*case) for case in cases)
             for pair in r["same_subject"]:
                 after = target_predictions(model, tok, *pair)[0]
                 scores["same_subject"].append(sum(a == b for a, b in zip(after, before[pair])) / len(after))
     start, edit_seconds, steps, restore, kept = time.perf_counter(), 0.0, [], None, []
-    reworded = 0
+    reworded = aliased = 0
     for lo in range(0, len(records), args.chunk):
         chunk = records[lo:lo + args.chunk]
         t = time.perf_counter()
@@ -128,6 +141,7 @@ def main(argv=None) -> int:
         adapter = get_adapter(model)
         steps.append(adapter.last_report.steps)
         reworded += adapter.last_report.rewordings
+        aliased += adapter.last_report.aliases
         if adapter.scope is not None and not args.sequential:   # the key scope's bytes for this chunk's edits
             kept.append(adapter.scope.nbytes / len(chunk))
         if not args.sequential:
@@ -141,7 +155,8 @@ def main(argv=None) -> int:
     print(json.dumps({"data": args.data, "split": "dev", "num_edits": len(records), "sequential": args.sequential,
                       "set": args.set, "subjects_step": args.subjects_step, "dtype": args.dtype, **{k: mean(v) for k, v in scores.items()},
                       "mean_steps": round(sum(steps) / len(steps), 1),
-                      "rewordings_per_edit": round(reworded / len(records), 2), "edit_seconds": round(edit_seconds),
+                      "rewordings_per_edit": round(reworded / len(records), 2),
+                      "aliases_per_edit": round(aliased / len(records), 2), "edit_seconds": round(edit_seconds),
                       ("kept_bytes_per_edit" if args.sequential else "scope_bytes_per_edit"):
                           round(sum(kept) / len(kept)) if kept else None,
                       "seconds": round(time.perf_counter() - start)}), flush=True)

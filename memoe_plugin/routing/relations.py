@@ -47,7 +47,7 @@ RELATIONS: dict[str, tuple[str, ...]] = {
     'child': ('child', 'son or daughter', 'eldest child'),
     'sibling': ('sibling', 'brother or sister'),
     'languages spoken': ('spoken language', 'working language'),
-    'native language': ('native language', 'first language'),
+    'native language': ('native language', 'first language', 'mother tongue'),
     'educated at': ('alma mater', 'university', 'school'),
     'employer': ('employer', 'workplace'),
     'member of': ('group', 'band', 'organisation they belong to'),
@@ -207,3 +207,18 @@ def anti_key_prompts(prompt: str, subject: Optional[str], relations: Optional[in
         reworded = [(relation, prompt[:found.start()] + label + prompt[found.end():]) for relation, label in asked]
         prompts += [AntiKeyPrompt(text, SAME_FRAME, relation) for relation, text in reworded if text not in seen]
     return prompts
+
+
+def same_relation_rewordings(prompt: str, subject: Optional[str]) -> list[str]:
+    """The prompt with the relation label it names (outside its subject) replaced by each other label of the bank for
+    that relation ("The birthplace of S is" for "The place of birth of S is"); empty when the prompt names no label,
+    or one that several relations share (its relation is then not known)."""
+    found = named_relation(prompt, subject.strip() if subject else subject)
+    if not found:
+        return []
+    relations = _RELATIONS_OF.get(found.group(0).lower(), set())
+    if len(relations) != 1:
+        return []
+    named = found.group(0).lower()
+    return [prompt[:found.start()] + label + prompt[found.end():]
+            for label in RELATIONS[next(iter(relations))] if label.lower() != named]

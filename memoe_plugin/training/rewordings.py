@@ -7,7 +7,7 @@ up to N rewordings of its prompt that the unedited model writes itself, so that 
 
 The model is asked through its chat template when it has one (:data:`ASK`), else it continues a few-shot prompt
 (:data:`FEW_SHOT`); both were written for this project, and nothing of an evaluation file is read. Several candidates
-are sampled per prompt (``rewording_samples``, seeded by ``seed``, without touching the global RNG), and one is kept
+are sampled per prompt (``ask_samples``, seeded by ``seed``, without touching the global RNG), and one is kept
 only when
 
 * it is one unfinished sentence that names the subject as the request writes it and does not hold the new answer,

@@ -36,6 +36,7 @@ class TrainReport:
     used_cached_activations: bool
     target_accuracy: float
     rewordings: int = 0            # prompts the model reworded for this call's edits (``rewordings``)
+    aliases: int = 0               # other subject names the model gave that open the guard (``aliases``)
 
 
 def train_experts(adapter, requests: list[dict], progress: bool = False,
