@@ -15,6 +15,7 @@ def test_cleaned_alias_keeps_short_names():
     assert cleaned_alias("Nippon.", JAPAN) == "Nippon"
     assert cleaned_alias('"Nippon"\nmore', JAPAN) == "Nippon"
     assert cleaned_alias("Another name for Japan is Nihon", JAPAN) == "Nihon"
+    assert cleaned_alias('Another name for "Japan": Nihon', JAPAN) == "Nihon"
 
 
 def test_cleaned_alias_drops_what_would_open_the_guard_too_widely_or_is_no_alias():

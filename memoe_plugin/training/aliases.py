@@ -33,7 +33,7 @@ _NAME = re.compile(r"[A-Z0-9]")
 def cleaned_alias(candidate: str, request: dict) -> Optional[str]:
     """The name ``candidate`` gives for the request's subject, or None when it is not a usable one."""
     text = candidate.strip().split("\n")[0].strip()
-    text = re.sub(r"^(another name for .*? is|it is also (known|called) as|also known as)\s+", "", text,
+    text = re.sub(r"^(another name for .*?(\bis\b|:)|it is also (known|called) as|also known as)\s*", "", text,
                   flags=re.IGNORECASE)
     text = text.strip().strip("\"'.,;:!").strip()
     subject, target = request.get("subject") or "", request["target_new"]
