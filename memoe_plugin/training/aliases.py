@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from .rewordings import agreeing, sample_candidates
+from .rewordings import agreeing, asking, sample_candidates
 
 ASK = "What is another name for \"{subject}\"? Reply with the name only."
 FEW_SHOT = ("Other names:\n"
@@ -46,10 +46,9 @@ def cleaned_alias(candidate: str, request: dict) -> Optional[str]:
 
 
 def asking_texts(tokenizer, subjects: list[str], chat: bool) -> list[str]:
-    if chat:
-        return [tokenizer.apply_chat_template([{"role": "user", "content": ASK.format(subject=s)}], tokenize=False,
-                                              add_generation_prompt=True) for s in subjects]
-    return [FEW_SHOT.format(subject=s) for s in subjects]
+    """What the model continues to name each subject otherwise: :data:`ASK` through its chat template, or
+    :data:`FEW_SHOT`."""
+    return asking(tokenizer, chat, ASK, FEW_SHOT, "subject", subjects)
 
 
 def model_aliases(model, tokenizer, requests: list[dict], count: int, samples: int, seed: int,

@@ -59,12 +59,18 @@ def _normal(text: str) -> str:
 
 
 def asking_texts(tokenizer, prompts: list[str], chat: bool) -> list[str]:
-    """What the model continues to reword each prompt: the request as a user turn of its chat template, or the
-    few-shot prompt."""
+    """What the model continues to reword each prompt: :data:`ASK` as a user turn of its chat template, or
+    :data:`FEW_SHOT`."""
+    return asking(tokenizer, chat, ASK, FEW_SHOT, "prompt", prompts)
+
+
+def asking(tokenizer, chat: bool, instruction: str, few_shot: str, field: str, values: list[str]) -> list[str]:
+    """For each value of ``field``: ``instruction`` as a user turn of the tokenizer's chat template (``chat``), ending
+    with its generation prompt, or else ``few_shot``, each with the value in place of ``{field}``."""
     if chat:
-        return [tokenizer.apply_chat_template([{"role": "user", "content": ASK.format(prompt=p)}], tokenize=False,
-                                              add_generation_prompt=True) for p in prompts]
-    return [FEW_SHOT.format(prompt=p) for p in prompts]
+        return [tokenizer.apply_chat_template([{"role": "user", "content": instruction.format(**{field: value})}],
+                                              tokenize=False, add_generation_prompt=True) for value in values]
+    return [few_shot.format(**{field: value}) for value in values]
 
 
 @torch.no_grad()
