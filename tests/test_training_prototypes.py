@@ -183,6 +183,28 @@ def test_a_made_anti_key_that_would_block_its_own_edit_is_left_out():
     assert building.blocks_own_keys(scope, subject, 5).tolist() == [False, False, False]   # an edit with no keys
 
 
+def test_a_made_anti_key_just_short_of_blocking_its_own_key_is_left_out_too(monkeypatch):
+    """A live input at the edit's answer position is its key only up to rounding (similarity 0.999, not 1): a made
+    anti-key that misses blocking the stored key by less than ``OWN_KEY_SLACK`` would block the live input (seen on a
+    tiny random Qwen with 16 generic subjects), so it is left out as well; one further off stays an anti-key."""
+    from memoe_plugin.routing.scope import KeyScope
+    dim = 16
+    key, side = torch.eye(dim)[0], torch.eye(dim)[1]
+    at = lambda cos: cos * key + (1 - cos ** 2) ** 0.5 * side   # noqa: E731 - unit vector at that cosine to the key
+    effects = torch.stack([at(0.899), key, at(0.5)]).unsqueeze(0)   # relations: near-boundary, the edit's own, far
+    scope = KeyScope(dim, threshold=0.0, anti_margin=-0.1)
+    scope.calibrate(torch.zeros(1, dim))
+    scope.set_prototypes(effects, torch.zeros(1, dim))
+    scope.add(key.unsqueeze(0), torch.tensor([0]))
+    subject = torch.zeros(dim)
+    assert building.blocks_own_keys(scope, subject, 0).tolist() == [True, True, False]
+    monkeypatch.setattr(building, "OWN_KEY_SLACK", 0.0)
+    assert building.blocks_own_keys(scope, subject, 0).tolist() == [False, True, False]   # what the slack adds
+    live = at(0.999)                                     # the key as a live input gives it
+    scope.add_subjects(subject.unsqueeze(0), torch.tensor([0]), torch.tensor([[False, True, False]]))
+    assert scope.match(live.unsqueeze(0)).blocked.tolist() == [True]   # without the slack: the edit's own input shut
+
+
 def test_made_anti_keys_are_cached_exactly_and_made_anew_when_their_inputs_change():
     """Generating token by token asks an edit's made anti-keys at every step: they are kept (the same numbers as
     made anew), and a new subject vector, new prototypes or a truncation make them again."""

@@ -100,16 +100,22 @@ def add_subject_vectors(adapter, requests: list[dict], first_edit: int, progress
                        torch.stack(skips).to(device))
 
 
+# A live input at an edit's own answer position is the stored key only up to the key's rounding (int8 or float16)
+# and the batch's padding: its similarity to the key is a little below 1. A made anti-key this close to the boundary
+# would block the position the edit was trained on (seen on a tiny random Qwen: 0.9001 against a boundary of 0.9)
+OWN_KEY_SLACK = 0.02
+
+
 def blocks_own_keys(scope, vector: torch.Tensor, edit: int) -> torch.Tensor:
     """[relations] (bool): the relations whose made anti-key (in any context) would block one of the edit's own
     keys, at the key itself (similarity 1): such a relation looks, at this layer and for this subject, like the
-    edit's own question, so the edit does not get it as an anti-key. (On SmolLM2 none does; on a random model,
-    whose layer inputs hardly depend on the relation, most would.)"""
+    edit's own question, so the edit does not get it as an anti-key (within :data:`OWN_KEY_SLACK` of blocking). (On
+    SmolLM2 none does; on a random model, whose layer inputs hardly depend on the relation, most would.)"""
     keys, relations = scope.keys_of(edit), scope.proto_effects.shape[1]
     if not keys.shape[0]:
         return torch.zeros(relations, dtype=torch.bool)
     made = vector.to(scope.proto_effects.device) + scope.proto_effects + scope.proto_offsets.unsqueeze(1)
     sims = scope.view(made.reshape(-1, made.shape[-1])).float() @ keys.to(made.device).t()     # [contexts*rels, keys]
-    near = (sims > 1.0 + scope.anti_margin).any(-1).reshape(-1, relations).any(0)
+    near = (sims > 1.0 + scope.anti_margin - OWN_KEY_SLACK).any(-1).reshape(-1, relations).any(0)
     return near.cpu()
 
