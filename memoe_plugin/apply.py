@@ -7,9 +7,8 @@ state before the first edit.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import copy as copy_module
+import dataclasses
 import random
 from typing import Callable
 
