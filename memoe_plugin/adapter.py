@@ -73,7 +73,8 @@ class MEMoEAdapter:
                                   anti_margin=hparams.scope_anti_margin,
                                   copy_similarity=hparams.scope_copy_similarity, storage=hparams.scope_storage,
                                   output_dim=projection_shape(self.base_module)[1] if hparams.scope_values else 0,
-                                  projection=hparams.scope_projection, seed=hparams.seed)
+                                  projection=hparams.scope_projection, seed=hparams.seed,
+                                  chat_reads_plain=self.template is not None and hparams.chat_first_token)
         if self.guard is not None or self.scope is not None:
             self.bypass.scope = ScopeVariant(self.scope, reads_block=self.scope_block is not None)
         if hparams.expert_routing == "key":

@@ -19,6 +19,7 @@ from .hparams import CONTEXT_PREFIXES, MEMoEHyperParams, structural_keys
 from .routing.relations import same_relation_rewordings
 from .adapter import MEMoEAdapter, get_adapter
 from .locate import resolve_module
+from .training.batches import ANSWER_TOKENS, repeats_answer
 from .training.trainer import train_experts
 
 # Settings that fix the adapter's shape: they must not change between sequential edits (the fields marked
@@ -115,7 +116,12 @@ def training_variants(requests: list[dict], hparams: MEMoEHyperParams, template=
         out += [dict(r, prompt=text) for r in requests
                 for text in same_relation_rewordings(r["prompt"], r.get("subject"))]
     if template is not None:
-        out += [dict(r, prompt=template.wrap(r["prompt"]), target_new=template.answer(r["target_new"])) for r in requests]
+        for r in requests:
+            wrapped = dict(r, prompt=template.wrap(r["prompt"]), target_new=template.answer(r["target_new"]))
+            # chat_answer first / shared: the reply's first token, where the reply repeats the raw answer's tokens
+            if hparams.chat_first_token and repeats_answer(template.tokenizer, r, wrapped):
+                wrapped[ANSWER_TOKENS] = 1
+            out.append(wrapped)
     return out
 
 

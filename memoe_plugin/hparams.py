@@ -29,6 +29,7 @@ EXPERT_ROUTINGS = ("gate", "key")
 SCOPE_ANTI_KEYS = ("none", "relation_bank", "prototypes")
 SCOPE_PROJECTIONS = ("leading", "random")
 CHAT_MODES = ("auto", "on", "off")
+CHAT_ANSWERS = ("all", "first")
 EVALUATION_TYPES = ("generate-text", "LLM-judge")   # EasyEdit's real-world evaluation (None: teacher forcing)
 # Neutral text put before edit prompts in training (context_prefixes); none holds an entity.
 CONTEXT_PREFIXES = ("Here is a fact.", "I read that", "Let me tell you something.", "To be precise,",
@@ -234,6 +235,19 @@ class MEMoEHyperParams:
         "`use_chat_template` (its user turn and the generation prompt, then the target), the template's own "
         "tokens never count as anchors, and the key scope decides a template token on the conversation's last "
         "token before it (see below). `off`: raw prompts only", structural=True)
+    chat_answer: Literal["all", "first"] = option("all",
+        "**extension**, with `chat`. How much of the chat reply trains in the chat context. `all`: the whole reply, "
+        "trained and keyed as EasyEdit scores it. `first`: only the reply's first token (the decision the generation "
+        "prompt takes); a token the assistant writes may then match the raw prompt's answer keys, so the reply's "
+        "later tokens get the raw answer's trained outputs without a training row or a key of their own (a reply "
+        "whose answer tokens differ from the raw answer's trains whole). About 1.8x the raw edit time instead of "
+        "2.6x and half the chat keys, but fewer replies hold the edit (docs/results.md \"Chat training's price\"). "
+        "`first` needs `scope_keys` with `scope_snap: 1`", structural=True)
+
+    @property
+    def chat_first_token(self) -> bool:
+        """``chat_answer: first``: does the chat copy of an edit train only the reply's first token?"""
+        return self.chat_answer == "first"
 
     # ------------------------------------------------------------------------
     @classmethod
@@ -343,6 +357,10 @@ class MEMoEHyperParams:
              "false unless scope_keys is true: stop keys are anti-keys of the key scope")
         need(self.scope_anti_probes >= 1, "scope_anti_probes", "an integer >= 1")
         need(self.chat in CHAT_MODES, "chat", f"one of {CHAT_MODES}")
+        need(self.chat_answer in CHAT_ANSWERS, "chat_answer", f"one of {CHAT_ANSWERS}")
+        need(self.chat_answer != "first" or (self.scope_keys and self.scope_snap == 1.0),
+             "chat_answer", "'all' unless scope_keys is true with scope_snap 1: with 'first' the reply's later tokens "
+             "are read through the raw answer's keys")
         need(self.chat != "off" or not self.use_chat_template, "chat",
              "'auto' or 'on' with use_chat_template: true (EasyEdit then asks every edit through the chat "
              "template, so MEMoE must train it there)")

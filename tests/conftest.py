@@ -1,6 +1,7 @@
 """Shared fixtures: a tokenizer trained in memory and tiny random GPT-2 / Llama models."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -154,3 +155,22 @@ def interrupted_and_straight(tokenizer, hp, calls, path):
     for name in tensors_a:
         assert torch.equal(tensors_a[name], tensors_b[name]), name
     return straight, resumed, path
+
+
+def rewrite(src: Path, dst: Path, change_document=None, change_tensors=None, change_metadata=None):
+    """Copy an adapter file, editing its JSON document / tensors / raw header metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(src), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    document = json.loads(metadata["memoe"])
+    if change_document:
+        change_document(document)
+    if change_tensors:
+        change_tensors(tensors, document)
+    metadata["memoe"] = json.dumps(document)
+    if change_metadata:
+        change_metadata(metadata)
+    save_file(tensors, str(dst), metadata=metadata)
+    return dst

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (EDITS, GPT2_TEMPLATE, assert_state_equal, interrupted_and_straight, make_hparams, state_copy,
-                      tiny_gpt2, tiny_llama)
+from conftest import (EDITS, GPT2_TEMPLATE, assert_state_equal, interrupted_and_straight, make_hparams, rewrite,
+                      state_copy, tiny_gpt2, tiny_llama)
 from memoe_plugin import apply_memoe_to_model, get_adapter, remove_memoe
 from memoe_plugin.persist import FORMAT_VERSION, load_adapter, read_adapter_metadata, save_adapter
 
@@ -36,25 +36,6 @@ def saved(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("adapter") / "adapter.safetensors"
     save_adapter(model, path)
     return path, logits(model, tokenizer)
-
-
-def rewrite(src: Path, dst: Path, change_document=None, change_tensors=None, change_metadata=None):
-    """Copy an adapter file, editing its JSON document / tensors / raw header metadata."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-    with safe_open(str(src), framework="pt") as handle:
-        metadata = dict(handle.metadata())
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    document = json.loads(metadata["memoe"])
-    if change_document:
-        change_document(document)
-    if change_tensors:
-        change_tensors(tensors, document)
-    metadata["memoe"] = json.dumps(document)
-    if change_metadata:
-        change_metadata(metadata)
-    save_file(tensors, str(dst), metadata=metadata)
-    return dst
 
 
 def assert_untouched(model, state):

@@ -6,6 +6,7 @@ from conftest import EDITS, make_hparams, tiny_llama
 from memoe_plugin import apply_memoe_to_model, get_adapter, remove_memoe
 from memoe_plugin.training.trainer import TrainingDivergedError
 from memoe_plugin.routing.scope import KeyScope
+from memoe_plugin.routing.template import IN_CHAT, PLAIN, TEMPLATE, USER
 
 MORE = [{"prompt": "Marie Curie was born in", "target_new": "Tokyo", "subject": "Marie Curie"},
         {"prompt": "The Eiffel Tower is located in", "target_new": "Rome", "subject": "Eiffel Tower"},
@@ -411,3 +412,16 @@ def test_a_projected_scope_keeps_subject_vectors_projected_and_makes_the_same_an
     made, _ = projected.anti_keys_of(0)
     wanted = projected.view(full.prototype_inputs(vector, 0))
     assert made.shape == (8, 16) and torch.allclose(made, wanted, atol=2e-3)
+
+
+@pytest.mark.parametrize("reads_plain", [False, True])
+def test_a_replys_token_matches_plain_keys_only_with_chat_reads_plain(reads_plain):
+    scope = KeyScope(4, threshold=0.5, chat_reads_plain=reads_plain)
+    scope.calibrate(torch.zeros(1, 4))
+    keys = torch.eye(4)[:3]
+    scope.add(keys, torch.tensor([0, 0, 1]), kind=torch.tensor([PLAIN, TEMPLATE, IN_CHAT]))
+    rows = torch.eye(4)[:3]
+    for kind, own in ((PLAIN, 0), (TEMPLATE, 1), (IN_CHAT, 2), (USER, None)):
+        found = scope.match(rows, kind=torch.full((3,), kind))
+        expected = [i == own or (reads_plain and kind == IN_CHAT and i == 0) for i in range(3)]
+        assert ((found.similarity >= scope.threshold) & (found.key == torch.arange(3))).tolist() == expected, kind

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CORPUS, EDITS, LLAMA_TEMPLATE, make_hparams
+from conftest import CORPUS, EDITS, LLAMA_TEMPLATE, make_hparams, rewrite
 
-from memoe_plugin import apply_memoe_to_model, get_adapter
+from memoe_plugin import apply_memoe_to_model, get_adapter, remove_memoe
 from memoe_plugin.apply import training_variants
 from memoe_plugin.assets.tiny import tiny_llama, train_chat_tokenizer
+from memoe_plugin.persist import load_adapter, save_adapter
 from memoe_plugin.routing.template import IN_CHAT, PLAIN, TEMPLATE, USER, ChatTemplate
+from memoe_plugin.training.batches import ANSWER_TOKENS, build_edit_batches, repeats_answer
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +85,52 @@ def test_the_templates_own_tokens_never_count_as_an_anchor(chat_tokenizer):
 
 
 def test_training_sees_each_edit_as_easyedit_asks_it_through_the_template(chat_tokenizer):
-    variants = training_variants(EDITS, chat_hparams(), ChatTemplate(chat_tokenizer))
+    variants = training_variants(EDITS, chat_hparams(chat_answer="all"), ChatTemplate(chat_tokenizer))
     assert variants[:len(EDITS)] == EDITS
     wrapped = variants[len(EDITS):]
     assert [v["prompt"] for v in wrapped] == [ChatTemplate(chat_tokenizer).wrap(e["prompt"]) for e in EDITS]
     assert [v["target_new"] for v in wrapped] == [e["target_new"] + "<|im_end|>" for e in EDITS]
+    assert not any(ANSWER_TOKENS in v for v in variants)
+
+
+@pytest.mark.parametrize("chat_answer, first", [("first", True), ("all", False)])
+def test_with_chat_answer_first_the_wrapped_copy_trains_the_replys_first_token_only(chat_tokenizer, chat_answer,
+                                                                                    first):
+    hp = chat_hparams(chat_answer=chat_answer)
+    variants = training_variants(EDITS, hp, ChatTemplate(chat_tokenizer))
+    wrapped = variants[len(EDITS):]
+    assert hp.chat_first_token is first
+    assert [v.get(ANSWER_TOKENS) for v in wrapped] == [1 if first else None] * len(EDITS)
+    batch = build_edit_batches(chat_tokenizer, variants, "cpu", max_buckets=1)[0]
+    rows = batch.indices.tolist()
+    targets = torch.bincount(batch.rows, minlength=len(rows)).tolist()
+    for row, index in enumerate(rows):
+        request = variants[index]
+        answer = len(chat_tokenizer(request["prompt"] + " " + request["target_new"])["input_ids"]) - len(
+            chat_tokenizer(request["prompt"])["input_ids"])
+        cut = index >= len(EDITS) and first
+        assert targets[row] == (1 if cut else answer)
+        assert bool(batch.complete[row]) is not cut
+
+
+def test_a_reply_is_cut_only_where_it_repeats_the_raw_answers_tokens(chat_tokenizer):
+    template = ChatTemplate(chat_tokenizer)
+    edit = EDITS[0]
+    reply = dict(edit, prompt=template.wrap(edit["prompt"]), target_new=template.answer(edit["target_new"]))
+    assert repeats_answer(chat_tokenizer, edit, reply)
+    assert not repeats_answer(chat_tokenizer, edit, dict(reply, target_new=template.answer("Lisbon and more")))
+    variants = training_variants([edit], chat_hparams(chat_answer="first"), template)
+    assert variants[-1][ANSWER_TOKENS] == 1
+
+
+def test_whole_replies_by_default_and_first_needs_the_key_scope_with_a_full_snap():
+    assert chat_hparams().chat_answer == "all" and not chat_hparams().chat_first_token
+    with pytest.raises(ValueError, match="chat_answer"):
+        make_hparams(LLAMA_TEMPLATE, chat="auto", chat_answer="first")
+    with pytest.raises(ValueError, match="chat_answer"):
+        chat_hparams(chat_answer="first", scope_snap=0.5)
+    with pytest.raises(ValueError, match="chat_answer"):
+        chat_hparams(chat_answer="some")
 
 
 def answered(model, tokenizer, prompt, target) -> bool:
@@ -99,18 +142,56 @@ def answered(model, tokenizer, prompt, target) -> bool:
     return got == full["input_ids"][0, n:].tolist()
 
 
-def test_an_edit_holds_asked_raw_and_through_the_template_and_the_base_model_comes_back(chat_tokenizer):
+@pytest.mark.parametrize("chat_answer", ["first", "all"])
+def test_an_edit_holds_asked_raw_and_through_the_template_and_the_base_model_comes_back(chat_tokenizer, chat_answer):
     model = tiny_llama(len(chat_tokenizer), seed=3)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
-    _, restore = apply_memoe_to_model(model, chat_tokenizer, EDITS, chat_hparams(scope_stop_keys=True))
+    _, restore = apply_memoe_to_model(model, chat_tokenizer, EDITS, chat_hparams(scope_stop_keys=True,
+                                                                                 chat_answer=chat_answer))
     adapter = get_adapter(model)
-    kinds = adapter.scope.key_kind.tolist()
-    assert {PLAIN, TEMPLATE, IN_CHAT} <= set(kinds)      # raw keys, the generation prompt's, the reply's
+    kinds = set(adapter.scope.key_kind.tolist())
+    per_edit = torch.bincount(adapter.scope.edit_ids).tolist()
+    answers = [len(chat_tokenizer(e["prompt"] + " " + e["target_new"])["input_ids"])
+               - len(chat_tokenizer(e["prompt"])["input_ids"]) for e in EDITS]
+    if chat_answer == "first":
+        assert kinds == {PLAIN, TEMPLATE}               # the reply reads the raw answer's keys
+        assert per_edit == [n + 1 for n in answers]     # one key per raw answer token, one at the generation prompt
+    else:
+        assert kinds == {PLAIN, TEMPLATE, IN_CHAT}      # raw keys, the generation prompt's, the reply's
+        assert per_edit == [2 * n + 1 for n in answers]  # the reply's answer tokens and its turn's end too
+    # one stop key per edit, after the raw answer: a reply cut after its first token is no answer's end
+    assert adapter.scope.anti_keys.shape[0] == len(EDITS)
     for edit in EDITS:
         assert answered(model, chat_tokenizer, edit["prompt"], edit["target_new"]), edit
         assert answered(model, chat_tokenizer, adapter.template.wrap(edit["prompt"]), edit["target_new"]), edit
+    if chat_answer == "first":   # the reply's tokens after the first act through the raw answer's keys
+        edit = EDITS[0]
+        wrapped = adapter.template.wrap(edit["prompt"])
+        full = chat_tokenizer(wrapped + " " + edit["target_new"], return_tensors="pt")
+        n = len(chat_tokenizer(wrapped)["input_ids"])
+        found = adapter.scope.match(capture_inputs(adapter, full), kind=adapter.routing_features(
+            full["input_ids"], full["attention_mask"]).kind)
+        reply = slice(n, full["input_ids"].shape[1] - 1)   # positions predicting the reply's second token on
+        later = found.key[0, reply]
+        assert len(later) and bool((later >= 0).all())
+        assert bool((found.similarity[0, reply] >= adapter.scope.threshold).all())
+        assert set(adapter.scope.key_kind[later].tolist()) == {PLAIN}
+        assert set(adapter.scope.edit_ids[later].tolist()) == {0}
     restore()
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
+def capture_inputs(adapter, inputs):
+    """The bypass input of one model call (the unedited model's: the adapter's layer reads what the layers below
+    give)."""
+    seen = []
+    handle = adapter.base_module.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            adapter.model(**inputs)
+    finally:
+        handle.remove()
+    return seen[0]
 
 
 def test_the_position_after_the_answer_goes_back_to_the_base_model(chat_tokenizer):
@@ -157,3 +238,19 @@ def test_a_system_prompt_or_an_earlier_turn_in_front_does_not_close_the_scope(ch
         model(**chat_tokenizer(other, return_tensors="pt", add_special_tokens=False))
     assert (outputs[-1].routing[0, :, 0] < 0).all()                       # a question about nothing edited: silent
     restore()
+
+
+def test_a_saved_chat_adapter_reads_replies_as_it_was_trained_and_an_older_file_as_whole_replies(chat_tokenizer,
+                                                                                               tmp_path):
+    model = tiny_llama(len(chat_tokenizer), seed=3)
+    apply_memoe_to_model(model, chat_tokenizer, EDITS[:2], chat_hparams(steps=5, chat_answer="first"))
+    assert get_adapter(model).scope.chat_reads_plain
+    path = save_adapter(model, tmp_path / "first.safetensors")
+    remove_memoe(model)
+    assert load_adapter(model, chat_tokenizer, path).scope.chat_reads_plain
+    remove_memoe(model)
+    older = rewrite(path, tmp_path / "older.safetensors",
+                    change_document=lambda document: document["hparams"].pop("chat_answer"))
+    adapter = load_adapter(model, chat_tokenizer, older)
+    assert adapter.hparams.chat_answer == "all" and not adapter.scope.chat_reads_plain
+    remove_memoe(model)

@@ -208,3 +208,4 @@ def test_the_half_precision_check_still_refuses_a_shortcut_that_computes_another
         assert shortcut_agrees(reference, reference + 0.01 * reference.abs().max(), untouched, dtype)[0] == (
             dtype != torch.float32)                                    # rounding: fine in half precision only
         assert not shortcut_agrees(reference, reference * 0.2, untouched, dtype)[0]
+

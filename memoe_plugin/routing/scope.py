@@ -43,6 +43,7 @@ from torch import nn
 
 from .lru import LRU
 from .rows import STORAGE_DTYPES, EditIndex, pack_rows, unpack_rows  # noqa: F401 (re-exported)
+from .template import IN_CHAT, PLAIN
 
 NO_FLOOR = -2.0     # an anti-key whose floor is below every cosine: nearness alone counts, by ``anti_margin``
 MADE_CACHE_SIZE = 32   # subject vectors whose made anti-keys are kept (2 x 64 x 1,536 floats: 786 KB each on SmolLM2)
@@ -69,7 +70,7 @@ class KeyScope(nn.Module):
 
     def __init__(self, dim: int, threshold: float, device=None, snap: float = 0.0, input_dim: Optional[int] = None,
                  rank: int = 0, anti_margin: float = 0.0, copy_similarity: float = 1.0, storage: str = "float16",
-                 output_dim: int = 0, projection: str = "leading", seed: int = 0):
+                 output_dim: int = 0, projection: str = "leading", seed: int = 0, chat_reads_plain: bool = False):
         super().__init__()
         if storage not in STORAGE_DTYPES:
             raise ValueError(f"scope storage {storage!r}: use one of {sorted(STORAGE_DTYPES)}")
@@ -78,6 +79,9 @@ class KeyScope(nn.Module):
         rank = min(rank, dim)   # a rank above the width would only pad the views with zeros
         self.threshold, self.snap, self.rank = threshold, snap, rank
         self.anti_margin, self.copy_similarity = anti_margin, copy_similarity
+        # ``chat_answer: first``: a position the assistant writes (IN_CHAT) also matches plain-text keys, so a reply's
+        # later tokens read the raw answer's keys (only the reply's first token is trained in the chat context)
+        self.chat_reads_plain = chat_reads_plain
         view = rank or dim
         self.register_buffer("center", torch.zeros(dim, device=device))
         self.register_buffer("basis", torch.zeros(dim, rank, device=device))      # used when rank > 0
@@ -331,7 +335,7 @@ class KeyScope(nn.Module):
         row_kinds = (torch.zeros(flat.shape[0], dtype=torch.int8, device=flat.device) if kind is None
                      else kind.reshape(-1).to(flat.device, torch.int8))
         if bool(kinds.any()) or bool(row_kinds.any()):
-            sims = sims.masked_fill(row_kinds.unsqueeze(-1) != kinds.to(flat.device).unsqueeze(0), -1.0)
+            sims = sims.masked_fill(~self.kinds_match(row_kinds, kinds.to(flat.device)), -1.0)
         if allowed is not None:   # the column of each key's edit (every key here has one: rows_of chose them)
             sims = sims.masked_fill(~allowed[:, torch.searchsorted(sight, ids)], -1.0)
         best, index = sims.max(dim=-1)
@@ -342,6 +346,14 @@ class KeyScope(nn.Module):
         blocked = self._blocked(flat, best, edit)
         return Match(best.reshape(shape), edit.reshape(shape), index.masked_fill(none, -1).reshape(shape),
                      blocked.reshape(shape))
+
+    def kinds_match(self, row_kinds: torch.Tensor, key_kinds: torch.Tensor) -> torch.Tensor:
+        """[rows, keys] (bool): which keys a row of each kind may match: keys of its own kind, and (``chat_reads_plain``)
+        a reply's token also plain-text keys."""
+        same = row_kinds.unsqueeze(-1) == key_kinds.unsqueeze(0)
+        if self.chat_reads_plain:
+            same |= (row_kinds == IN_CHAT).unsqueeze(-1) & (key_kinds == PLAIN).unsqueeze(0)
+        return same
 
     def _blocked(self, flat: torch.Tensor, best: torch.Tensor, edit: torch.Tensor, chunk: int = 256) -> torch.Tensor:
         """Rows in reach of their key (similarity >= threshold) that are nearer one of their edit's anti-keys than

@@ -6,10 +6,16 @@ what is trained is what is scored.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+
+# A request key: train only this many of the answer's first tokens (the row ends after them). The chat-wrapped copy
+# of an edit (``chat_answer: first``) trains the reply's first token; the raw prompt's keys read the rest.
+ANSWER_TOKENS = "_answer_tokens"
 
 
 @dataclass
@@ -21,6 +27,8 @@ class EditBatch:
     targets: torch.Tensor          # the target token ids
     indices: torch.Tensor          # row r is request indices[r] of the list the batches were built from
     position_ids: torch.Tensor     # [batch, seq]: each row's own token positions (0 at its first real token)
+    complete: torch.Tensor         # [batch] bool: the row holds its whole answer (not only its first tokens:
+                                   # ``ANSWER_TOKENS``), so the answer ends in it
 
     def model_inputs(self, start: int = 0, stop: Optional[int] = None) -> dict:
         """Keyword arguments of a model call on columns ``start:stop``: the ids, the attention mask of columns
@@ -35,8 +43,11 @@ def build_edit_batches(tokenizer, requests: list[dict], device, max_buckets: int
     """Requests sorted by length into up to ``max_buckets`` batches, to pad (and compute) less, and into more
     where a bucket would hold over ``micro_batch`` requests (0: no bound): training runs one bucket's graph at a
     time (``train_micro_batch``), so the bound caps its memory."""
-    lengths = [len(tokenizer(r["prompt"] + " " + r["target_new"])["input_ids"]) for r in requests]
-    answers = [length - len(tokenizer(r["prompt"])["input_ids"]) for r, length in zip(requests, lengths)]
+    lengths, answers = [], []
+    for request in requests:
+        full, prompt_len, _ = tokenized(tokenizer, request)
+        lengths.append(len(full))
+        answers.append(len(full) - prompt_len)
     # rows are left-padded, and the layers above the adapter run from a bucket's first column where the bypass
     # acts, which the longest answer sets: rows with answers of one length train together
     order = sorted(range(len(requests)), key=lambda i: (answers[i], lengths[i]))
@@ -52,15 +63,12 @@ def build_edit_batch(tokenizer, requests: list[dict], device, indices=None) -> E
     """Tokenise ``prompt + ' ' + target_new`` as EasyEdit's scoring does; left-pad, so that the answers of all rows
     sit in the last columns (training runs the layers above the adapter only from the first column where the bypass
     acts in some row: ``fast_path``)."""
-    sequences, prompt_lengths, rows, positions, targets = [], [], [], [], []
+    sequences, prompt_lengths, rows, positions, targets, complete = [], [], [], [], [], []
     for request in requests:
-        prompt, target = request["prompt"], request["target_new"]
-        full = tokenizer(prompt + " " + target)["input_ids"]
-        prompt_len = len(tokenizer(prompt)["input_ids"])
-        if len(full) <= prompt_len:
-            raise ValueError(f"target_new {target!r} adds no tokens after prompt {prompt!r}")
+        full, prompt_len, whole = tokenized(tokenizer, request)
         sequences.append(full)
         prompt_lengths.append(prompt_len)
+        complete.append(whole)
     width = max(len(s) for s in sequences)
     for row, (full, prompt_len) in enumerate(zip(sequences, prompt_lengths)):
         pad = width - len(full)
@@ -73,7 +81,43 @@ def build_edit_batch(tokenizer, requests: list[dict], device, indices=None) -> E
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     return EditBatch(input_ids.to(device), attention_mask.to(device), as_long(rows), as_long(positions),
                      as_long(targets), as_long(list(range(len(requests))) if indices is None else list(indices)),
-                     position_ids.to(device))
+                     position_ids.to(device), torch.tensor(complete, dtype=torch.bool, device=device))
+
+
+def without_the_last_column(batch: EditBatch) -> EditBatch:
+    """``batch`` without its last column, where no row predicts a target (each row's last token is the last target
+    itself): under causal attention every target's logits are the same without it, and training runs one column
+    less through the layers above the adapter."""
+    last = int(batch.positions.max()) + 1
+    if last >= batch.input_ids.shape[1]:
+        return batch
+    return dataclasses.replace(batch, input_ids=batch.input_ids[:, :last], attention_mask=batch.attention_mask[:, :last],
+                               position_ids=batch.position_ids[:, :last])
+
+
+def tokenized(tokenizer, request: dict) -> tuple[list[int], int, bool]:
+    """The ids of ``prompt + ' ' + target_new`` as EasyEdit's scoring tokenises them (cut after the first
+    ``request[ANSWER_TOKENS]`` answer tokens when it is set), how many of them are the prompt's, and whether the
+    whole answer is in them."""
+    prompt, target = request["prompt"], request["target_new"]
+    full = tokenizer(prompt + " " + target)["input_ids"]
+    prompt_len = len(tokenizer(prompt)["input_ids"])
+    if len(full) <= prompt_len:
+        raise ValueError(f"target_new {target!r} adds no tokens after prompt {prompt!r}")
+    kept = request.get(ANSWER_TOKENS)
+    if kept is not None and prompt_len + kept < len(full):
+        return full[:prompt_len + kept], prompt_len, False
+    return full, prompt_len, True
+
+
+def repeats_answer(tokenizer, raw: dict, reply: dict) -> bool:
+    """Do the answer tokens of ``reply`` (a chat-wrapped copy) start with those of ``raw`` (the prompt as it is)? A
+    template can tokenise the answer's first word otherwise after its generation prompt; then the raw answer's keys
+    are not the reply's."""
+    raw_ids, raw_len, _ = tokenized(tokenizer, raw)
+    reply_ids, reply_len, _ = tokenized(tokenizer, reply)
+    answer = raw_ids[raw_len:]
+    return reply_ids[reply_len:reply_len + len(answer)] == answer
 
 
 def padded(tokenizer, sequences: list[list[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

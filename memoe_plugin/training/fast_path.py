@@ -12,6 +12,7 @@ projection's output is not added straight to the residual stream).
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 import weakref
 from typing import Optional
@@ -22,8 +23,8 @@ from torch import nn
 from ..compat import CacheNotFollowedError, cache_argument_name, last_logits_only, output_cache
 from ..routing.inputs import RoutingInputs
 from ..variants.scope import Selection
-from .batches import EditBatch
-from .capture import capture_bypass, run_to_stage
+from .batches import EditBatch, without_the_last_column
+from .capture import BypassCall, capture_bypass, run_to_stage
 
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
 # model -> {(wrapped module, dtype): {"prefix" / "plain": whether that shortcut agreed with a full pass}}
@@ -299,8 +300,19 @@ def bucket_logits_functions(adapter, batches: list[EditBatch], known: Optional[l
     Training calls them one at a time and backpropagates each before the next, so one bucket's graph is
     held at a time (``train_micro_batch``)."""
     known = known or [None] * len(batches)
-    functions = [_logits_function(adapter, batch, call) for batch, call in zip(batches, known)]
+    functions = [_logits_function(adapter, *_trimmed(batch, call)) for batch, call in zip(batches, known)]
     return [function for function, _ in functions], all(cached for _, cached in functions)
+
+
+def _trimmed(batch: EditBatch, call=None):
+    """``batch`` and its bypass call without the last column, which predicts no target (``without_the_last_column``)."""
+    short = without_the_last_column(batch)
+    width = short.input_ids.shape[1]
+    if call is None or width == batch.input_ids.shape[1]:
+        return short, call
+    routing = copy.copy(call.routing)
+    routing.states = None if call.states is None else call.states[:, :width]
+    return short, BypassCall(call.x[:, :width], routing)
 
 
 def target_logits_function(adapter, batches: list[EditBatch]):

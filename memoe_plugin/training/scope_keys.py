@@ -45,7 +45,7 @@ def register_keys(adapter, batches: list[EditBatch], requests: list[dict], first
         if adapter.hparams.scope_stop_keys:   # the answer's last token: where the edit has said all it has to say
             last = torch.full((batch.input_ids.shape[0],), -1, dtype=torch.long, device=rows.device)
             last.scatter_reduce_(0, batch.rows, batch.positions + 1, reduce="amax")
-            kept = last >= 0
+            kept = (last >= 0) & batch.complete   # a row cut after its first answer tokens goes on in use
             ends = adapter.template.turn_end_id if adapter.template is not None else None
             if ends is not None:   # an answer that closes the assistant's turn ends the reply: nothing follows it
                 kept &= batch.input_ids[torch.arange(len(last), device=last.device), last.clamp_min(0)] != ends
