@@ -175,34 +175,44 @@ def test_a_made_anti_key_that_would_block_its_own_edit_is_left_out():
     scope.set_prototypes(effects, torch.zeros(1, dim))
     own = subject + effects[0, 1]
     scope.add(own.unsqueeze(0), torch.tensor([0]))
-    near = building.blocks_own_keys(scope, subject, 0)
+    near = building.blocks_own_keys(scope, subject, 0, own.unsqueeze(0))
     assert near.tolist() == [False, True, True]                 # its own relation and its look-alike
     scope.add_subjects(subject.unsqueeze(0), torch.tensor([0]), near.unsqueeze(0))
     found = scope.match(torch.stack([own, subject + effects[0, 0]]))
     assert found.blocked.tolist() == [False, True]
-    assert building.blocks_own_keys(scope, subject, 5).tolist() == [False, False, False]   # an edit with no keys
+    assert building.blocks_own_keys(scope, subject, 5, own.unsqueeze(0)).tolist() == [False] * 3  # no keys
+    assert building.blocks_own_keys(scope, subject, 0, None).tolist() == [False] * 3   # no position seen
 
 
-def test_a_made_anti_key_just_short_of_blocking_its_own_key_is_left_out_too(monkeypatch):
-    """A live input at the edit's answer position is its key only up to rounding (similarity 0.999, not 1): a made
-    anti-key that misses blocking the stored key by less than ``OWN_KEY_SLACK`` would block the live input (seen on a
-    tiny random Qwen with 16 generic subjects), so it is left out as well; one further off stays an anti-key."""
+@pytest.mark.parametrize("storage", ["float16", "int8"])
+def test_the_check_reads_the_live_position_against_the_stored_key_as_the_scope_does(storage):
+    """A live input at the edit's answer position is its stored key only up to the key's rounding: the check compares
+    the live position with the stored key and with the anti-key made from the subject vector as kept, exactly as
+    the scope decides in use, so a made anti-key is left out exactly when it would shut the edit's own position
+    (seen on a tiny random Qwen: 0.0005 short of blocking the stored key, it blocked the live position)."""
     from memoe_plugin.routing.scope import KeyScope
-    dim = 16
-    key, side = torch.eye(dim)[0], torch.eye(dim)[1]
-    at = lambda cos: cos * key + (1 - cos ** 2) ** 0.5 * side   # noqa: E731 - unit vector at that cosine to the key
-    effects = torch.stack([at(0.899), key, at(0.5)]).unsqueeze(0)   # relations: near-boundary, the edit's own, far
-    scope = KeyScope(dim, threshold=0.0, anti_margin=-0.1)
+    torch.manual_seed(0)
+    dim, relations = 64, 24
+    live = torch.randn(3, dim)                                   # the edit's key positions as the scope read them
+    subject = torch.randn(dim) * 0.3
+    # relations whose made anti-key lands at about the margin's distance from the first position, either side
+    effects = torch.stack([live[0] - subject + spread * torch.randn(dim)
+                           for spread in torch.linspace(0.3, 0.7, relations)]).unsqueeze(0)
+    scope = KeyScope(dim, threshold=0.0, anti_margin=-0.1, storage=storage)
     scope.calibrate(torch.zeros(1, dim))
     scope.set_prototypes(effects, torch.zeros(1, dim))
-    scope.add(key.unsqueeze(0), torch.tensor([0]))
-    subject = torch.zeros(dim)
-    assert building.blocks_own_keys(scope, subject, 0).tolist() == [True, True, False]
-    monkeypatch.setattr(building, "OWN_KEY_SLACK", 0.0)
-    assert building.blocks_own_keys(scope, subject, 0).tolist() == [False, True, False]   # what the slack adds
-    live = at(0.999)                                     # the key as a live input gives it
-    scope.add_subjects(subject.unsqueeze(0), torch.tensor([0]), torch.tensor([[False, True, False]]))
-    assert scope.match(live.unsqueeze(0)).blocked.tolist() == [True]   # without the slack: the edit's own input shut
+    scope.add(live, torch.tensor([0, 0, 0]))
+    near = building.blocks_own_keys(scope, subject, 0, live)
+    assert 0 < int(near.sum()) < relations                       # both kinds occur: the case is a real test
+    for r in range(relations):                                   # each relation kept alone as the edit's anti-key
+        skip = torch.ones(1, relations, dtype=torch.bool)
+        skip[0, r] = False
+        probe = KeyScope(dim, threshold=0.0, anti_margin=-0.1, storage=storage)
+        probe.calibrate(torch.zeros(1, dim))
+        probe.set_prototypes(effects, torch.zeros(1, dim))
+        probe.add(live, torch.tensor([0, 0, 0]))
+        probe.add_subjects(subject.unsqueeze(0), torch.tensor([0]), skip)
+        assert bool(probe.match(live).blocked.any()) == bool(near[r]), r
 
 
 def test_made_anti_keys_are_cached_exactly_and_made_anew_when_their_inputs_change():

@@ -140,13 +140,7 @@ class KeyScope(nn.Module):
         made = self._made.lookup(key)
         if made is None:
             subject = self.rows("subjects", torch.tensor([row]), torch.float32)[0]
-            if not self.rank:
-                made = self.view(self.prototype_inputs(subject, row))
-            else:   # the view is linear up to its norm: (s + e + o - c) B = s B + (e + o - c) B, s kept as s B
-                skip = self.subject_skip[row].to(self.proto_effects.device)
-                rest = (self.proto_effects + self.proto_offsets.unsqueeze(1) - self.center) @ self.basis
-                made = subject.to(rest.device) + rest[:, ~skip[:rest.shape[1]]].reshape(-1, rest.shape[-1])
-                made = made / made.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            made = self.made_views(subject, self.subject_skip[row])
             made = self._made.store(key, made)
         return made
 
@@ -402,9 +396,30 @@ class KeyScope(nn.Module):
     def prototype_inputs(self, subject: torch.Tensor, row: int) -> torch.Tensor:
         """The synthetic anti-key inputs of subject vector ``row``: the subject plus each relation's effect it does
         not ask, in each context, shifted by the context's offset (``routing.prototypes``)."""
-        skip = self.subject_skip[row].to(self.proto_effects.device)
+        return self._made_inputs(subject, self.subject_skip[row])
+
+    def _made_inputs(self, subject: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        skip = skip.to(self.proto_effects.device)
         effects = self.proto_effects[:, ~skip[:self.proto_effects.shape[1]]]
         return (subject.to(effects.device) + effects + self.proto_offsets.unsqueeze(1)).reshape(-1, subject.shape[-1])
+
+    def made_views(self, subject: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """The unit views of the anti-keys made from ``subject`` (a subject vector as kept: projected with ``rank``)
+        for each relation not in ``skip`` [relations] (bool), in each context: what :meth:`anti_keys_of` compares."""
+        if not self.rank:
+            return self.view(self._made_inputs(subject, skip))
+        # the view is linear up to its norm: (s + e + o - c) B = s B + (e + o - c) B, s kept as s B
+        skip = skip.to(self.proto_effects.device)
+        rest = (self.proto_effects + self.proto_offsets.unsqueeze(1) - self.center) @ self.basis
+        made = subject.to(rest.device) + rest[:, ~skip[:rest.shape[1]]].reshape(-1, rest.shape[-1])
+        return made / made.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+    def kept_subject(self, vector: torch.Tensor) -> torch.Tensor:
+        """A subject vector as :meth:`add_subjects` keeps it (projected with ``rank``, rounded to the storage), read
+        back: what its made anti-keys will be made from."""
+        row = vector.float().to(self.basis.device)
+        row = row @ self.basis if self.rank else row
+        return unpack_rows(*pack_rows(row.unsqueeze(0), self.subjects.dtype))[0]
 
     def snap_inputs(self, x: torch.Tensor, key: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """``x`` [..., input_dim] with the rows at ``where`` moved the share ``snap`` of the way to the raw input

@@ -3,6 +3,8 @@ edit's subject vector (``routing.prototypes`` has the method)."""
 from __future__ import annotations
 
 import warnings
+from typing import Optional
+
 import torch
 
 from ..persist.identity import config_fingerprint, tensor_sha256
@@ -59,9 +61,11 @@ def build_prototypes(adapter, identity: dict, progress: bool = False) -> Relatio
 
 
 @torch.no_grad()
-def add_subject_vectors(adapter, requests: list[dict], first_edit: int, progress: bool = False) -> None:
+def add_subject_vectors(adapter, requests: list[dict], first_edit: int, progress: bool = False,
+                        seen: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
     """The subject vector of each new edit of the call (each once; replayed edits have theirs), from its first
-    ``scope_anti_probes`` cloze prompts about relations it does not ask."""
+    ``scope_anti_probes`` cloze prompts about relations it does not ask. ``seen``: what the scope read at the call's
+    key positions and their edit ids (``blocks_own_keys``)."""
     from .scope_keys import subject_of
     scope, hp = adapter.scope, adapter.hparams
     if not scope.has_prototypes:
@@ -95,27 +99,27 @@ def add_subject_vectors(adapter, requests: list[dict], first_edit: int, progress
         vectors.append((inputs - effects[torch.tensor(relations, device=effects.device)].to(inputs.device)).mean(0))
         at += len(relations)
     device = scope.center.device
-    skips = [skip | blocks_own_keys(scope, vector, edit) for vector, skip, edit in zip(vectors, skips, edits)]
+    skips = [skip | blocks_own_keys(scope, vector, edit, None if seen is None else seen[0][seen[1] == edit])
+             for vector, skip, edit in zip(vectors, skips, edits)]
     scope.add_subjects(torch.stack(vectors).to(device), torch.tensor(edits, dtype=torch.long, device=device),
                        torch.stack(skips).to(device))
 
 
-# A live input at an edit's own answer position is the stored key only up to the key's rounding (int8 or float16)
-# and the batch's padding: its similarity to the key is a little below 1. A made anti-key this close to the boundary
-# would block the position the edit was trained on (seen on a tiny random Qwen: 0.9001 against a boundary of 0.9)
-OWN_KEY_SLACK = 0.02
-
-
-def blocks_own_keys(scope, vector: torch.Tensor, edit: int) -> torch.Tensor:
-    """[relations] (bool): the relations whose made anti-key (in any context) would block one of the edit's own
-    keys, at the key itself (similarity 1): such a relation looks, at this layer and for this subject, like the
-    edit's own question, so the edit does not get it as an anti-key (within :data:`OWN_KEY_SLACK` of blocking). (On
-    SmolLM2 none does; on a random model, whose layer inputs hardly depend on the relation, most would.)"""
+def blocks_own_keys(scope, vector: torch.Tensor, edit: int, positions: Optional[torch.Tensor]) -> torch.Tensor:
+    """[relations] (bool): the relations whose made anti-key (in any context) would block one of the positions the
+    edit was trained on (``positions``: what the scope read there), as the scope decides in use: the anti-key made
+    from the subject vector as it is kept, nearer the position than the stored key it matches by more than
+    ``anti_margin``. Such a relation looks, at this layer and for this subject, like the edit's own question, so the
+    edit does not get it as an anti-key. (On SmolLM2 none does; on a random model, whose layer inputs hardly depend
+    on the relation, most would.) The stored key is the position's view only up to its rounding: on a tiny random
+    Qwen a made anti-key 0.0005 short of blocking the stored key blocked the live position."""
     keys, relations = scope.keys_of(edit), scope.proto_effects.shape[1]
-    if not keys.shape[0]:
+    if not keys.shape[0] or positions is None or not positions.shape[0]:
         return torch.zeros(relations, dtype=torch.bool)
-    made = vector.to(scope.proto_effects.device) + scope.proto_effects + scope.proto_offsets.unsqueeze(1)
-    sims = scope.view(made.reshape(-1, made.shape[-1])).float() @ keys.to(made.device).t()     # [contexts*rels, keys]
-    near = (sims > 1.0 + scope.anti_margin - OWN_KEY_SLACK).any(-1).reshape(-1, relations).any(0)
+    made = scope.made_views(scope.kept_subject(vector), torch.zeros(relations, dtype=torch.bool))
+    seen = scope.view(positions)                                                    # [positions, view]
+    own = (seen @ keys.to(seen.device).t()).max(-1).values                         # the key each position matches
+    sims = seen @ made.to(seen.device).t()                                          # [positions, contexts*rels]
+    near = (sims > own.unsqueeze(-1) + scope.anti_margin).any(0).reshape(-1, relations).any(0)
     return near.cpu()
 

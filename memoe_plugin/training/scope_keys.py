@@ -31,7 +31,7 @@ def register_keys(adapter, batches: list[EditBatch], requests: list[dict], first
         # and the chat template's own tokens (a system turn) are no edit's
         scope.calibrate(torch.cat([view[own_tokens(b, call)].float() for view, b, call
                                    in zip(views, batches, record.bypass)]))
-    stops, stop_ids = [], []
+    stops, stop_ids, seen = [], [], []   # seen: what the scope reads at each key's own position, and its edit
     for call, view, batch in zip(record.bypass, views, batches):
         rows, positions = key_positions(adapter, batch, call)
         # at a chat template token the scope reads the conversation's last token before it (routing.source)
@@ -42,6 +42,7 @@ def register_keys(adapter, batches: list[EditBatch], requests: list[dict], first
                            dtype=torch.long, device=rows.device)
         kind = None if call.routing.kind is None else call.routing.kind[rows, positions]
         scope.add(view[rows, read], ids[rows], inputs=call.x[rows, positions], kind=kind)
+        seen.append((view[rows, read], ids[rows]))
         if adapter.hparams.scope_stop_keys:   # the answer's last token: where the edit has said all it has to say
             last = torch.full((batch.input_ids.shape[0],), -1, dtype=torch.long, device=rows.device)
             last.scatter_reduce_(0, batch.rows, batch.positions + 1, reduce="amax")
@@ -58,7 +59,8 @@ def register_keys(adapter, batches: list[EditBatch], requests: list[dict], first
         scope.add_anti_keys(anti, anti_ids, floors)
     if adapter.hparams.scope_anti_keys == "prototypes":
         from .prototypes import add_subject_vectors
-        add_subject_vectors(adapter, requests, first_edit, progress)
+        add_subject_vectors(adapter, requests, first_edit, progress,
+                            (torch.cat([v for v, _ in seen]), torch.cat([i for _, i in seen])) if seen else None)
     return record.bypass
 
 
