@@ -118,7 +118,7 @@ def training_variants(requests: list[dict], hparams: MEMoEHyperParams, template=
     if template is not None:
         for r in requests:
             wrapped = dict(r, prompt=template.wrap(r["prompt"]), target_new=template.answer(r["target_new"]))
-            # chat_answer first / shared: the reply's first token, where the reply repeats the raw answer's tokens
+            # chat_answer first: the reply's first token, where the reply repeats the raw answer's tokens
             if hparams.chat_first_token and repeats_answer(template.tokenizer, r, wrapped):
                 wrapped[ANSWER_TOKENS] = 1
             out.append(wrapped)

@@ -342,8 +342,8 @@ class KeyScope(nn.Module):
                      blocked.reshape(shape))
 
     def kinds_match(self, row_kinds: torch.Tensor, key_kinds: torch.Tensor) -> torch.Tensor:
-        """[rows, keys] (bool): which keys a row of each kind may match: keys of its own kind, and (``chat_reads_plain``)
-        a reply's token also plain-text keys."""
+        """[rows, keys] (bool): which keys a row of each kind may match: keys of its own kind, and
+        (``chat_reads_plain``) a reply's token also plain-text keys."""
         same = row_kinds.unsqueeze(-1) == key_kinds.unsqueeze(0)
         if self.chat_reads_plain:
             same |= (row_kinds == IN_CHAT).unsqueeze(-1) & (key_kinds == PLAIN).unsqueeze(0)

@@ -91,8 +91,8 @@ def without_the_last_column(batch: EditBatch) -> EditBatch:
     last = int(batch.positions.max()) + 1
     if last >= batch.input_ids.shape[1]:
         return batch
-    return dataclasses.replace(batch, input_ids=batch.input_ids[:, :last], attention_mask=batch.attention_mask[:, :last],
-                               position_ids=batch.position_ids[:, :last])
+    return dataclasses.replace(batch, input_ids=batch.input_ids[:, :last],
+                               attention_mask=batch.attention_mask[:, :last], position_ids=batch.position_ids[:, :last])
 
 
 def tokenized(tokenizer, request: dict) -> tuple[list[int], int, bool]:
