@@ -109,15 +109,20 @@ def test_rows_routed_once_per_call_give_what_routing_every_step_gives(tokenizer,
         now = bypass.mixture(memory.x[routes.rows].float().unsqueeze(0)).delta[0]
         expected = (now - old).pow(2).sum(-1).mean() / old.pow(2).sum(-1).mean()
     assert cached.item() > 0 and torch.allclose(cached, expected, rtol=1e-5), (cached, expected)
-    calls, stored, learning = [], len(memory), len(memory.rows_on(bypass, [1]))
+    calls, stored = [], len(memory)
     real = type(bypass.scope.keys).match
     monkeypatch.setattr(type(bypass.scope.keys), "match", lambda self, x, allowed=None, sight=None, kind=None:
-                        calls.append(tuple(x.shape)) or real(self, x, allowed, sight))
+                        calls.append(x.detach().clone()) or real(self, x, allowed, sight))
+    kept = memory.x.float().clone()
     more = {"prompt": "Marie Curie was born in", "target_new": "Tokyo", "subject": "Marie Curie"}
     apply_memoe_to_model(model, tokenizer, [more], hp)   # expert 1 learns again, for 10 steps
     dim = memory.x.shape[-1]
-    assert calls.count((stored, dim)) == 1, calls       # the memory is routed once in the call ...
-    assert (1, learning, dim) not in calls, calls       # ... and no step routes its drawn rows again
+    # the memory is routed once in the call (all its rows at once) ...
+    assert [tuple(x.shape) for x in calls].count((stored, dim)) == 1, [x.shape for x in calls]
+    # ... and no other match reads rows of the memory (a step's drawn rows); the call's own batches read other inputs
+    of_memory = [bool((torch.cdist(x.reshape(-1, dim).float(), kept).min(-1).values == 0).all())
+                 for x in calls if tuple(x.shape) != (stored, dim)]
+    assert not any(of_memory), [x.shape for x in calls]
     remove_memoe(model)
 
 
