@@ -240,8 +240,8 @@ class MEMoEHyperParams:
         "trained and keyed as EasyEdit scores it. `first`: only the reply's first token (the decision the generation "
         "prompt takes); a token the assistant writes may then match the raw prompt's answer keys, so the reply's "
         "later tokens get the raw answer's trained outputs without a training row or a key of their own (a reply "
-        "whose answer tokens differ from the raw answer's trains whole). About 1.8x the raw edit time instead of "
-        "2.6x and half the chat keys, but fewer replies hold the edit (docs/results.md \"Chat training's price\"). "
+        "whose answer tokens differ from the raw answer's trains whole). About 2x the raw edit time instead of "
+        "2.5-2.8x and half the chat keys, but fewer replies hold the edit (docs/results.md \"Chat training's price\"). "
         "`first` needs `scope_keys` with `scope_snap: 1`", structural=True)
 
     @property
